@@ -1,0 +1,290 @@
+//! Turning a keyframe into a [`SceneDescription`]: check the file, build the schema-constrained
+//! chat request, parse and validate the answer, retry invalid output.
+
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+use crate::error::{InferenceError, truncate};
+use crate::scene::{SCENE_DESCRIPTION_SCHEMA, SceneDescription, validate_scene_description};
+
+/// The default prompt: what a film trailer editor needs from a keyframe.
+pub const DEFAULT_PROMPT: &str = "You are helping a film trailer editor choose shots. Describe this \
+keyframe as JSON with four short fields: visual_content (what is visible), mood (the emotional \
+tone), action (what is happening), setting (where and when it takes place).";
+
+/// How the engine asks llama-server for descriptions.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub struct DescribeOptions {
+    /// The instruction sent with every frame.
+    pub prompt: String,
+    /// Sampling temperature; low keeps descriptions factual.
+    pub temperature: f32,
+    /// Upper bound on generated tokens per answer.
+    pub max_tokens: u32,
+    /// Further tries after an invalid answer (cut-off or schema-breaking output).
+    pub retries: u32,
+    /// Time limit for one request.
+    pub request_timeout: Duration,
+    /// Frames larger than this are refused before anything is sent.
+    pub max_frame_bytes: u64,
+}
+
+impl Default for DescribeOptions {
+    fn default() -> Self {
+        DescribeOptions {
+            prompt: DEFAULT_PROMPT.into(),
+            temperature: 0.1,
+            max_tokens: 512,
+            retries: 2,
+            request_timeout: Duration::from_secs(120),
+            max_frame_bytes: 20 * 1024 * 1024,
+        }
+    }
+}
+
+impl DescribeOptions {
+    /// Sets the prompt.
+    pub fn prompt(mut self, prompt: impl Into<String>) -> Self {
+        self.prompt = prompt.into();
+        self
+    }
+    /// Sets the temperature.
+    pub fn temperature(mut self, temperature: f32) -> Self {
+        self.temperature = temperature;
+        self
+    }
+    /// Sets the token bound.
+    pub fn max_tokens(mut self, max_tokens: u32) -> Self {
+        self.max_tokens = max_tokens;
+        self
+    }
+    /// Sets how many further tries follow an invalid answer.
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+    /// Sets the per-request time limit.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+    /// Sets the frame size limit.
+    pub fn max_frame_bytes(mut self, bytes: u64) -> Self {
+        self.max_frame_bytes = bytes;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if !(0.0..=2.0).contains(&self.temperature) {
+            return Err(format!("temperature {} is outside 0..=2", self.temperature));
+        }
+        if self.max_tokens == 0 {
+            return Err("max_tokens must be at least 1".into());
+        }
+        if self.request_timeout.is_zero() {
+            return Err("request_timeout must be more than zero".into());
+        }
+        Ok(())
+    }
+}
+
+/// A frame read from disk and checked: its MIME type and bytes.
+#[derive(Debug)]
+pub(crate) struct Frame {
+    pub(crate) mime: &'static str,
+    pub(crate) bytes: Vec<u8>,
+}
+
+/// Reads and checks a frame before anything is sent: it must exist, be a non-empty file within the
+/// size limit, and start with JPEG or PNG magic bytes.
+pub(crate) fn load_frame(path: &Path, max_bytes: u64) -> Result<Frame, InferenceError> {
+    let bad = |reason: String| InferenceError::BadFrame {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => bad("file not found — check the frame path".into()),
+        _ => bad(format!("cannot read it: {e}")),
+    })?;
+    if meta.is_dir() {
+        return Err(bad("is a folder, not an image file".into()));
+    }
+    if meta.len() == 0 {
+        return Err(bad("file is empty — re-extract the keyframe".into()));
+    }
+    if meta.len() > max_bytes {
+        return Err(bad(format!(
+            "file is {} bytes, over the {max_bytes}-byte limit — downscale the frame or raise max_frame_bytes",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max_bytes + 1).read_to_end(&mut bytes))
+        .map_err(|e| bad(format!("cannot read it: {e}")))?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(bad(format!(
+            "file grew past the {max_bytes}-byte limit while being read"
+        )));
+    }
+    let mime = if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        "image/jpeg"
+    } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        "image/png"
+    } else if bytes.is_empty() {
+        return Err(bad("file is empty — re-extract the keyframe".into()));
+    } else {
+        let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        return Err(bad(format!(
+            "not a JPEG or PNG (it starts with {}) — convert it to JPEG",
+            head.join(" ")
+        )));
+    };
+    Ok(Frame { mime, bytes })
+}
+
+/// The `POST /v1/chat/completions` body for one frame: the prompt and the image as a data URI (never
+/// an `http://` URL, which the server would fetch), constrained by the schema.
+pub(crate) fn chat_request(options: &DescribeOptions, frame: &Frame) -> Vec<u8> {
+    let data_uri = format!(
+        "data:{};base64,{}",
+        frame.mime,
+        base64::engine::general_purpose::STANDARD.encode(&frame.bytes)
+    );
+    let body = json!({
+        "messages": [{
+            "role": "user",
+            "content": [
+                {"type": "text", "text": options.prompt},
+                {"type": "image_url", "image_url": {"url": data_uri}},
+            ],
+        }],
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "scene_description", "schema": *SCENE_DESCRIPTION_SCHEMA},
+        },
+        "temperature": options.temperature,
+        "max_tokens": options.max_tokens,
+        "stream": false,
+    });
+    serde_json::to_vec(&body).expect("a JSON value serialises")
+}
+
+/// Removes a Markdown code fence (```` ```json ... ``` ````) around the JSON, which the real server's
+/// schema grammar allows.
+pub fn strip_code_fence(text: &str) -> &str {
+    let trimmed = text.trim();
+    let Some(rest) = trimmed.strip_prefix("```") else {
+        return trimmed;
+    };
+    // Drop the info string ("json") up to the end of the first line.
+    let body = match rest.find('\n') {
+        Some(newline) => &rest[newline + 1..],
+        None => rest.trim_start_matches(|c: char| c.is_ascii_alphabetic()),
+    };
+    body.trim_end().strip_suffix("```").unwrap_or(body).trim()
+}
+
+/// Parses a chat-completion response body into a validated description. The error says why the
+/// answer is unusable, with the raw text (truncated).
+pub fn parse_chat_response(body: &str) -> Result<SceneDescription, String> {
+    let response: Value = serde_json::from_str(body)
+        .map_err(|e| format!("response is not JSON ({e}): {}", truncate(body, 200)))?;
+    let choice = response
+        .get("choices")
+        .and_then(|c| c.get(0))
+        .ok_or_else(|| format!("response has no choices[0]: {}", truncate(body, 200)))?;
+    let content = choice
+        .get("message")
+        .and_then(|m| m.get("content"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("choices[0] has no message.content: {}", truncate(body, 200)))?;
+    if choice.get("finish_reason").and_then(Value::as_str) == Some("length") {
+        return Err(format!(
+            "output cut off at max_tokens (finish_reason \"length\"): {}",
+            truncate(content, 200)
+        ));
+    }
+    let value: Value = serde_json::from_str(strip_code_fence(content))
+        .map_err(|e| format!("content is not JSON ({e}): {}", truncate(content, 200)))?;
+    validate_scene_description(&value).map_err(|e| format!("{e}: {}", truncate(content, 200)))
+}
+
+/// Whether an HTTP error is the server's way of saying the output broke the grammar (worth a retry).
+pub(crate) fn is_invalid_output_status(status: u16, body: &str) -> bool {
+    status == 500 && body.contains("does not match the expected")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn response(content: &str, finish: &str) -> String {
+        json!({"choices": [{"index": 0, "finish_reason": finish,
+            "message": {"role": "assistant", "content": content}}]})
+        .to_string()
+    }
+
+    const VALID: &str = r#"{"visual_content":"a","mood":"b","action":"c","setting":"d"}"#;
+
+    #[test]
+    fn fence_is_stripped() {
+        assert_eq!(strip_code_fence(&format!("```json\n{VALID}\n```")), VALID);
+        assert_eq!(strip_code_fence(&format!("```\n{VALID}```")), VALID);
+        assert_eq!(strip_code_fence(&format!("  {VALID} ")), VALID);
+        assert!(parse_chat_response(&response(&format!("```json\n{VALID}\n```"), "stop")).is_ok());
+    }
+
+    #[test]
+    fn each_kind_of_bad_answer_names_its_cause() {
+        let cases = [
+            ("not json".to_string(), "response is not JSON"),
+            (json!({"choices": []}).to_string(), "no choices[0]"),
+            (json!({"choices": [{"message": {}}]}).to_string(), "no message.content"),
+            (response(r#"{"visual_content":"a","mo"#, "length"), "cut off"),
+            (response("I see a car", "stop"), "content is not JSON"),
+            (response(r#"{"visual_content":"a"}"#, "stop"), "mood"),
+        ];
+        for (body, needle) in cases {
+            let err = parse_chat_response(&body).unwrap_err();
+            assert!(err.contains(needle), "{body} gave {err}");
+        }
+    }
+
+    #[test]
+    fn request_carries_image_as_data_uri_and_schema() {
+        let frame = Frame {
+            mime: "image/jpeg",
+            bytes: vec![0xFF, 0xD8, 0xFF, 0xE0],
+        };
+        let body: Value =
+            serde_json::from_slice(&chat_request(&DescribeOptions::default(), &frame)).unwrap();
+        let url = body["messages"][0]["content"][1]["image_url"]["url"]
+            .as_str()
+            .unwrap();
+        assert_eq!(url, "data:image/jpeg;base64,/9j/4A==");
+        assert_eq!(
+            body["response_format"]["json_schema"]["schema"],
+            *SCENE_DESCRIPTION_SCHEMA
+        );
+        assert_eq!(body["max_tokens"], 512);
+    }
+
+    proptest! {
+        #[test]
+        fn response_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_chat_response(&String::from_utf8_lossy(&bytes));
+        }
+
+        #[test]
+        fn content_parser_never_panics(content in any::<String>(), finish in "stop|length|") {
+            let _ = parse_chat_response(&response(&content, &finish));
+        }
+    }
+}

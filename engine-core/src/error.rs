@@ -1,0 +1,279 @@
+//! The engine's error types. Every message names what failed, with which value, and what to do.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The free-VRAM pre-check failed: nvidia-smi could not be read, or the GPU has too little free memory.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum VramError {
+    /// The nvidia-smi program does not exist.
+    #[error(
+        "nvidia-smi not found at `{program}` — install the NVIDIA driver utilities, or set NVIDIA_SMI \
+         (or EngineConfig::nvidia_smi) to its path"
+    )]
+    NotInstalled {
+        /// The program that was looked for.
+        program: PathBuf,
+    },
+    /// nvidia-smi could not be started for another reason (permissions, ...).
+    #[error("could not run `{program}`: {source} — check that it is an executable nvidia-smi")]
+    Spawn {
+        /// The program that was run.
+        program: PathBuf,
+        /// Why it could not start.
+        #[source]
+        source: std::io::Error,
+    },
+    /// nvidia-smi ran but exited unsuccessfully.
+    #[error(
+        "`{program}` failed with {status}: {message:?} — check that the NVIDIA driver is loaded \
+         (exit code 9 means nvidia-smi could not communicate with the driver)"
+    )]
+    Failed {
+        /// The program that was run.
+        program: PathBuf,
+        /// Its exit code or signal, in words.
+        status: String,
+        /// What it printed (stdout and stderr, trimmed and truncated).
+        message: String,
+    },
+    /// nvidia-smi did not finish within the timeout; it was killed and reaped.
+    #[error(
+        "`{program}` did not answer within {timeout:?} and was killed — the driver or GPU may be hung; \
+         check `nvidia-smi` by hand"
+    )]
+    Timeout {
+        /// The program that was run.
+        program: PathBuf,
+        /// The timeout that expired.
+        timeout: Duration,
+    },
+    /// nvidia-smi's output could not be read as free MiB per GPU.
+    #[error("could not read free VRAM from nvidia-smi output {text:?}: {reason}")]
+    Unparsable {
+        /// The offending text (truncated).
+        text: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The configured GPU index is not among the GPUs nvidia-smi reported.
+    #[error(
+        "GPU {gpu} not found: nvidia-smi reported {count} GPU(s) — choose a GPU index below {count}"
+    )]
+    NoSuchGpu {
+        /// The configured GPU index.
+        gpu: u32,
+        /// How many GPUs nvidia-smi reported.
+        count: usize,
+    },
+    /// The GPU has less free memory than the configured minimum.
+    #[error(
+        "Only {free_mib} MiB free VRAM, need at least {min_mib} MiB (GPU {gpu}) — close other GPU \
+         programs or lower the minimum"
+    )]
+    Insufficient {
+        /// The GPU index that was checked.
+        gpu: u32,
+        /// Its free memory.
+        free_mib: u64,
+        /// The configured minimum.
+        min_mib: u64,
+    },
+}
+
+/// The GPU lock could not be taken.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another holder (in this process or another) kept the lock past the timeout.
+    #[error(
+        "GPU {gpu} is still locked after {waited:?} by another engine or GPU job (lock file {path}) — \
+         wait for it to finish or use another GPU"
+    )]
+    Timeout {
+        /// The GPU index.
+        gpu: u32,
+        /// How long we waited.
+        waited: Duration,
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// The lock file or its folder could not be used.
+    #[error("cannot use the GPU lock file {path}: {source} — set CINECUT_LOCK_DIR to a private folder")]
+    File {
+        /// The lock file or folder.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Starting, talking to or stopping llama-server failed, or a frame could not be described.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum InferenceError {
+    /// The configuration is unusable.
+    #[error("invalid engine configuration: {0}")]
+    Config(String),
+    /// The model or mmproj file does not exist.
+    #[error("{what} file not found: {path} — check the path (it is passed to llama-server as given)")]
+    ModelNotFound {
+        /// "model" or "mmproj".
+        what: &'static str,
+        /// The missing path.
+        path: PathBuf,
+    },
+    /// The llama-server program does not exist.
+    #[error(
+        "llama-server not found at `{program}` — install llama.cpp's llama-server, put it on PATH, or \
+         set LLAMA_SERVER (or EngineConfig::server_bin) to its path"
+    )]
+    ServerNotFound {
+        /// The program that was looked for.
+        program: PathBuf,
+    },
+    /// The llama-server program could not be started.
+    #[error("could not start `{program}`: {source}")]
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The port is taken, or the server answering on it is not our child.
+    #[error("port {port} is served by another process ({detail}) — stop it or choose another port (0 picks a free one)")]
+    PortInUse {
+        /// The port.
+        port: u16,
+        /// How we found out.
+        detail: String,
+    },
+    /// The child exited before it became healthy.
+    #[error("llama-server exited during startup ({status}) — check model path and VRAM{}", tail_suffix(.output_tail))]
+    ExitedDuringStartup {
+        /// Exit code or signal, in words.
+        status: String,
+        /// The last lines the server printed.
+        output_tail: String,
+    },
+    /// The child did not become healthy in time; it was terminated and reaped.
+    #[error(
+        "llama-server did not become healthy within {timeout:?} (last health answer: {last_health}); it \
+         was stopped — raise the startup timeout for large models{}", tail_suffix(.output_tail)
+    )]
+    StartupTimeout {
+        /// The startup timeout.
+        timeout: Duration,
+        /// What /health said last.
+        last_health: String,
+        /// The last lines the server printed.
+        output_tail: String,
+    },
+    /// The server process died while the engine was running.
+    #[error("llama-server died ({status}) — the engine is unusable; start a new one{}", tail_suffix(.output_tail))]
+    ServerDied {
+        /// Exit code or signal, in words.
+        status: String,
+        /// The last lines the server printed.
+        output_tail: String,
+    },
+    /// A frame was refused before contacting the server.
+    #[error("frame {path}: {reason}")]
+    BadFrame {
+        /// The frame's path.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// The server answered a request with an HTTP error.
+    #[error("frame {path}: llama-server answered HTTP {status}: {body}")]
+    Http {
+        /// The frame's path.
+        path: PathBuf,
+        /// The HTTP status.
+        status: u16,
+        /// The body (truncated).
+        body: String,
+    },
+    /// The request did not complete within the per-request timeout.
+    #[error("frame {path}: no answer from llama-server within {timeout:?} — raise the request timeout")]
+    RequestTimeout {
+        /// The frame's path.
+        path: PathBuf,
+        /// The per-request timeout.
+        timeout: Duration,
+    },
+    /// The request failed at the transport level.
+    #[error("frame {path}: request to llama-server failed: {detail}")]
+    Transport {
+        /// The frame's path.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
+    /// Every attempt returned output that is not a valid SceneDescription.
+    #[error(
+        "frame {path}: no valid SceneDescription after {} attempt(s): {}",
+        attempts.len(),
+        attempts.join("; ")
+    )]
+    InvalidOutput {
+        /// The frame's path.
+        path: PathBuf,
+        /// Each attempt's reason, with the raw text (truncated).
+        attempts: Vec<String>,
+    },
+    /// The frame was not attempted because the caller stopped the batch.
+    #[error("frame {path}: not described — the batch was stopped before it")]
+    Cancelled {
+        /// The frame's path.
+        path: PathBuf,
+    },
+    /// The log file (debug mode) could not be opened.
+    #[error("could not open the llama-server log {path}: {source}")]
+    LogFile {
+        /// The log path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn tail_suffix(tail: &str) -> String {
+    if tail.trim().is_empty() {
+        String::new()
+    } else {
+        format!("; last output:\n{tail}")
+    }
+}
+
+/// Any error of the engine's lifecycle, for callers that run all steps at once ([`crate::Engine::launch`]).
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The VRAM pre-check failed.
+    #[error(transparent)]
+    Vram(#[from] VramError),
+    /// The GPU lock could not be taken.
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    /// Starting or using the server failed.
+    #[error(transparent)]
+    Inference(#[from] InferenceError),
+}
+
+/// Truncates `text` to at most `max` bytes on a char boundary, marking the cut.
+pub(crate) fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes in all)", &text[..end], text.len())
+}
