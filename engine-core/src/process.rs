@@ -25,10 +25,16 @@ use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
 pub(crate) const OUTPUT_RING_BYTES: usize = 64 * 1024;
 
 /// A bounded byte buffer that keeps the newest bytes.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Ring {
     bytes: VecDeque<u8>,
     dropped: u64,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Ring({} bytes kept, {} dropped)", self.bytes.len(), self.dropped)
+    }
 }
 
 impl Ring {

@@ -1,1 +1,191 @@
+//! Test support: builds and finds the fake binaries, lays out a scratch folder with a model, an mmproj,
+//! frames and an nvidia-smi shim, and checks that nothing is left behind.
+//!
+//! Each [`Harness`] gets its own GPU index, so tests running in parallel threads never contend for one
+//! GPU lock (the shim reports enough GPUs for all of them).
 
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use engine_core::EngineConfig;
+
+/// How many GPUs the default shim reports; harnesses take indices from 1 up.
+pub const SHIM_GPUS: u32 = 200;
+
+static NEXT_GPU: AtomicU32 = AtomicU32::new(1);
+
+fn build(package: &str) -> PathBuf {
+    let run = escargot::CargoBuild::new()
+        .package(package)
+        .bin(package)
+        .current_release()
+        .run()
+        .unwrap_or_else(|e| panic!("building {package} failed: {e}"));
+    run.path().to_path_buf()
+}
+
+/// The fake llama-server binary (built on first use).
+pub fn fake_server() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| build("fake-llama-server"))
+}
+
+/// The nvidia-smi shim binary (built on first use).
+pub fn nvsmi_shim() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| build("nvsmi-shim"))
+}
+
+/// A scratch folder with a model, an mmproj, and helpers to make frames and shims.
+#[derive(Debug)]
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub model: PathBuf,
+    pub mmproj: PathBuf,
+    pub gpu: u32,
+    pub events: PathBuf,
+}
+
+impl Default for Harness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Harness {
+    pub fn new() -> Harness {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let model = dir.path().join("tiny-llava.gguf");
+        let mmproj = dir.path().join("tiny-mmproj.gguf");
+        std::fs::write(&model, b"GGUF fake model").unwrap();
+        std::fs::write(&mmproj, b"GGUF fake mmproj").unwrap();
+        let events = dir.path().join("server-events.jsonl");
+        Harness {
+            gpu: NEXT_GPU.fetch_add(1, Ordering::Relaxed),
+            model,
+            mmproj,
+            events,
+            dir,
+        }
+    }
+
+    /// Writes an executable wrapper that runs the shim with `knobs` set, and returns its path.
+    pub fn shim(&self, knobs: &[(&str, &str)]) -> PathBuf {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!("nvidia-smi-{}", N.fetch_add(1, Ordering::Relaxed));
+        self.wrapper(&name, nvsmi_shim(), knobs)
+    }
+
+    /// Writes an executable wrapper that runs `program` with `knobs` set in its environment.
+    pub fn wrapper(&self, name: &str, program: &Path, knobs: &[(&str, &str)]) -> PathBuf {
+        let path = self.dir.path().join(name);
+        let mut script = String::from("#!/bin/sh\n");
+        for (k, v) in knobs {
+            script.push_str(&format!("export {k}='{}'\n", v.replace('\'', "'\\''")));
+        }
+        script.push_str(&format!("exec '{}' \"$@\"\n", program.display()));
+        std::fs::write(&path, script).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    /// The shim's call log (knob NVSMI_LOG) path.
+    pub fn shim_log(&self) -> PathBuf {
+        self.dir.path().join("nvsmi.log")
+    }
+
+    /// A config for the fake server and a healthy shim, on this harness's GPU, port 0, with short
+    /// timeouts so failures show quickly, and the fake's events file on.
+    pub fn config(&self) -> EngineConfig {
+        let count = SHIM_GPUS.to_string();
+        let log = self.shim_log();
+        let shim = self.shim(&[
+            ("NVSMI_GPUS", "79000"),
+            ("NVSMI_GPU_COUNT", &count),
+            ("NVSMI_LOG", log.to_str().unwrap()),
+        ]);
+        EngineConfig::new(&self.model, &self.mmproj)
+            .port(0)
+            .server_bin(fake_server())
+            .nvidia_smi(shim)
+            .gpu(self.gpu)
+            .startup_timeout(Duration::from_secs(20))
+            .stop_grace(Duration::from_secs(5))
+            .env("FAKE_LLAMA_EVENTS", &self.events)
+    }
+
+    /// Writes a `width`×`height` JPEG of one colour and returns its path.
+    pub fn jpeg(&self, name: &str, width: u32, height: u32, rgb: [u8; 3]) -> PathBuf {
+        let path = self.dir.path().join(name);
+        image::RgbImage::from_pixel(width, height, image::Rgb(rgb))
+            .save_with_format(&path, image::ImageFormat::Jpeg)
+            .unwrap();
+        path
+    }
+
+    /// Writes a PNG.
+    pub fn png(&self, name: &str, width: u32, height: u32, rgb: [u8; 3]) -> PathBuf {
+        let path = self.dir.path().join(name);
+        image::RgbImage::from_pixel(width, height, image::Rgb(rgb))
+            .save_with_format(&path, image::ImageFormat::Png)
+            .unwrap();
+        path
+    }
+
+    /// The events the fake server wrote (one JSON object per line).
+    pub fn server_events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.events)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The pids of every fake server this harness spawned.
+    pub fn spawned_pids(&self) -> Vec<u32> {
+        self.server_events()
+            .iter()
+            .filter(|e| e["event"] == "spawned")
+            .filter_map(|e| e["pid"].as_u64())
+            .map(|p| p as u32)
+            .collect()
+    }
+
+    /// The pids of every shim run this harness logged.
+    pub fn shim_pids(&self) -> Vec<u32> {
+        std::fs::read_to_string(self.shim_log())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("pid=")?.split(' ').next()?.parse().ok())
+            .collect()
+    }
+
+    /// Asserts that no process this harness started is alive and that its GPU lock is free.
+    pub fn assert_clean(&self) {
+        for pid in self.spawned_pids().into_iter().chain(self.shim_pids()) {
+            assert_gone(pid);
+        }
+        assert_lock_free(self.gpu);
+    }
+}
+
+/// Whether `pid` names a process, zombies included: the engine reaps its children, so a zombie child
+/// is a leak too.
+pub fn alive(pid: u32) -> bool {
+    rustix::process::Pid::from_raw(pid as i32)
+        .is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok())
+}
+
+/// Asserts that `pid` is gone.
+pub fn assert_gone(pid: u32) {
+    assert!(!alive(pid), "process {pid} is still running");
+}
+
+/// Asserts that GPU `gpu`'s lock can be taken at once.
+pub fn assert_lock_free(gpu: u32) {
+    let guard = engine_core::try_gpu_lock_for(gpu, Duration::ZERO);
+    assert!(guard.is_ok(), "GPU {gpu} lock is still held: {guard:?}");
+}

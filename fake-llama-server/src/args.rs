@@ -1,0 +1,138 @@
+//! llama-server's command line, as far as the engine and its users use it. An unknown flag is an error
+//! with exit code 1, as in the real server.
+
+/// The parsed command line.
+#[derive(Debug, Clone)]
+pub struct Args {
+    pub model: Option<String>,
+    pub mmproj: Option<String>,
+    pub host: String,
+    pub port: u16,
+    pub ctx_size: u32,
+    pub gpu_layers: i64,
+    pub parallel: u32,
+    pub log_disable: bool,
+    pub api_key: Option<String>,
+}
+
+/// Flags that take a value and are accepted but have no effect on the fake.
+const IGNORED_WITH_VALUE: &[&str] = &[
+    "-t",
+    "--threads",
+    "--temp",
+    "-n",
+    "--n-predict",
+    "-a",
+    "--alias",
+    "--chat-template",
+    "-fa",
+    "--flash-attn",
+    "-s",
+    "--seed",
+    "-b",
+    "--batch-size",
+    "-ub",
+    "--ubatch-size",
+    "-to",
+    "--timeout",
+    "--threads-http",
+    "--media-marker",
+];
+
+/// Flags without a value that are accepted but have no effect on the fake.
+const IGNORED_SWITCHES: &[&str] = &[
+    "--jinja",
+    "--no-mmap",
+    "-v",
+    "--verbose",
+    "--metrics",
+    "--no-webui",
+    "--cont-batching",
+];
+
+pub const USAGE: &str = "\
+fake-llama-server: a stand-in for llama.cpp's llama-server.
+
+Flags (as llama-server):
+  -m, --model PATH            text model GGUF (must exist)
+  --mmproj PATH               vision projector GGUF (must exist)
+  --host HOST                 address to listen on (default 127.0.0.1)
+  --port N                    port (default 8080)
+  -c, --ctx-size N            context size (reported by /props)
+  -ngl, --gpu-layers N        accepted, no effect
+  -np, --parallel N           slots: requests served at once (default 1)
+  --log-disable               print nothing (a failed start then gives no reason, as the real one)
+  --api-key KEY               require KEY (the env var LLAMA_API_KEY does the same)
+
+Knobs (environment variables):
+  FAKE_LLAMA_LOAD_MS=N             model load time (default 30): /health answers 503 meanwhile
+  FAKE_LLAMA_NEVER_READY=1         stay loading forever
+  FAKE_LLAMA_EXIT_DURING_LOAD=C    exit with code C during the load (\"abort\": die by SIGABRT)
+  FAKE_LLAMA_EXIT_MESSAGE=TEXT     the line printed on stderr before that exit
+  FAKE_LLAMA_HEALTH_BODY=JSON      once loaded, /health answers 200 with this body instead
+  FAKE_LLAMA_SIGTERM=MODE          exit (default: finish in-flight requests, exit 0; a second
+                                   SIGTERM exits 1 at once), ignore (never exit on SIGTERM),
+                                   swallow-first (ignore the first SIGTERM only)
+  FAKE_LLAMA_FLOOD_BYTES=N         write N bytes to stdout and N to stderr while loading
+  FAKE_LLAMA_CRASH_AFTER=N         abort (SIGABRT) in the middle of completion request N+1
+  FAKE_LLAMA_RESPONSE=M[,M...]     what completion requests answer, in turn (the last repeats):
+                                   valid, fence, not-json, bad-schema, length, peg-500, http-500
+  FAKE_LLAMA_LATENCY_MS=N          time per completion request, holding a slot
+  FAKE_LLAMA_SLOTS=N               requests served at once (default: -np)
+  FAKE_LLAMA_EVENTS=PATH           append JSON lines {event, t_unix_ns, pid, ...}: spawned,
+                                   listening, ready, request_start, request_end, sigterm, exit
+  LLAMA_MEDIA_MARKER=TEXT          the /completion media marker (default: random per process)
+";
+
+/// What the command line asked for.
+pub enum Parsed {
+    Run(Args),
+    Help,
+}
+
+pub fn parse(argv: &[String]) -> Result<Parsed, String> {
+    let mut args = Args {
+        model: None,
+        mmproj: None,
+        host: "127.0.0.1".into(),
+        port: 8080,
+        ctx_size: 4096,
+        gpu_layers: -1,
+        parallel: 1,
+        log_disable: false,
+        api_key: None,
+    };
+    let mut it = argv.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("error: expected value for argument: {flag}"))
+        };
+        let number = |v: String| {
+            v.parse::<i64>()
+                .map_err(|_| format!("error: invalid value for {flag}: {v}"))
+        };
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(Parsed::Help),
+            "-m" | "--model" => args.model = Some(value()?),
+            "--mmproj" => args.mmproj = Some(value()?),
+            "--host" => args.host = value()?,
+            "--port" => {
+                args.port = u16::try_from(number(value()?)?)
+                    .map_err(|_| format!("error: invalid value for {flag}"))?
+            }
+            "-c" | "--ctx-size" => args.ctx_size = number(value()?)?.max(0) as u32,
+            "-ngl" | "--gpu-layers" | "--n-gpu-layers" => args.gpu_layers = number(value()?)?,
+            "-np" | "--parallel" => args.parallel = number(value()?)?.max(1) as u32,
+            "--api-key" => args.api_key = Some(value()?),
+            "--log-disable" => args.log_disable = true,
+            f if IGNORED_WITH_VALUE.contains(&f) => {
+                value()?;
+            }
+            f if IGNORED_SWITCHES.contains(&f) => {}
+            other => return Err(format!("error: invalid argument: {other}")),
+        }
+    }
+    Ok(Parsed::Run(args))
+}

@@ -1,0 +1,224 @@
+//! The HTTP endpoints: `/health`, `/v1/health`, `/props`, `/v1/models`, `/v1/chat/completions`,
+//! `/completion`, with the real server's bodies, status codes and API-key rules.
+
+use std::io::Cursor;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use tiny_http::{Header, Request, Response};
+
+use crate::answer::{self, Mode, error_body};
+use crate::{Fake, event};
+
+type Reply = Response<Cursor<Vec<u8>>>;
+
+fn json_reply(status: u16, body: String) -> Reply {
+    Response::from_string(body)
+        .with_status_code(status)
+        .with_header(Header::from_bytes("Content-Type", "application/json; charset=utf-8").unwrap())
+}
+
+fn header<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
+    request
+        .headers()
+        .iter()
+        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+        .map(|h| h.value.as_str())
+}
+
+fn authorised(fake: &Fake, request: &Request) -> bool {
+    let Some(key) = &fake.api_key else {
+        return true;
+    };
+    let bearer = header(request, "Authorization").and_then(|v| v.strip_prefix("Bearer "));
+    bearer == Some(key.as_str()) || header(request, "X-Api-Key") == Some(key.as_str())
+}
+
+/// Handles one request to completion (runs on its own thread).
+pub fn handle(fake: &Fake, mut request: Request) {
+    let path = request.url().split('?').next().unwrap_or("").to_string();
+    let method = request.method().as_str().to_ascii_uppercase();
+    let reply = if !fake.ready.load(Ordering::Acquire) {
+        json_reply(503, error_body(503, "Loading model", "unavailable_error"))
+    } else if path == "/health" || path == "/v1/health" {
+        match &fake.knobs.health_body {
+            Some(body) => json_reply(200, body.clone()),
+            None => json_reply(200, json!({"status": "ok"}).to_string()),
+        }
+    } else if !authorised(fake, &request) {
+        json_reply(401, error_body(401, "Invalid API Key", "authentication_error"))
+    } else {
+        match (method.as_str(), path.as_str()) {
+            ("GET", "/props") => json_reply(200, props(fake).to_string()),
+            ("GET", "/v1/models") | ("GET", "/models") => json_reply(200, models(fake).to_string()),
+            ("POST", "/v1/chat/completions") | ("POST", "/chat/completions") => {
+                completion(fake, &mut request, Kind::Chat)
+            }
+            ("POST", "/completion") | ("POST", "/completions") => {
+                completion(fake, &mut request, Kind::Raw)
+            }
+            _ => json_reply(404, error_body(404, "File Not Found", "not_found_error")),
+        }
+    };
+    let _ = request.respond(reply);
+}
+
+fn props(fake: &Fake) -> Value {
+    json!({
+        "model_path": fake.args.model,
+        "modalities": {"vision": fake.args.mmproj.is_some(), "audio": false},
+        "media_marker": fake.media_marker,
+        "n_ctx": fake.args.ctx_size,
+        "total_slots": fake.slots.capacity,
+        "build_info": "fake-llama-server",
+    })
+}
+
+fn models(fake: &Fake) -> Value {
+    json!({
+        "object": "list",
+        "data": [{"id": fake.args.model, "object": "model", "owned_by": "llamacpp", "created": 0}],
+    })
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Raw,
+}
+
+fn bad_request(message: &str) -> Reply {
+    json_reply(400, error_body(400, message, "invalid_request_error"))
+}
+
+/// The image bytes of a chat request: the `image_url` part's data URI. Err: the reply to send.
+fn chat_image(body: &Value) -> Result<Vec<u8>, Reply> {
+    let parts = body["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["content"].as_array())
+        .flatten();
+    for part in parts {
+        if part["type"] == "image_url" {
+            let url = part["image_url"]["url"].as_str().unwrap_or("");
+            let Some(data) = url.strip_prefix("data:") else {
+                // The real server would fetch a remote URL; the fake refuses, and says why.
+                return Err(bad_request("fake-llama-server: refusing to fetch a remote image URL"));
+            };
+            let b64 = data.split_once("base64,").map(|(_, b)| b).unwrap_or("");
+            return base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|_| bad_request("Failed to load image or audio file"));
+        }
+    }
+    Err(bad_request("fake-llama-server: the request has no image_url part"))
+}
+
+/// The image bytes of a raw `/completion` request (`prompt.multimodal_data`), checking the marker.
+fn raw_image(fake: &Fake, body: &Value) -> Result<Vec<u8>, Reply> {
+    let prompt = &body["prompt"];
+    let text = prompt["prompt_string"].as_str().unwrap_or("");
+    let data: Vec<&str> = prompt["multimodal_data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if data.is_empty() || text.matches(fake.media_marker.as_str()).count() != data.len() {
+        return Err(bad_request("Failed to tokenize prompt"));
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(data[0])
+        .map_err(|_| bad_request("Failed to load image or audio file"))
+}
+
+fn has_schema(body: &Value, kind: Kind) -> bool {
+    let in_format = body["response_format"]["type"] == "json_schema"
+        && body["response_format"]["json_schema"]["schema"].is_object();
+    in_format || (kind == Kind::Chat && body["json_schema"].is_object()) || body["json_schema"].is_object()
+}
+
+fn completion(fake: &Fake, request: &mut Request, kind: Kind) -> Reply {
+    let started = Instant::now();
+    let number = fake.completions.fetch_add(1, Ordering::AcqRel);
+    let mut raw = Vec::new();
+    if request.as_reader().read_to_end(&mut raw).is_err() {
+        return bad_request("could not read the request body");
+    }
+    if fake.knobs.crash_after.is_some_and(|n| number >= n) {
+        // Mid-request, as a GGML assertion would: the connection is reset, nothing is answered.
+        eprintln!("GGML_ASSERT(fake) failed: crash knob FAKE_LLAMA_CRASH_AFTER reached");
+        event(fake, "crash", json!({}));
+        std::process::abort();
+    }
+    let Ok(body) = serde_json::from_slice::<Value>(&raw) else {
+        return json_reply(500, error_body(500, "[json.exception.parse_error] invalid JSON", "server_error"));
+    };
+    let image = match kind {
+        Kind::Chat => chat_image(&body),
+        Kind::Raw => raw_image(fake, &body),
+    };
+    let image = match image {
+        Ok(image) => image,
+        Err(reply) => return reply,
+    };
+    let Some(facts) = answer::inspect(&image) else {
+        return bad_request("Failed to load image or audio file");
+    };
+    if !has_schema(&body, kind) {
+        return bad_request("fake-llama-server: the request has no JSON schema (response_format json_schema)");
+    }
+    let _slot = fake.slots.acquire();
+    fake.in_flight.fetch_add(1, Ordering::AcqRel);
+    event(fake, "request_start", json!({"n": number}));
+    if let Some(ms) = fake.knobs.latency_ms {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    let mode = fake.knobs.mode(number);
+    let description = answer::describe(&facts);
+    let reply = match answer::content(mode, &description) {
+        None if mode == Mode::Peg500 => json_reply(
+            500,
+            error_body(
+                500,
+                "The model produced output that does not match the expected peg-native format",
+                "server_error",
+            ),
+        ),
+        None => json_reply(500, error_body(500, "fake-llama-server: internal error (knob)", "server_error")),
+        Some((text, cut)) => {
+            let finish = if cut { "length" } else { "stop" };
+            let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+            let timings = json!({"prompt_n": 64, "prompt_ms": elapsed_ms / 2.0,
+                "predicted_n": text.len() / 4, "predicted_ms": elapsed_ms / 2.0});
+            let body = match kind {
+                Kind::Chat => json!({
+                    "choices": [{"finish_reason": finish, "index": 0,
+                                 "message": {"role": "assistant", "content": text}}],
+                    "created": 0,
+                    "model": fake.args.model,
+                    "system_fingerprint": "fake-llama-server",
+                    "object": "chat.completion",
+                    "usage": {"completion_tokens": text.len() / 4, "prompt_tokens": 64,
+                              "total_tokens": 64 + text.len() / 4},
+                    "id": format!("chatcmpl-fake{number}"),
+                    "timings": timings,
+                }),
+                Kind::Raw => json!({
+                    "content": text, "stop": true,
+                    "stop_type": if cut { "limit" } else { "eos" },
+                    "tokens_predicted": text.len() / 4, "timings": timings,
+                    "model": fake.args.model,
+                }),
+            };
+            json_reply(200, body.to_string())
+        }
+    };
+    fake.in_flight.fetch_sub(1, Ordering::AcqRel);
+    fake.idle.notify_all();
+    event(fake, "request_end", json!({"n": number}));
+    reply
+}

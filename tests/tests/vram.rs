@@ -1,0 +1,119 @@
+//! The VRAM pre-check against the nvidia-smi shim: every nvidia-smi failure of DESIGN.md §3. A failed
+//! check starts no server and takes no lock; the shim never outlives the check.
+
+use std::time::{Duration, Instant};
+
+use engine_core::{Engine, VramError, check_vram_free_mib};
+use tests::Harness;
+
+fn check(h: &Harness, knobs: &[(&str, &str)]) -> Result<u64, VramError> {
+    let log = h.shim_log();
+    let mut all: Vec<(&str, &str)> = knobs.to_vec();
+    all.push(("NVSMI_LOG", log.to_str().unwrap()));
+    let config = h.config().nvidia_smi(h.shim(&all)).gpu(0);
+    check_vram_free_mib(&config)
+}
+
+fn unparsable(h: &Harness, output: &str, needle: &str) {
+    let err = check(h, &[("NVSMI_OUTPUT", output)]).unwrap_err();
+    assert!(matches!(err, VramError::Unparsable { .. }), "{output:?}: {err:?}");
+    assert!(err.to_string().contains(needle), "{output:?}: {err}");
+    h.assert_clean();
+}
+
+#[test]
+fn a_plain_reading_is_returned() {
+    let h = Harness::new();
+    assert_eq!(check(&h, &[("NVSMI_GPUS", "24564")]).unwrap(), 24564);
+    // The engine asked exactly the seed's query.
+    let log = std::fs::read_to_string(h.shim_log()).unwrap();
+    assert!(log.contains(" --query-gpu=memory.free --format=csv,noheader,nounits"), "{log}");
+    h.assert_clean();
+}
+
+#[test]
+fn the_configured_gpu_is_selected_from_several_lines() {
+    let h = Harness::new();
+    let config = |gpu| {
+        h.config()
+            .nvidia_smi(h.shim(&[("NVSMI_GPUS", "1000,2000,3000")]))
+            .gpu(gpu)
+    };
+    assert_eq!(check_vram_free_mib(&config(0)).unwrap(), 1000);
+    assert_eq!(check_vram_free_mib(&config(2)).unwrap(), 3000);
+    let err = check_vram_free_mib(&config(3)).unwrap_err();
+    assert!(matches!(err, VramError::NoSuchGpu { gpu: 3, count: 3 }), "{err:?}");
+    h.assert_clean();
+}
+
+#[test]
+fn a_bad_line_on_another_gpu_does_not_matter() {
+    let h = Harness::new();
+    assert_eq!(check(&h, &[("NVSMI_GPUS", "5000,[N/A]")]).unwrap(), 5000);
+}
+
+#[test]
+fn not_installed() {
+    let h = Harness::new();
+    let config = h.config().nvidia_smi(h.dir.path().join("no-nvidia-smi"));
+    let err = check_vram_free_mib(&config).unwrap_err();
+    assert!(matches!(err, VramError::NotInstalled { .. }));
+    assert!(err.to_string().contains("NVIDIA_SMI"));
+}
+
+#[test]
+fn driver_failure_exit_9_carries_the_message() {
+    let h = Harness::new();
+    let err = check(&h, &[("NVSMI_EXIT", "9")]).unwrap_err();
+    match &err {
+        VramError::Failed { status, message, .. } => {
+            assert_eq!(status, "exit code 9");
+            assert!(message.contains("couldn't communicate with the NVIDIA driver"));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    h.assert_clean();
+}
+
+#[test]
+fn each_unparsable_output_names_its_problem() {
+    let h = Harness::new();
+    unparsable(&h, "[N/A]\n", "[N/A]");
+    unparsable(&h, "[Insufficient Permissions]\n", "Insufficient Permissions");
+    unparsable(&h, "", "no GPU line");
+    unparsable(&h, "   \n  \n", "no GPU line");
+    unparsable(&h, "99999999999999999999999999\n", "larger than any GPU");
+    unparsable(&h, "-2048\n", "negative");
+    unparsable(&h, "Segmentation fault\n", "not a whole number");
+}
+
+#[test]
+fn a_hung_nvidia_smi_is_killed_and_reaped() {
+    let h = Harness::new();
+    let log = h.shim_log();
+    let shim = h.shim(&[("NVSMI_HANG", "1"), ("NVSMI_LOG", log.to_str().unwrap())]);
+    let timeout = Duration::from_millis(300);
+    let config = h.config().nvidia_smi(shim).gpu(0).vram_query_timeout(timeout);
+    let started = Instant::now();
+    let err = check_vram_free_mib(&config).unwrap_err();
+    assert!(matches!(err, VramError::Timeout { .. }), "{err:?}");
+    assert!(started.elapsed() >= timeout);
+    assert_eq!(h.shim_pids().len(), 1, "the shim ran once");
+    h.assert_clean();
+}
+
+#[test]
+fn too_little_vram_stops_before_the_lock_and_the_server() {
+    let h = Harness::new();
+    let config = h
+        .config()
+        .nvidia_smi(h.shim(&[("NVSMI_GPUS", "4000"), ("NVSMI_GPU_COUNT", "200")]))
+        .min_vram_mib(6144);
+    let err = Engine::new(config).check_vram().unwrap_err();
+    assert_eq!(
+        err.to_string().split(" (GPU").next().unwrap(),
+        "Only 4000 MiB free VRAM, need at least 6144 MiB"
+    );
+    assert!(h.spawned_pids().is_empty());
+    h.assert_clean();
+}
