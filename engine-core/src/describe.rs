@@ -246,8 +246,14 @@ mod tests {
         let cases = [
             ("not json".to_string(), "response is not JSON"),
             (json!({"choices": []}).to_string(), "no choices[0]"),
-            (json!({"choices": [{"message": {}}]}).to_string(), "no message.content"),
-            (response(r#"{"visual_content":"a","mo"#, "length"), "cut off"),
+            (
+                json!({"choices": [{"message": {}}]}).to_string(),
+                "no message.content",
+            ),
+            (
+                response(r#"{"visual_content":"a","mo"#, "length"),
+                "cut off",
+            ),
             (response("I see a car", "stop"), "content is not JSON"),
             (response(r#"{"visual_content":"a"}"#, "stop"), "mood"),
         ];

@@ -109,7 +109,11 @@ impl Engine<Unchecked> {
     /// Checks that the configured GPU has at least `min_vram_mib` free.
     pub fn check_vram(self) -> Result<Engine<VramOk>, VramError> {
         let reading = assert_vram_available(&self.config)?;
-        tracing::info!(gpu = reading.gpu, free_mib = reading.free_mib, "VRAM check passed");
+        tracing::info!(
+            gpu = reading.gpu,
+            free_mib = reading.free_mib,
+            "VRAM check passed"
+        );
         Ok(Engine {
             config: self.config,
             state: VramOk { reading },

@@ -100,7 +100,9 @@ pub enum LockError {
         path: PathBuf,
     },
     /// The lock file or its folder could not be used.
-    #[error("cannot use the GPU lock file {path}: {source} — set CINECUT_LOCK_DIR to a private folder")]
+    #[error(
+        "cannot use the GPU lock file {path}: {source} — set CINECUT_LOCK_DIR to a private folder"
+    )]
     File {
         /// The lock file or folder.
         path: PathBuf,
@@ -118,7 +120,9 @@ pub enum InferenceError {
     #[error("invalid engine configuration: {0}")]
     Config(String),
     /// The model or mmproj file does not exist.
-    #[error("{what} file not found: {path} — check the path (it is passed to llama-server as given)")]
+    #[error(
+        "{what} file not found: {path} — check the path (it is passed to llama-server as given)"
+    )]
     ModelNotFound {
         /// "model" or "mmproj".
         what: &'static str,
@@ -144,7 +148,9 @@ pub enum InferenceError {
         source: std::io::Error,
     },
     /// The port is taken, or the server answering on it is not our child.
-    #[error("port {port} is served by another process ({detail}) — stop it or choose another port (0 picks a free one)")]
+    #[error(
+        "port {port} is served by another process ({detail}) — stop it or choose another port (0 picks a free one)"
+    )]
     PortInUse {
         /// The port.
         port: u16,
@@ -199,7 +205,9 @@ pub enum InferenceError {
         body: String,
     },
     /// The request did not complete within the per-request timeout.
-    #[error("frame {path}: no answer from llama-server within {timeout:?} — raise the request timeout")]
+    #[error(
+        "frame {path}: no answer from llama-server within {timeout:?} — raise the request timeout"
+    )]
     RequestTimeout {
         /// The frame's path.
         path: PathBuf,

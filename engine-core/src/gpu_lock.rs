@@ -127,9 +127,10 @@ fn acquire(gpu: u32, deadline: Option<Instant>) -> Result<GpuGuard, LockError> {
     guard.path = path.clone();
     let file = open_lock_file(&path)?;
     match deadline {
-        None => file
-            .lock()
-            .map_err(|source| LockError::File { path: path.clone(), source })?,
+        None => file.lock().map_err(|source| LockError::File {
+            path: path.clone(),
+            source,
+        })?,
         Some(deadline) => {
             let mut pause = Duration::from_micros(200);
             loop {
@@ -216,7 +217,9 @@ fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     }
     let meta = fs::symlink_metadata(dir)?;
     if !meta.is_dir() {
-        return Err(io::Error::other("not a folder (a symlink or a file is in the way)"));
+        return Err(io::Error::other(
+            "not a folder (a symlink or a file is in the way)",
+        ));
     }
     if meta.uid() != rustix::process::geteuid().as_raw() {
         return Err(io::Error::other(format!(

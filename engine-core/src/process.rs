@@ -33,7 +33,12 @@ pub(crate) struct Ring {
 
 impl std::fmt::Debug for Ring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Ring({} bytes kept, {} dropped)", self.bytes.len(), self.dropped)
+        write!(
+            f,
+            "Ring({} bytes kept, {} dropped)",
+            self.bytes.len(),
+            self.dropped
+        )
     }
 }
 
@@ -174,7 +179,9 @@ impl SupervisedChild {
             }
             Err(_) => {
                 let _ = supervisor.join();
-                return Err(io::Error::other("child supervisor thread ended unexpectedly"));
+                return Err(io::Error::other(
+                    "child supervisor thread ended unexpectedly",
+                ));
             }
         };
 
@@ -245,7 +252,9 @@ impl SupervisedChild {
         let guard = cvar
             .wait_while(guard, |s| s.status.is_none())
             .unwrap_or_else(PoisonError::into_inner);
-        guard.status.expect("wait_while returns once a status is set")
+        guard
+            .status
+            .expect("wait_while returns once a status is set")
     }
 
     /// Sends `signal` to the child's process group unless the child has already been reaped.
@@ -276,12 +285,20 @@ impl SupervisedChild {
         if let Some(status) = self.wait_timeout(grace / 2) {
             return (status, Escalation::Term);
         }
-        tracing::warn!(pid = self.pid(), "llama-server ignored SIGTERM; sending a second one");
+        tracing::warn!(
+            pid = self.pid(),
+            "llama-server ignored SIGTERM; sending a second one"
+        );
         self.signal_group(Signal::TERM);
-        if let Some(status) = self.wait_timeout(deadline.saturating_duration_since(Instant::now())) {
+        if let Some(status) = self.wait_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
             return (status, Escalation::SecondTerm);
         }
-        tracing::warn!(pid = self.pid(), ?grace, "llama-server outlived the grace period; SIGKILL");
+        tracing::warn!(
+            pid = self.pid(),
+            ?grace,
+            "llama-server outlived the grace period; SIGKILL"
+        );
         (self.kill_and_wait(), Escalation::Kill)
     }
 }
@@ -330,15 +347,10 @@ fn supervise(
     let _ = spawned.send(Ok((pid, stdout, stderr)));
 
     // Wait for the exit without reaping, so the pid stays reserved while others may signal it.
-    loop {
-        match rustix::process::waitid(
-            WaitId::Pid(pid),
-            WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
-        ) {
-            Err(rustix::io::Errno::INTR) => continue,
-            _ => break,
-        }
-    }
+    while let Err(rustix::io::Errno::INTR) = rustix::process::waitid(
+        WaitId::Pid(pid),
+        WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
+    ) {}
     let (state, cvar) = &*exit;
     let mut guard = lock(state);
     let status = child
@@ -435,7 +447,10 @@ mod tests {
     #[test]
     fn stop_escalates_to_kill_when_term_is_ignored() {
         let mut cmd = Command::new("sh");
-        cmd.args(["-c", "trap '' TERM; echo ready; while :; do sleep 0.01; done"]);
+        cmd.args([
+            "-c",
+            "trap '' TERM; echo ready; while :; do sleep 0.01; done",
+        ]);
         let child = SupervisedChild::spawn(cmd, None).unwrap();
         // Wait until the trap is installed (the shell printed after setting it).
         wait_for_output(&child, "ready");

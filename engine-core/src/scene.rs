@@ -34,7 +34,11 @@ pub struct KeyframeRecord {
 
 impl KeyframeRecord {
     /// A record for `frame_path` at `timestamp_s`.
-    pub fn new(frame_path: impl Into<PathBuf>, timestamp_s: f64, source: impl Into<String>) -> Self {
+    pub fn new(
+        frame_path: impl Into<PathBuf>,
+        timestamp_s: f64,
+        source: impl Into<String>,
+    ) -> Self {
         KeyframeRecord {
             timestamp_s,
             frame_path: frame_path.into(),

@@ -57,9 +57,7 @@ impl Server {
         let api_key = random_key();
         let log = if config.debug {
             let path = config.debug_log_path();
-            Some(
-                File::create(&path).map_err(|source| InferenceError::LogFile { path, source })?,
-            )
+            Some(File::create(&path).map_err(|source| InferenceError::LogFile { path, source })?)
         } else {
             None
         };
@@ -161,7 +159,8 @@ impl Server {
         };
         match reply.status {
             200 => {
-                let props: serde_json::Value = serde_json::from_str(&reply.body).unwrap_or_default();
+                let props: serde_json::Value =
+                    serde_json::from_str(&reply.body).unwrap_or_default();
                 let served = props.get("model_path").and_then(|v| v.as_str());
                 let ours = config.model.to_string_lossy();
                 match served {

@@ -11,7 +11,8 @@ use crate::process::{SupervisedChild, describe_status};
 pub const VRAM_MINIMUM_MIB: u64 = 6144;
 
 /// The arguments the engine passes to nvidia-smi (the seed's query).
-pub const NVIDIA_SMI_QUERY: [&str; 2] = ["--query-gpu=memory.free", "--format=csv,noheader,nounits"];
+pub const NVIDIA_SMI_QUERY: [&str; 2] =
+    ["--query-gpu=memory.free", "--format=csv,noheader,nounits"];
 
 /// The largest free-memory value taken as real (16 TiB): anything above is a broken reading.
 pub const MAX_PLAUSIBLE_MIB: u64 = 16 * 1024 * 1024;

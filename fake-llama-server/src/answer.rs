@@ -3,7 +3,14 @@
 
 use serde_json::{Value, json};
 
-const MOODS: [&str; 6] = ["tense", "joyful", "melancholic", "eerie", "triumphant", "calm"];
+const MOODS: [&str; 6] = [
+    "tense",
+    "joyful",
+    "melancholic",
+    "eerie",
+    "triumphant",
+    "calm",
+];
 const ACTIONS: [&str; 6] = [
     "a chase through traffic",
     "two people argue",
@@ -76,7 +83,9 @@ fn colour_name([r, g, b]: [u8; 3]) -> &'static str {
 
 /// A schema-valid description of the image.
 pub fn describe(facts: &ImageFacts) -> Value {
-    let pick = |list: &[&'static str], shift: u32| list[((facts.hash >> shift) % list.len() as u64) as usize];
+    let pick = |list: &[&'static str], shift: u32| {
+        list[((facts.hash >> shift) % list.len() as u64) as usize]
+    };
     let [r, g, b] = facts.mean_rgb;
     json!({
         "visual_content": format!(
@@ -123,7 +132,10 @@ pub fn content(mode: Mode, description: &Value) -> Option<(String, bool)> {
     Some(match mode {
         Mode::Valid => (text, false),
         Mode::Fence => (format!("```json\n{text}\n```"), false),
-        Mode::NotJson => ("I see a frame from a film, but I cannot say more.".into(), false),
+        Mode::NotJson => (
+            "I see a frame from a film, but I cannot say more.".into(),
+            false,
+        ),
         Mode::BadSchema => (
             json!({"visual_content": description["visual_content"], "mood": 7, "extra": true})
                 .to_string(),

@@ -40,7 +40,10 @@ fn env(name: &str) -> Option<String> {
 
 fn env_num<T: std::str::FromStr>(name: &str) -> Result<Option<T>, String> {
     env(name)
-        .map(|v| v.parse::<T>().map_err(|_| format!("error: {name}={v} is not a number")))
+        .map(|v| {
+            v.parse::<T>()
+                .map_err(|_| format!("error: {name}={v} is not a number"))
+        })
         .transpose()
 }
 
@@ -50,7 +53,9 @@ impl Knobs {
             None => vec![Mode::Valid],
             Some(list) => list
                 .split(',')
-                .map(|m| Mode::parse(m).ok_or(format!("error: unknown FAKE_LLAMA_RESPONSE mode {m:?}")))
+                .map(|m| {
+                    Mode::parse(m).ok_or(format!("error: unknown FAKE_LLAMA_RESPONSE mode {m:?}"))
+                })
                 .collect::<Result<_, _>>()?,
         };
         Ok(Knobs {
@@ -123,7 +128,10 @@ pub struct Fake {
 /// Appends one event line to the events file, if any.
 pub fn event(fake: &Fake, name: &str, extra: Value) {
     let Some(file) = &fake.events else { return };
-    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
     let mut line = json!({"event": name, "t_unix_ns": t as u64, "pid": std::process::id()});
     if let (Some(line), Value::Object(extra)) = (line.as_object_mut(), extra) {
         line.extend(extra);
@@ -199,7 +207,10 @@ fn main() {
 }
 
 fn run(fake: Arc<Fake>) {
-    log(&fake, "build: 0 (fake-llama-server) with rustc for x86_64-linux");
+    log(
+        &fake,
+        "build: 0 (fake-llama-server) with rustc for x86_64-linux",
+    );
     log(&fake, "system info: n_threads = 2 | CPU : fake");
     flood(&fake);
 
@@ -246,7 +257,10 @@ fn run(fake: Arc<Fake>) {
     fake.ready.store(true, Ordering::Release);
     log(
         &fake,
-        &format!("main: server is listening on http://{}:{port} - starting the main loop", fake.args.host),
+        &format!(
+            "main: server is listening on http://{}:{port} - starting the main loop",
+            fake.args.host
+        ),
     );
     log(&fake, "srv  update_slots: all slots are idle");
     event(&fake, "ready", json!({}));
@@ -263,19 +277,30 @@ fn run(fake: Arc<Fake>) {
         if !counts {
             continue;
         }
-        let acted_on = if fake.knobs.sigterm == "swallow-first" { received - 1 } else { received };
+        let acted_on = if fake.knobs.sigterm == "swallow-first" {
+            received - 1
+        } else {
+            received
+        };
         if acted_on >= 2 {
             log(&fake, "Received second interrupt, terminating immediately.");
             exit(&fake, 1);
         }
-        log(&fake, "srv    operator(): operator(): cleaning up before exit...");
+        log(
+            &fake,
+            "srv    operator(): operator(): cleaning up before exit...",
+        );
         server.unblock();
         let waiter = Arc::clone(&fake);
         std::thread::spawn(move || {
             // The real server stays until in-flight requests are answered.
             let mut guard = waiter.idle_lock.lock().unwrap();
             while waiter.in_flight.load(Ordering::Acquire) > 0 {
-                guard = waiter.idle.wait_timeout(guard, Duration::from_millis(50)).unwrap().0;
+                guard = waiter
+                    .idle
+                    .wait_timeout(guard, Duration::from_millis(50))
+                    .unwrap()
+                    .0;
             }
             exit(&waiter, 0);
         });
@@ -290,7 +315,10 @@ fn load_model(fake: &Fake) {
         let exists = path.as_deref().is_some_and(|p| Path::new(p).is_file());
         if !exists && (what == "model" || path.is_some()) {
             let shown = path.as_deref().unwrap_or("(none given)");
-            log(fake, &format!("srv    load_model: failed to load {what}, '{shown}'"));
+            log(
+                fake,
+                &format!("srv    load_model: failed to load {what}, '{shown}'"),
+            );
             log(fake, "main: exiting due to model loading error");
             exit(fake, 1);
         }

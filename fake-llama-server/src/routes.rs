@@ -48,7 +48,10 @@ pub fn handle(fake: &Fake, mut request: Request) {
             None => json_reply(200, json!({"status": "ok"}).to_string()),
         }
     } else if !authorised(fake, &request) {
-        json_reply(401, error_body(401, "Invalid API Key", "authentication_error"))
+        json_reply(
+            401,
+            error_body(401, "Invalid API Key", "authentication_error"),
+        )
     } else {
         match (method.as_str(), path.as_str()) {
             ("GET", "/props") => json_reply(200, props(fake).to_string()),
@@ -106,7 +109,9 @@ fn chat_image(body: &Value) -> Result<Vec<u8>, Reply> {
             let url = part["image_url"]["url"].as_str().unwrap_or("");
             let Some(data) = url.strip_prefix("data:") else {
                 // The real server would fetch a remote URL; the fake refuses, and says why.
-                return Err(bad_request("fake-llama-server: refusing to fetch a remote image URL"));
+                return Err(bad_request(
+                    "fake-llama-server: refusing to fetch a remote image URL",
+                ));
             };
             let b64 = data.split_once("base64,").map(|(_, b)| b).unwrap_or("");
             return base64::engine::general_purpose::STANDARD
@@ -114,7 +119,9 @@ fn chat_image(body: &Value) -> Result<Vec<u8>, Reply> {
                 .map_err(|_| bad_request("Failed to load image or audio file"));
         }
     }
-    Err(bad_request("fake-llama-server: the request has no image_url part"))
+    Err(bad_request(
+        "fake-llama-server: the request has no image_url part",
+    ))
 }
 
 /// The image bytes of a raw `/completion` request (`prompt.multimodal_data`), checking the marker.
@@ -138,7 +145,9 @@ fn raw_image(fake: &Fake, body: &Value) -> Result<Vec<u8>, Reply> {
 fn has_schema(body: &Value, kind: Kind) -> bool {
     let in_format = body["response_format"]["type"] == "json_schema"
         && body["response_format"]["json_schema"]["schema"].is_object();
-    in_format || (kind == Kind::Chat && body["json_schema"].is_object()) || body["json_schema"].is_object()
+    in_format
+        || (kind == Kind::Chat && body["json_schema"].is_object())
+        || body["json_schema"].is_object()
 }
 
 fn completion(fake: &Fake, request: &mut Request, kind: Kind) -> Reply {
@@ -155,7 +164,14 @@ fn completion(fake: &Fake, request: &mut Request, kind: Kind) -> Reply {
         std::process::abort();
     }
     let Ok(body) = serde_json::from_slice::<Value>(&raw) else {
-        return json_reply(500, error_body(500, "[json.exception.parse_error] invalid JSON", "server_error"));
+        return json_reply(
+            500,
+            error_body(
+                500,
+                "[json.exception.parse_error] invalid JSON",
+                "server_error",
+            ),
+        );
     };
     let image = match kind {
         Kind::Chat => chat_image(&body),
@@ -169,7 +185,9 @@ fn completion(fake: &Fake, request: &mut Request, kind: Kind) -> Reply {
         return bad_request("Failed to load image or audio file");
     };
     if !has_schema(&body, kind) {
-        return bad_request("fake-llama-server: the request has no JSON schema (response_format json_schema)");
+        return bad_request(
+            "fake-llama-server: the request has no JSON schema (response_format json_schema)",
+        );
     }
     let _slot = fake.slots.acquire();
     fake.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -188,7 +206,14 @@ fn completion(fake: &Fake, request: &mut Request, kind: Kind) -> Reply {
                 "server_error",
             ),
         ),
-        None => json_reply(500, error_body(500, "fake-llama-server: internal error (knob)", "server_error")),
+        None => json_reply(
+            500,
+            error_body(
+                500,
+                "fake-llama-server: internal error (knob)",
+                "server_error",
+            ),
+        ),
         Some((text, cut)) => {
             let finish = if cut { "length" } else { "stop" };
             let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;

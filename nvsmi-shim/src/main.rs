@@ -134,7 +134,11 @@ fn answer(query: &Query) -> Result<String, (u8, String)> {
             .iter()
             .map(|f| match f.as_str() {
                 "index" => i.to_string(),
-                "uuid" => format!("GPU-{:08x}-5eed-4c1e-8a11-{:012x}", 0xc1ec0000u32 + i as u32, i),
+                "uuid" => format!(
+                    "GPU-{:08x}-5eed-4c1e-8a11-{:012x}",
+                    0xc1ec0000u32 + i as u32,
+                    i
+                ),
                 "name" => name.clone(),
                 "memory.free" => mib(free.clone()),
                 "memory.total" => mib(total.to_string()),
@@ -153,7 +157,10 @@ fn answer(query: &Query) -> Result<String, (u8, String)> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(log) = env("NVSMI_LOG")
-        && let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(log)
+        && let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
     {
         let _ = writeln!(file, "pid={} {}", std::process::id(), args.join(" "));
     }

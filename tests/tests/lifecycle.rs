@@ -29,7 +29,10 @@ fn happy_path_runs_every_step_and_cleans_up() {
     let pid = engine.pid();
     assert!(alive(pid));
     assert_ne!(engine.port(), 0);
-    assert_eq!(engine.base_url(), format!("http://127.0.0.1:{}", engine.port()));
+    assert_eq!(
+        engine.base_url(),
+        format!("http://127.0.0.1:{}", engine.port())
+    );
     let report = engine.shutdown().unwrap();
     assert_eq!(report.escalation, Escalation::Term);
     assert_eq!(report.status, "exit code 0");
@@ -76,15 +79,13 @@ fn the_server_gets_the_seed_flags_and_a_private_api_key() {
     assert_eq!(key.len(), 32);
     assert!(!argv.contains(key), "the key must never be in argv");
     // Without the key the server refuses everything but /health.
-    let status = std::process::Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
-        .arg(format!("{}/props", engine.base_url()))
-        .output();
-    if let Ok(out) = status {
-        if out.status.success() {
-            assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
-        }
-    }
+    let (status, _) = tests::http_get(engine.port(), "/props", None);
+    assert_eq!(status, 401);
+    let (status, body) = tests::http_get(engine.port(), "/health", None);
+    assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#));
+    let (status, body) = tests::http_get(engine.port(), "/props", Some(key));
+    assert_eq!(status, 200);
+    assert!(body.contains(h.model.to_str().unwrap()));
     drop(engine);
     h.assert_clean();
 }
@@ -128,13 +129,19 @@ fn exit_during_load_is_reported_at_once_with_code_and_message() {
         .config()
         .startup_timeout(Duration::from_secs(60))
         .env("FAKE_LLAMA_EXIT_DURING_LOAD", "3")
-        .env("FAKE_LLAMA_EXIT_MESSAGE", "ggml_cuda_init: failed to initialize CUDA: out of memory");
+        .env(
+            "FAKE_LLAMA_EXIT_MESSAGE",
+            "ggml_cuda_init: failed to initialize CUDA: out of memory",
+        );
     let started = Instant::now();
     let err = start(config).unwrap_err();
     // "At once": far below the 60 s startup timeout (the fake loads in 30 ms).
     assert!(started.elapsed() < Duration::from_secs(30));
     match &err {
-        InferenceError::ExitedDuringStartup { status, output_tail } => {
+        InferenceError::ExitedDuringStartup {
+            status,
+            output_tail,
+        } => {
             assert_eq!(status, "exit code 3");
             assert!(output_tail.contains("out of memory"), "{output_tail}");
         }
@@ -196,7 +203,12 @@ fn a_200_without_status_ok_is_not_ready() {
 fn a_server_that_ignores_sigterm_is_killed_at_the_grace_deadline() {
     let h = Harness::new();
     let grace = Duration::from_millis(300);
-    let engine = start(h.config().stop_grace(grace).env("FAKE_LLAMA_SIGTERM", "ignore")).unwrap();
+    let engine = start(
+        h.config()
+            .stop_grace(grace)
+            .env("FAKE_LLAMA_SIGTERM", "ignore"),
+    )
+    .unwrap();
     let pid = engine.pid();
     let report = engine.shutdown().unwrap();
     assert_eq!(report.escalation, Escalation::Kill);
@@ -204,7 +216,11 @@ fn a_server_that_ignores_sigterm_is_killed_at_the_grace_deadline() {
     assert!(report.took >= grace);
     assert_gone(pid);
     // The fake saw both SIGTERMs before the SIGKILL.
-    let terms = h.server_events().iter().filter(|e| e["event"] == "sigterm").count();
+    let terms = h
+        .server_events()
+        .iter()
+        .filter(|e| e["event"] == "sigterm")
+        .count();
     assert_eq!(terms, 2);
     h.assert_clean();
 }
@@ -213,7 +229,12 @@ fn a_server_that_ignores_sigterm_is_killed_at_the_grace_deadline() {
 fn a_swallowed_sigterm_is_followed_by_a_second() {
     let h = Harness::new();
     let grace = Duration::from_secs(4);
-    let engine = start(h.config().stop_grace(grace).env("FAKE_LLAMA_SIGTERM", "swallow-first")).unwrap();
+    let engine = start(
+        h.config()
+            .stop_grace(grace)
+            .env("FAKE_LLAMA_SIGTERM", "swallow-first"),
+    )
+    .unwrap();
     let report = engine.shutdown().unwrap();
     assert_eq!(report.escalation, Escalation::SecondTerm);
     assert!(report.took < grace);
@@ -233,7 +254,10 @@ fn a_flood_of_output_on_both_streams_does_not_block_the_server() {
 fn debug_mode_writes_the_whole_log_beside_the_model() {
     let h = Harness::new();
     let flood = 256 * 1024;
-    let config = h.config().debug(true).env("FAKE_LLAMA_FLOOD_BYTES", flood.to_string());
+    let config = h
+        .config()
+        .debug(true)
+        .env("FAKE_LLAMA_FLOOD_BYTES", flood.to_string());
     let log = config.debug_log_path();
     assert_eq!(log, h.dir.path().join("llama-server.log"));
     start(config).unwrap().shutdown().unwrap();
@@ -254,7 +278,10 @@ fn a_taken_port_is_reported_fast_and_nothing_is_spawned() {
         InferenceError::PortInUse { port: p, .. } => assert_eq!(*p, port),
         other => panic!("unexpected {other:?}"),
     }
-    assert!(err.to_string().contains(&format!("port {port} is served by another process")));
+    assert!(
+        err.to_string()
+            .contains(&format!("port {port} is served by another process"))
+    );
     assert!(h.spawned_pids().is_empty());
     h.assert_clean();
 }
@@ -266,12 +293,17 @@ fn missing_model_or_mmproj_names_the_path_and_spawns_nothing() {
     let mut config = h.config();
     config.model = missing.clone();
     let err = start(config).unwrap_err();
-    assert!(matches!(&err, InferenceError::ModelNotFound { what: "model", path } if *path == missing));
+    assert!(
+        matches!(&err, InferenceError::ModelNotFound { what: "model", path } if *path == missing)
+    );
     assert!(err.to_string().contains("nope.gguf"));
     let mut config = h.config();
     config.mmproj = missing.clone();
     let err = start(config).unwrap_err();
-    assert!(matches!(&err, InferenceError::ModelNotFound { what: "mmproj", .. }));
+    assert!(matches!(
+        &err,
+        InferenceError::ModelNotFound { what: "mmproj", .. }
+    ));
     assert!(h.spawned_pids().is_empty());
     h.assert_clean();
 }
@@ -283,9 +315,15 @@ fn the_fake_itself_refuses_a_missing_model_like_the_real_server() {
     let config = h.config().arg("-m").arg(h.dir.path().join("gone.gguf"));
     let err = start(config).unwrap_err();
     match &err {
-        InferenceError::ExitedDuringStartup { status, output_tail } => {
+        InferenceError::ExitedDuringStartup {
+            status,
+            output_tail,
+        } => {
             assert_eq!(status, "exit code 1");
-            assert!(output_tail.contains("failed to load model"), "{output_tail}");
+            assert!(
+                output_tail.contains("failed to load model"),
+                "{output_tail}"
+            );
         }
         other => panic!("unexpected {other:?}"),
     }
@@ -296,7 +334,10 @@ fn the_fake_itself_refuses_a_missing_model_like_the_real_server() {
 fn an_unknown_flag_fails_the_start_with_the_servers_reason() {
     let h = Harness::new();
     let err = start(h.config().arg("--no-such-flag")).unwrap_err();
-    assert!(err.to_string().contains("invalid argument: --no-such-flag"), "{err}");
+    assert!(
+        err.to_string().contains("invalid argument: --no-such-flag"),
+        "{err}"
+    );
     h.assert_clean();
 }
 
@@ -326,7 +367,11 @@ fn a_second_engine_on_the_same_gpu_waits_for_the_lock() {
     let first = start(h.config()).unwrap();
     let second = Engine::new(h.config()).check_vram().unwrap();
     let err = second.try_lock_for(Duration::from_millis(50)).unwrap_err();
-    assert!(err.to_string().contains(&format!("GPU {} is still locked", h.gpu)), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("GPU {} is still locked", h.gpu)),
+        "{err}"
+    );
     first.shutdown().unwrap();
     h.assert_clean();
 }
@@ -337,6 +382,9 @@ fn launch_reports_each_kind_of_failure() {
     let low = h.shim(&[("NVSMI_GPUS", "100"), ("NVSMI_GPU_COUNT", "200")]);
     let err = Engine::launch(h.config().nvidia_smi(low)).unwrap_err();
     assert!(matches!(err, EngineError::Vram(_)));
-    assert!(err.to_string().starts_with("Only 100 MiB free VRAM, need at least 6144 MiB"));
+    assert!(
+        err.to_string()
+            .starts_with("Only 100 MiB free VRAM, need at least 6144 MiB")
+    );
     h.assert_clean();
 }

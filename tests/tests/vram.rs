@@ -16,7 +16,10 @@ fn check(h: &Harness, knobs: &[(&str, &str)]) -> Result<u64, VramError> {
 
 fn unparsable(h: &Harness, output: &str, needle: &str) {
     let err = check(h, &[("NVSMI_OUTPUT", output)]).unwrap_err();
-    assert!(matches!(err, VramError::Unparsable { .. }), "{output:?}: {err:?}");
+    assert!(
+        matches!(err, VramError::Unparsable { .. }),
+        "{output:?}: {err:?}"
+    );
     assert!(err.to_string().contains(needle), "{output:?}: {err}");
     h.assert_clean();
 }
@@ -27,7 +30,10 @@ fn a_plain_reading_is_returned() {
     assert_eq!(check(&h, &[("NVSMI_GPUS", "24564")]).unwrap(), 24564);
     // The engine asked exactly the seed's query.
     let log = std::fs::read_to_string(h.shim_log()).unwrap();
-    assert!(log.contains(" --query-gpu=memory.free --format=csv,noheader,nounits"), "{log}");
+    assert!(
+        log.contains(" --query-gpu=memory.free --format=csv,noheader,nounits"),
+        "{log}"
+    );
     h.assert_clean();
 }
 
@@ -42,7 +48,10 @@ fn the_configured_gpu_is_selected_from_several_lines() {
     assert_eq!(check_vram_free_mib(&config(0)).unwrap(), 1000);
     assert_eq!(check_vram_free_mib(&config(2)).unwrap(), 3000);
     let err = check_vram_free_mib(&config(3)).unwrap_err();
-    assert!(matches!(err, VramError::NoSuchGpu { gpu: 3, count: 3 }), "{err:?}");
+    assert!(
+        matches!(err, VramError::NoSuchGpu { gpu: 3, count: 3 }),
+        "{err:?}"
+    );
     h.assert_clean();
 }
 
@@ -66,7 +75,9 @@ fn driver_failure_exit_9_carries_the_message() {
     let h = Harness::new();
     let err = check(&h, &[("NVSMI_EXIT", "9")]).unwrap_err();
     match &err {
-        VramError::Failed { status, message, .. } => {
+        VramError::Failed {
+            status, message, ..
+        } => {
             assert_eq!(status, "exit code 9");
             assert!(message.contains("couldn't communicate with the NVIDIA driver"));
         }
@@ -79,7 +90,11 @@ fn driver_failure_exit_9_carries_the_message() {
 fn each_unparsable_output_names_its_problem() {
     let h = Harness::new();
     unparsable(&h, "[N/A]\n", "[N/A]");
-    unparsable(&h, "[Insufficient Permissions]\n", "Insufficient Permissions");
+    unparsable(
+        &h,
+        "[Insufficient Permissions]\n",
+        "Insufficient Permissions",
+    );
     unparsable(&h, "", "no GPU line");
     unparsable(&h, "   \n  \n", "no GPU line");
     unparsable(&h, "99999999999999999999999999\n", "larger than any GPU");
@@ -93,7 +108,11 @@ fn a_hung_nvidia_smi_is_killed_and_reaped() {
     let log = h.shim_log();
     let shim = h.shim(&[("NVSMI_HANG", "1"), ("NVSMI_LOG", log.to_str().unwrap())]);
     let timeout = Duration::from_millis(300);
-    let config = h.config().nvidia_smi(shim).gpu(0).vram_query_timeout(timeout);
+    let config = h
+        .config()
+        .nvidia_smi(shim)
+        .gpu(0)
+        .vram_query_timeout(timeout);
     let started = Instant::now();
     let err = check_vram_free_mib(&config).unwrap_err();
     assert!(matches!(err, VramError::Timeout { .. }), "{err:?}");

@@ -1,0 +1,8 @@
+// Each step consumes the engine: the earlier state cannot be used again.
+use engine_core::{Engine, EngineConfig};
+
+fn main() {
+    let engine = Engine::new(EngineConfig::new("m.gguf", "p.gguf"));
+    let _checked = engine.check_vram();
+    let _again = engine.check_vram();
+}
