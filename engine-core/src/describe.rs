@@ -8,8 +8,11 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde_json::{Value, json};
 
+use crate::client::Client;
 use crate::error::{InferenceError, truncate};
-use crate::scene::{SCENE_DESCRIPTION_SCHEMA, SceneDescription, validate_scene_description};
+use crate::scene::{
+    KeyframeRecord, SCENE_DESCRIPTION_SCHEMA, SceneDescription, validate_scene_description,
+};
 
 /// The default prompt: what a film trailer editor needs from a keyframe.
 pub const DEFAULT_PROMPT: &str = "You are helping a film trailer editor choose shots. Describe this \
@@ -218,6 +221,67 @@ pub fn parse_chat_response(body: &str) -> Result<SceneDescription, String> {
 /// Whether an HTTP error is the server's way of saying the output broke the grammar (worth a retry).
 pub(crate) fn is_invalid_output_status(status: u16, body: &str) -> bool {
     status == 500 && body.contains("does not match the expected")
+}
+
+/// Describes one frame through `client`: checks the file, posts the request, retries invalid answers.
+/// `death(wait)` says whether the server has died (waiting up to `wait` for an exit under way); it is
+/// asked when a request fails at the transport level, so that a dead server is reported as such.
+pub(crate) fn describe_frame(
+    client: &Client,
+    options: &DescribeOptions,
+    frame: &KeyframeRecord,
+    death: &dyn Fn(Duration) -> Option<InferenceError>,
+) -> Result<SceneDescription, InferenceError> {
+    let path = &frame.frame_path;
+    let image = load_frame(path, options.max_frame_bytes)?;
+    let body = chat_request(options, &image);
+    let mut attempts = Vec::new();
+    for attempt in 0..=options.retries {
+        let reply = match client.post_json("/v1/chat/completions", &body, options.request_timeout) {
+            Ok(reply) => reply,
+            Err(e) => {
+                // A refused or reset connection usually means the child died: say so if it did.
+                if let Some(died) = death(Duration::from_millis(200)) {
+                    return Err(died);
+                }
+                return Err(match e {
+                    ureq::Error::Timeout(_) => InferenceError::RequestTimeout {
+                        path: path.clone(),
+                        timeout: options.request_timeout,
+                    },
+                    other => InferenceError::Transport {
+                        path: path.clone(),
+                        detail: other.to_string(),
+                    },
+                });
+            }
+        };
+        let reason = match reply.status {
+            200 => match parse_chat_response(&reply.body) {
+                Ok(scene) => {
+                    tracing::debug!(frame = %path.display(), attempt, "frame described");
+                    return Ok(scene);
+                }
+                Err(reason) => reason,
+            },
+            status if is_invalid_output_status(status, &reply.body) => {
+                format!("HTTP {status}: {}", truncate(&reply.body, 200))
+            }
+            status => {
+                return Err(InferenceError::Http {
+                    path: path.clone(),
+                    status,
+                    body: truncate(&reply.body, 500),
+                });
+            }
+        };
+        tracing::warn!(frame = %path.display(), attempt, %reason, "invalid answer");
+        attempts.push(format!("attempt {}: {reason}", attempt + 1));
+    }
+    Err(InferenceError::InvalidOutput {
+        path: path.clone(),
+        attempts,
+    })
 }
 
 #[cfg(test)]

@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::config::EngineConfig;
-use crate::describe::{chat_request, is_invalid_output_status, load_frame, parse_chat_response};
-use crate::error::{EngineError, InferenceError, LockError, VramError, truncate};
+use crate::describe::describe_frame;
+use crate::error::{EngineError, InferenceError, LockError, VramError};
 use crate::gpu_lock::{GpuGuard, gpu_lock, try_gpu_lock_for};
 use crate::scene::{KeyframeRecord, SceneDescription};
 use crate::server::{Server, ShutdownReport};
@@ -210,60 +210,8 @@ impl Engine<Healthy> {
         if let Some(died) = server.death(Duration::ZERO) {
             return Err(died);
         }
-        let options = &self.config.describe;
-        let path = &frame.frame_path;
-        let image = load_frame(path, options.max_frame_bytes)?;
-        let body = chat_request(options, &image);
-        let mut attempts = Vec::new();
-        for attempt in 0..=options.retries {
-            let reply = match server.client().post_json(
-                "/v1/chat/completions",
-                &body,
-                options.request_timeout,
-            ) {
-                Ok(reply) => reply,
-                Err(e) => {
-                    // A refused or reset connection usually means the child died: say so if it did.
-                    if let Some(died) = server.death(Duration::from_millis(200)) {
-                        return Err(died);
-                    }
-                    return Err(match e {
-                        ureq::Error::Timeout(_) => InferenceError::RequestTimeout {
-                            path: path.clone(),
-                            timeout: options.request_timeout,
-                        },
-                        other => InferenceError::Transport {
-                            path: path.clone(),
-                            detail: other.to_string(),
-                        },
-                    });
-                }
-            };
-            let reason = match reply.status {
-                200 => match parse_chat_response(&reply.body) {
-                    Ok(scene) => {
-                        tracing::debug!(frame = %path.display(), attempt, "frame described");
-                        return Ok(scene);
-                    }
-                    Err(reason) => reason,
-                },
-                status if is_invalid_output_status(status, &reply.body) => {
-                    format!("HTTP {status}: {}", truncate(&reply.body, 200))
-                }
-                status => {
-                    return Err(InferenceError::Http {
-                        path: path.clone(),
-                        status,
-                        body: truncate(&reply.body, 500),
-                    });
-                }
-            };
-            tracing::warn!(frame = %path.display(), attempt, %reason, "invalid answer");
-            attempts.push(format!("attempt {}: {reason}", attempt + 1));
-        }
-        Err(InferenceError::InvalidOutput {
-            path: path.clone(),
-            attempts,
+        describe_frame(server.client(), &self.config.describe, frame, &|wait| {
+            server.death(wait)
         })
     }
 

@@ -17,6 +17,8 @@
 mod client;
 mod config;
 mod describe;
+#[cfg(test)]
+mod describe_http_tests;
 mod engine;
 mod error;
 mod gpu_lock;

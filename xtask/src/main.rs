@@ -88,8 +88,16 @@ fn ci() -> ExitCode {
 fn demo(args: &[String]) -> ExitCode {
     let mut steps = Steps { done: Vec::new() };
     let mut run = cargo();
-    run.args(["run", "--quiet", "-p", "tests", "--example", "lifecycle", "--"])
-        .args(args);
+    run.args([
+        "run",
+        "--quiet",
+        "-p",
+        "tests",
+        "--example",
+        "lifecycle",
+        "--",
+    ])
+    .args(args);
     steps.run("demo", run);
     steps.report()
 }
