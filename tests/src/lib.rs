@@ -38,6 +38,20 @@ pub fn nvsmi_shim() -> &'static Path {
     PATH.get_or_init(|| build("nvsmi-shim"))
 }
 
+/// The `cinecut-infer` CLI binary (built on first use).
+pub fn cinecut_infer() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let run = escargot::CargoBuild::new()
+            .package("engine-cli")
+            .bin("cinecut-infer")
+            .current_release()
+            .run()
+            .unwrap_or_else(|e| panic!("building cinecut-infer failed: {e}"));
+        run.path().to_path_buf()
+    })
+}
+
 /// A scratch folder with a model, an mmproj, and helpers to make frames and shims.
 #[derive(Debug)]
 pub struct Harness {

@@ -1,6 +1,7 @@
 //! Project automation. `cargo xtask ci` runs every hermetic check as named, timed steps.
 //! `cargo xtask --help` lists the tasks.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
@@ -85,20 +86,94 @@ fn ci() -> ExitCode {
     steps.report()
 }
 
+/// The workspace root (xtask lives one folder below it).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// Writes the demo's scratch folder: placeholder model files and a few keyframes whose names carry
+/// their timestamps.
+fn demo_frames(dir: &Path) -> std::io::Result<PathBuf> {
+    let frames = dir.join("frames");
+    std::fs::create_dir_all(&frames)?;
+    std::fs::write(
+        dir.join("demo-llava.gguf"),
+        b"GGUF placeholder: the fake server needs no weights",
+    )?;
+    std::fs::write(dir.join("demo-mmproj.gguf"), b"GGUF placeholder")?;
+    let shots: [(&str, u32, u32, [u8; 3]); 5] = [
+        ("shot_0003.20s.jpg", 1280, 720, [200, 40, 30]),
+        ("shot_0017.85s.jpg", 1280, 720, [30, 60, 190]),
+        ("shot_0042.00s.jpg", 960, 540, [15, 15, 20]),
+        ("shot_0063.50s.jpg", 1920, 1080, [40, 170, 60]),
+        ("shot_0090.10s.jpg", 640, 360, [230, 230, 235]),
+    ];
+    for (name, width, height, rgb) in shots {
+        let image = image::RgbImage::from_fn(width, height, |x, y| {
+            // A gentle gradient so each frame is a real, non-trivial JPEG.
+            let shade = ((x + y) % 64) as u8;
+            image::Rgb(rgb.map(|c| c.saturating_add(shade / 4)))
+        });
+        image
+            .save_with_format(frames.join(name), image::ImageFormat::Jpeg)
+            .map_err(std::io::Error::other)?;
+    }
+    Ok(frames)
+}
+
 fn demo(args: &[String]) -> ExitCode {
     let mut steps = Steps { done: Vec::new() };
-    let mut run = cargo();
-    run.args([
-        "run",
+    let mut build = cargo();
+    build.args([
+        "build",
         "--quiet",
         "-p",
-        "tests",
-        "--example",
-        "lifecycle",
-        "--",
-    ])
-    .args(args);
-    steps.run("demo", run);
+        "fake-llama-server",
+        "-p",
+        "nvsmi-shim",
+        "-p",
+        "engine-cli",
+    ]);
+    if !steps.run("build", build) {
+        return steps.report();
+    }
+    let bin = target_dir().join("debug");
+    let dir = target_dir().join("demo");
+    let frames = match demo_frames(&dir) {
+        Ok(frames) => frames,
+        Err(e) => {
+            eprintln!(
+                "xtask: cannot write the demo frames under {}: {e}",
+                dir.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut run = Command::new(bin.join("cinecut-infer"));
+    run.arg("describe")
+        .arg("--model")
+        .arg(dir.join("demo-llava.gguf"))
+        .arg("--mmproj")
+        .arg(dir.join("demo-mmproj.gguf"))
+        .args(["--port", "0", "--slots", "2"])
+        .args(args)
+        .arg(&frames)
+        // The built-in fakes stand in for llama-server and nvidia-smi; a real GPU machine needs
+        // neither variable.
+        .env("LLAMA_SERVER", bin.join("fake-llama-server"))
+        .env("NVIDIA_SMI", bin.join("nvsmi-shim"))
+        .env("FAKE_LLAMA_LOAD_MS", "300")
+        .env("FAKE_LLAMA_LATENCY_MS", "150");
+    steps.run("describe", run);
     steps.report()
 }
 
