@@ -53,6 +53,10 @@ pub struct EngineConfig {
     pub vram_query_timeout: Duration,
     /// The interval between `/health` polls (at most 10 ms).
     pub health_poll_interval: Duration,
+    /// After the server is reaped, how long to wait for free VRAM to come back to within 5 % of the
+    /// reading taken before start (polled through nvidia-smi) before the GPU lock is released. Zero
+    /// skips the wait.
+    pub vram_recovery_timeout: Duration,
     /// Write the server's stdout and stderr to `llama-server.log` beside the model.
     pub debug: bool,
     /// Pass `--log-disable` (the seed's flag). Off by default: the engine drains the server's output
@@ -84,6 +88,7 @@ impl EngineConfig {
             stop_grace: Duration::from_secs(10),
             vram_query_timeout: Duration::from_secs(10),
             health_poll_interval: Duration::from_millis(5),
+            vram_recovery_timeout: Duration::from_secs(5),
             debug: false,
             log_disable: false,
             extra_args: Vec::new(),
@@ -150,6 +155,11 @@ impl EngineConfig {
     /// Sets the interval between health polls (capped at 10 ms by validation).
     pub fn health_poll_interval(mut self, interval: Duration) -> Self {
         self.health_poll_interval = interval;
+        self
+    }
+    /// Sets how long shutdown waits for VRAM to come back (zero: no wait).
+    pub fn vram_recovery_timeout(mut self, timeout: Duration) -> Self {
+        self.vram_recovery_timeout = timeout;
         self
     }
     /// Turns debug mode (a full log file beside the model) on or off.

@@ -165,7 +165,7 @@ impl Engine<Locked> {
     /// Starts llama-server and waits until it is healthy. On failure the child is stopped and reaped,
     /// and the GPU lock released, before the error is returned.
     pub fn start(self) -> Result<Engine<Healthy>, InferenceError> {
-        let server = Server::start(&self.config)?;
+        let server = Server::start(&self.config, self.state.reading)?;
         Ok(Engine {
             config: self.config,
             state: Healthy {

@@ -39,6 +39,7 @@ pub use scene::{
 };
 pub use server::ShutdownReport;
 pub use vram::{
-    MAX_PLAUSIBLE_MIB, NVIDIA_SMI_QUERY, VRAM_MINIMUM_MIB, VramReading, assert_vram_available,
-    check_vram_free_mib, parse_free_mib, parse_free_mib_line, query_free_mib,
+    MAX_PLAUSIBLE_MIB, NVIDIA_SMI_QUERY, VRAM_MINIMUM_MIB, VramReading, VramRecovery,
+    assert_vram_available, check_vram_free_mib, parse_free_mib, parse_free_mib_line,
+    query_free_mib,
 };

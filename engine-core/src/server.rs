@@ -11,6 +11,7 @@ use crate::client::{Client, Health};
 use crate::config::EngineConfig;
 use crate::error::{InferenceError, truncate};
 use crate::process::{Escalation, SupervisedChild, describe_status, lock};
+use crate::vram::{VramReading, VramRecovery, wait_for_recovery};
 
 /// How many lines of the server's output an error carries.
 const TAIL_LINES: usize = 20;
@@ -27,6 +28,8 @@ pub struct ShutdownReport {
     pub escalation: Escalation,
     /// From the first signal to reaped.
     pub took: Duration,
+    /// Whether free VRAM came back before the GPU lock was released.
+    pub vram: VramRecovery,
 }
 
 /// A running llama-server that answered healthy and proved it is ours.
@@ -35,7 +38,9 @@ pub(crate) struct Server {
     child: SupervisedChild,
     client: Client,
     port: u16,
-    grace: Duration,
+    /// For the VRAM recovery wait after stop.
+    config: EngineConfig,
+    before: VramReading,
     /// Set once the child is found dead while we still needed it.
     died: Mutex<Option<(String, String)>>,
 }
@@ -43,7 +48,10 @@ pub(crate) struct Server {
 impl Server {
     /// Spawns the server and waits until it is ready. On any failure the child is stopped and reaped
     /// before the error is returned.
-    pub(crate) fn start(config: &EngineConfig) -> Result<Server, InferenceError> {
+    pub(crate) fn start(
+        config: &EngineConfig,
+        before: VramReading,
+    ) -> Result<Server, InferenceError> {
         config.validate().map_err(InferenceError::Config)?;
         for (what, path) in [("model", &config.model), ("mmproj", &config.mmproj)] {
             if !path.is_file() {
@@ -85,7 +93,8 @@ impl Server {
             child,
             client: Client::new(port, &api_key, config.slots),
             port,
-            grace: config.stop_grace,
+            config: config.clone(),
+            before,
             died: Mutex::new(None),
         };
         match server.wait_ready(config) {
@@ -234,19 +243,21 @@ impl Server {
             })
     }
 
-    /// Stops the server (TERM, TERM, KILL within the grace period) and reaps it.
+    /// Stops the server (TERM, TERM, KILL within the grace period), reaps it, and waits (bounded) for
+    /// free VRAM to come back.
     pub(crate) fn stop(&mut self) -> ShutdownReport {
         self.client.close_connections();
         let started = Instant::now();
-        let (status, escalation) = self.child.stop(self.grace);
-        let report = ShutdownReport {
+        let (status, escalation) = self.child.stop(self.config.stop_grace);
+        let took = started.elapsed();
+        tracing::info!(pid = self.child.pid(), status = %describe_status(status), ?escalation, ?took, "llama-server stopped");
+        ShutdownReport {
             pid: self.child.pid(),
             status: describe_status(status),
             escalation,
-            took: started.elapsed(),
-        };
-        tracing::info!(pid = report.pid, status = %report.status, ?escalation, took = ?report.took, "llama-server stopped");
-        report
+            took,
+            vram: wait_for_recovery(&self.config, self.before),
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! The free-VRAM pre-check: ask nvidia-smi, parse one line per GPU, select the configured GPU.
 
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::EngineConfig;
 use crate::error::{VramError, truncate};
@@ -161,6 +161,64 @@ pub fn assert_vram_available(config: &EngineConfig) -> Result<VramReading, VramE
         gpu: config.gpu,
         free_mib,
     })
+}
+
+/// Whether free VRAM came back after the server stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum VramRecovery {
+    /// Free VRAM was back within 5 % of the reading before start after `waited`.
+    Recovered {
+        /// The last reading.
+        free_mib: u64,
+        /// How long it took after the server was reaped.
+        waited: Duration,
+    },
+    /// It was still lower when the recovery timeout ran out.
+    NotRecovered {
+        /// The reading before start.
+        before_mib: u64,
+        /// The last reading.
+        free_mib: u64,
+    },
+    /// nvidia-smi could not be read after the stop.
+    Unknown(String),
+    /// The wait is switched off (`vram_recovery_timeout` zero).
+    Skipped,
+}
+
+/// Polls free VRAM until it is back within 5 % of `before` or `config.vram_recovery_timeout` ends.
+pub(crate) fn wait_for_recovery(config: &EngineConfig, before: VramReading) -> VramRecovery {
+    if config.vram_recovery_timeout.is_zero() {
+        return VramRecovery::Skipped;
+    }
+    let started = Instant::now();
+    let target = before.free_mib - before.free_mib / 20;
+    loop {
+        let free_mib = match check_vram_free_mib(config) {
+            Ok(free) => free,
+            Err(e) => return VramRecovery::Unknown(e.to_string()),
+        };
+        if free_mib >= target {
+            return VramRecovery::Recovered {
+                free_mib,
+                waited: started.elapsed(),
+            };
+        }
+        if started.elapsed() >= config.vram_recovery_timeout {
+            tracing::warn!(
+                gpu = before.gpu,
+                before_mib = before.free_mib,
+                free_mib,
+                "free VRAM did not come back after llama-server stopped"
+            );
+            return VramRecovery::NotRecovered {
+                before_mib: before.free_mib,
+                free_mib,
+            };
+        }
+        std::thread::sleep(Duration::from_millis(50).min(config.vram_recovery_timeout));
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,8 @@ pub struct Args {
     pub parallel: u32,
     pub log_disable: bool,
     pub api_key: Option<String>,
+    /// What /props and /v1/models report (None: the -m path).
+    pub served_model: Option<String>,
 }
 
 /// Flags that take a value and are accepted but have no effect on the fake.
@@ -79,6 +81,8 @@ Knobs (environment variables):
                                    valid, fence, not-json, bad-schema, length, peg-500, http-500
   FAKE_LLAMA_LATENCY_MS=N          time per completion request, holding a slot
   FAKE_LLAMA_SLOTS=N               requests served at once (default: -np)
+  FAKE_LLAMA_PROPS_MODEL=PATH      /props and /v1/models name PATH instead of -m (another model)
+  FAKE_LLAMA_FOREIGN_KEY=1         require a key of its own, not LLAMA_API_KEY (another server)
   FAKE_LLAMA_EVENTS=PATH           append JSON lines {event, t_unix_ns, pid, ...}: spawned,
                                    listening, ready, request_start, request_end, sigterm, exit
   LLAMA_MEDIA_MARKER=TEXT          the /completion media marker (default: random per process)
@@ -101,6 +105,7 @@ pub fn parse(argv: &[String]) -> Result<Parsed, String> {
         parallel: 1,
         log_disable: false,
         api_key: None,
+        served_model: None,
     };
     let mut it = argv.iter();
     while let Some(flag) = it.next() {

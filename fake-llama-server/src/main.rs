@@ -180,7 +180,16 @@ fn main() {
         )
     });
     let slots = knobs.slots.unwrap_or(args.parallel).max(1);
-    let api_key = args.api_key.clone().or_else(|| env("LLAMA_API_KEY"));
+    let api_key = if env("FAKE_LLAMA_FOREIGN_KEY").is_some() {
+        Some("another-servers-key".to_string())
+    } else {
+        args.api_key.clone().or_else(|| env("LLAMA_API_KEY"))
+    };
+    let mut args = args;
+    if let Some(model) = env("FAKE_LLAMA_PROPS_MODEL") {
+        // Loading still checks the real -m path; only what the server says it serves changes.
+        args.served_model = Some(model);
+    }
     let media_marker = env("LLAMA_MEDIA_MARKER").unwrap_or_else(|| {
         let n = answer::fnv1a(format!("{:?}{}", SystemTime::now(), std::process::id()).as_bytes());
         format!("<__media_{n:016x}__>")

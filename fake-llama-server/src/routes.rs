@@ -70,7 +70,7 @@ pub fn handle(fake: &Fake, mut request: Request) {
 
 fn props(fake: &Fake) -> Value {
     json!({
-        "model_path": fake.args.model,
+        "model_path": fake.args.served_model.as_ref().or(fake.args.model.as_ref()),
         "modalities": {"vision": fake.args.mmproj.is_some(), "audio": false},
         "media_marker": fake.media_marker,
         "n_ctx": fake.args.ctx_size,
@@ -82,7 +82,7 @@ fn props(fake: &Fake) -> Value {
 fn models(fake: &Fake) -> Value {
     json!({
         "object": "list",
-        "data": [{"id": fake.args.model, "object": "model", "owned_by": "llamacpp", "created": 0}],
+        "data": [{"id": fake.args.served_model.as_ref().or(fake.args.model.as_ref()), "object": "model", "owned_by": "llamacpp", "created": 0}],
     })
 }
 

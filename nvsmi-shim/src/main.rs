@@ -15,6 +15,7 @@ Fields: index, uuid, name, memory.free, memory.total, memory.used
 Knobs (environment variables):
   NVSMI_GPUS=V[,V...]    free MiB per GPU, one entry per GPU (default 79000). Entries are printed
                          as given, so [N/A] or [Insufficient Permissions] work per GPU.
+  NVSMI_FREE_FILE=PATH   read the NVSMI_GPUS list from PATH at each call (tests change it between calls)
   NVSMI_GPU_COUNT=N      N GPUs, each with the first NVSMI_GPUS value (default: NVSMI_GPUS's length)
   NVSMI_TOTAL_MIB=N      total MiB per GPU (default 81559)
   NVSMI_NAME=S           GPU name (default \"NVIDIA H100 80GB HBM3\")
@@ -92,7 +93,9 @@ fn parse_args(args: &[String]) -> Result<Query, (u8, String)> {
 }
 
 fn answer(query: &Query) -> Result<String, (u8, String)> {
-    let gpus: Vec<String> = env("NVSMI_GPUS")
+    let from_file = env("NVSMI_FREE_FILE").and_then(|path| std::fs::read_to_string(path).ok());
+    let gpus: Vec<String> = from_file
+        .or_else(|| env("NVSMI_GPUS"))
         .unwrap_or_else(|| "79000".into())
         .split(',')
         .map(|s| s.trim().to_string())

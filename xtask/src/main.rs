@@ -9,7 +9,8 @@ const HELP: &str = "\
 cargo xtask <task>
 
 Tasks:
-  ci      every hermetic check: fmt, clippy (-D warnings), build, tests (trybuild included), docs
+  ci      every hermetic check: fmt, clippy (-D warnings), build, tests (trybuild included),
+          the 1000-cycle soak, docs
   demo    the main job on the fake server: describe sample frames through the full lifecycle
 ";
 
@@ -69,6 +70,17 @@ fn ci() -> ExitCode {
     build.args(["build", "--workspace", "--all-targets"]);
     let mut test = cargo();
     test.args(["test", "--workspace"]);
+    let mut soak = cargo();
+    soak.args([
+        "test",
+        "-p",
+        "tests",
+        "--test",
+        "soak",
+        "--",
+        "--ignored",
+        "--nocapture",
+    ]);
     let mut doc = cargo();
     doc.args(["doc", "--workspace", "--no-deps"])
         .env("RUSTDOCFLAGS", "-D warnings");
@@ -77,6 +89,7 @@ fn ci() -> ExitCode {
         ("clippy", clippy),
         ("build", build),
         ("test", test),
+        ("soak", soak),
         ("doc", doc),
     ] {
         if !steps.run(name, command) {

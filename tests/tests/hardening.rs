@@ -1,0 +1,262 @@
+//! What the engine guarantees beyond Ollama's and llama-swap's supervision: no orphan when we die,
+//! a cross-process per-GPU lock, a server proven to be ours, VRAM recovery before the lock goes.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use engine_core::{Engine, InferenceError, VramRecovery};
+use tests::{Harness, SHIM_GPUS};
+
+/// A running `engine-holder` with its stdout lines.
+struct Holder {
+    child: Child,
+    lines: std::io::Lines<BufReader<ChildStdout>>,
+}
+
+impl Holder {
+    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Holder {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_engine-holder"))
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Holder { child, lines }
+    }
+
+    fn line(&mut self) -> String {
+        self.lines.next().expect("a line").unwrap()
+    }
+
+    /// Closes stdin (the holder then releases what it holds) and waits for the exit.
+    fn release(mut self) {
+        drop(self.child.stdin.take());
+        self.child.wait().unwrap();
+    }
+}
+
+/// Whether `pid` is running (a zombie waiting for init to reap it holds nothing and counts as gone).
+fn running(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')')
+        .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+}
+
+#[test]
+fn the_server_dies_with_a_sigkilled_owner_even_when_started_from_a_finished_thread() {
+    let h = Harness::new();
+    let shim = h.shim(&[("NVSMI_GPU_COUNT", &SHIM_GPUS.to_string())]);
+    let gpu = h.gpu.to_string();
+    let mut holder = Holder::spawn(
+        &[
+            "engine",
+            &gpu,
+            tests::fake_server().to_str().unwrap(),
+            shim.to_str().unwrap(),
+            h.model.to_str().unwrap(),
+            h.mmproj.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let server: u32 = holder
+        .line()
+        .strip_prefix("server ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(holder.line(), "ready");
+    // The thread that spawned the server has exited; the server must still be up.
+    assert!(running(server));
+    holder.child.kill().unwrap();
+    holder.child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while running(server) {
+        assert!(
+            Instant::now() < deadline,
+            "server {server} outlived its owner by 1 s"
+        );
+        std::thread::yield_now();
+    }
+    // The kernel dropped the dead holder's file lock too.
+    tests::assert_lock_free(h.gpu);
+}
+
+#[test]
+fn two_processes_serialise_on_one_gpu_but_not_on_two() {
+    let h = Harness::new();
+    let gpu = h.gpu.to_string();
+    let mut first = Holder::spawn(&["lock", &gpu], &[]);
+    assert_eq!(first.line(), "locked");
+    // Another process (this one) cannot take that GPU...
+    let err = engine_core::try_gpu_lock_for(h.gpu, Duration::from_millis(100)).unwrap_err();
+    assert!(err.to_string().contains("still locked"), "{err}");
+    assert_eq!(engine_core::lock_holder(h.gpu), Some(first.child.id()));
+    // ...but another GPU is free.
+    let other = Harness::new();
+    drop(engine_core::try_gpu_lock_for(other.gpu, Duration::ZERO).unwrap());
+    // A second process on the same GPU waits until the first lets go.
+    let mut second = Holder::spawn(&["lock", &gpu], &[]);
+    first.release();
+    assert_eq!(second.line(), "locked");
+    second.release();
+    tests::assert_lock_free(h.gpu);
+}
+
+#[test]
+fn the_lock_folder_must_not_be_a_symlink() {
+    let h = Harness::new();
+    let real = h.dir.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = h.dir.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let mut holder = Holder::spawn(
+        &["lock", "0"],
+        &[("CINECUT_LOCK_DIR", link.to_str().unwrap())],
+    );
+    let line = holder.line();
+    assert!(
+        line.starts_with("error: cannot use the GPU lock file"),
+        "{line}"
+    );
+    assert!(line.contains("not a folder"), "{line}");
+    holder.release();
+    // A fresh private folder is created 0700.
+    let fresh = h.dir.path().join("fresh");
+    let mut holder = Holder::spawn(
+        &["lock", "0"],
+        &[("CINECUT_LOCK_DIR", fresh.to_str().unwrap())],
+    );
+    assert_eq!(holder.line(), "locked");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
+    let file_mode = std::fs::metadata(fresh.join("gpu-0.lock"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    holder.release();
+    assert_eq!((mode, file_mode), (0o700, 0o600));
+}
+
+#[test]
+fn a_healthy_answer_for_another_model_is_not_our_server() {
+    let h = Harness::new();
+    let err = Engine::launch(
+        h.config()
+            .env("FAKE_LLAMA_PROPS_MODEL", "/models/someone-elses.gguf"),
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("is served by another process"), "{text}");
+    assert!(text.contains("someone-elses.gguf"), "{text}");
+    h.assert_clean();
+}
+
+#[test]
+fn a_server_that_refuses_our_key_is_not_our_server() {
+    let h = Harness::new();
+    let err = Engine::launch(h.config().env("FAKE_LLAMA_FOREIGN_KEY", "1")).unwrap_err();
+    assert!(
+        matches!(&err, engine_core::EngineError::Inference(InferenceError::PortInUse { detail, .. }) if detail.contains("API key")),
+        "{err}"
+    );
+    h.assert_clean();
+}
+
+#[test]
+fn a_stale_server_on_the_port_is_reported_and_left_alone() {
+    let h = Harness::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut stale = Command::new(tests::fake_server())
+        .args([
+            "-m",
+            h.model.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+            "--log-disable",
+        ])
+        .spawn()
+        .unwrap();
+    // Wait until the stale server listens (its own readiness, not a guess).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline);
+        std::thread::yield_now();
+    }
+    let err = Engine::launch(h.config().port(port)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("port {port} is served by another process")),
+        "{err}"
+    );
+    assert!(h.spawned_pids().is_empty(), "nothing of ours was spawned");
+    assert!(
+        stale.try_wait().unwrap().is_none(),
+        "the stranger is not ours to kill"
+    );
+    stale.kill().unwrap();
+    stale.wait().unwrap();
+    h.assert_clean();
+}
+
+#[test]
+fn shutdown_waits_for_vram_to_come_back_and_reports_when_it_does_not() {
+    let h = Harness::new();
+    let free_file = h.dir.path().join("free-mib");
+    let gpus = |free: &str| vec![free; SHIM_GPUS as usize].join(",");
+    std::fs::write(&free_file, gpus("79000")).unwrap();
+    let shim = h.shim(&[("NVSMI_FREE_FILE", free_file.to_str().unwrap())]);
+    let config = h
+        .config()
+        .nvidia_smi(&shim)
+        .vram_recovery_timeout(Duration::from_millis(300));
+
+    // Memory back at once: recovered.
+    let report = Engine::launch(config.clone()).unwrap().shutdown().unwrap();
+    assert!(
+        matches!(
+            report.vram,
+            VramRecovery::Recovered {
+                free_mib: 79000,
+                ..
+            }
+        ),
+        "{:?}",
+        report.vram
+    );
+
+    // Memory still taken after the stop (another process grabbed it, or the driver is slow): the
+    // report says so after the bounded wait, and the lock is released all the same.
+    let engine = Engine::launch(config).unwrap();
+    std::fs::write(&free_file, gpus("60000")).unwrap();
+    let started = Instant::now();
+    let report = engine.shutdown().unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(
+        report.vram,
+        VramRecovery::NotRecovered {
+            before_mib: 79000,
+            free_mib: 60000
+        }
+    );
+    h.assert_clean();
+}
+
+#[test]
+fn a_port_of_zero_gives_each_engine_its_own_port() {
+    let a = Harness::new();
+    let b = Harness::new();
+    let first = Engine::launch(a.config()).unwrap();
+    let second = Engine::launch(b.config()).unwrap();
+    assert_ne!(first.port(), second.port());
+    drop((first, second));
+    a.assert_clean();
+    b.assert_clean();
+}
