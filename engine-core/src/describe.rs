@@ -82,6 +82,13 @@ impl DescribeOptions {
         self
     }
 
+    /// The exact `POST /v1/chat/completions` body the engine sends for `frame_path` (after the same
+    /// checks `describe` makes): for debugging a server by hand, and for benchmarks.
+    pub fn request_body(&self, frame_path: &Path) -> Result<Vec<u8>, InferenceError> {
+        let frame = load_frame(frame_path, self.max_frame_bytes)?;
+        Ok(chat_request(self, &frame))
+    }
+
     pub(crate) fn validate(&self) -> Result<(), String> {
         if !(0.0..=2.0).contains(&self.temperature) {
             return Err(format!("temperature {} is outside 0..=2", self.temperature));

