@@ -198,6 +198,12 @@ impl Engine<Healthy> {
         self.state.server.client().base_url()
     }
 
+    /// The server's API key (random per engine). Every endpoint but `/health` needs it as
+    /// `Authorization: Bearer KEY`; for callers who talk to their server directly (`/metrics`, say).
+    pub fn api_key(&self) -> &str {
+        self.state.server.api_key()
+    }
+
     /// The server's pid.
     pub fn pid(&self) -> u32 {
         self.state.server.pid()

@@ -38,6 +38,7 @@ pub(crate) struct Server {
     child: SupervisedChild,
     client: Client,
     port: u16,
+    api_key: String,
     /// For the VRAM recovery wait after stop.
     config: EngineConfig,
     before: VramReading,
@@ -93,6 +94,7 @@ impl Server {
             child,
             client: Client::new(port, &api_key, config.slots),
             port,
+            api_key,
             config: config.clone(),
             before,
             died: Mutex::new(None),
@@ -222,6 +224,10 @@ impl Server {
 
     pub(crate) fn port(&self) -> u16 {
         self.port
+    }
+
+    pub(crate) fn api_key(&self) -> &str {
+        &self.api_key
     }
 
     pub(crate) fn pid(&self) -> u32 {

@@ -3,6 +3,7 @@
 
 mod answer;
 mod args;
+mod http;
 mod routes;
 
 use std::fs::OpenOptions;
@@ -224,8 +225,8 @@ fn run(fake: Arc<Fake>) {
     flood(&fake);
 
     let address = format!("{}:{}", fake.args.host, fake.args.port);
-    let server = match tiny_http::Server::http(&address) {
-        Ok(server) => Arc::new(server),
+    let listener = match std::net::TcpListener::bind(&address) {
+        Ok(listener) => listener,
         Err(_) => {
             log(
                 &fake,
@@ -237,7 +238,7 @@ fn run(fake: Arc<Fake>) {
             exit(&fake, 1);
         }
     };
-    let port = server.server_addr().to_ip().map(|a| a.port()).unwrap_or(0);
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     log(
         &fake,
         &format!(
@@ -246,14 +247,9 @@ fn run(fake: Arc<Fake>) {
         ),
     );
     event(&fake, "listening", json!({"port": port}));
-    let accept_server = Arc::clone(&server);
-    let accept_fake = Arc::clone(&fake);
-    std::thread::spawn(move || {
-        for request in accept_server.incoming_requests() {
-            let fake = Arc::clone(&accept_fake);
-            std::thread::spawn(move || routes::handle(&fake, request));
-        }
-    });
+    let handler_fake = Arc::clone(&fake);
+    let handler: http::Handler = Arc::new(move |request| routes::handle(&handler_fake, request));
+    std::thread::spawn(move || http::serve(listener, handler));
 
     load_model(&fake);
 
@@ -299,7 +295,6 @@ fn run(fake: Arc<Fake>) {
             &fake,
             "srv    operator(): operator(): cleaning up before exit...",
         );
-        server.unblock();
         let waiter = Arc::clone(&fake);
         std::thread::spawn(move || {
             // The real server stays until in-flight requests are answered.

@@ -1,46 +1,37 @@
 //! The HTTP endpoints: `/health`, `/v1/health`, `/props`, `/v1/models`, `/v1/chat/completions`,
 //! `/completion`, with the real server's bodies, status codes and API-key rules.
 
-use std::io::Cursor;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{Value, json};
-use tiny_http::{Header, Request, Response};
 
 use crate::answer::{self, Mode, error_body};
+use crate::http::{Request, Response};
 use crate::{Fake, event};
 
-type Reply = Response<Cursor<Vec<u8>>>;
+type Reply = Response;
 
 fn json_reply(status: u16, body: String) -> Reply {
-    Response::from_string(body)
-        .with_status_code(status)
-        .with_header(Header::from_bytes("Content-Type", "application/json; charset=utf-8").unwrap())
-}
-
-fn header<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
-    request
-        .headers()
-        .iter()
-        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
-        .map(|h| h.value.as_str())
+    Response { status, body }
 }
 
 fn authorised(fake: &Fake, request: &Request) -> bool {
     let Some(key) = &fake.api_key else {
         return true;
     };
-    let bearer = header(request, "Authorization").and_then(|v| v.strip_prefix("Bearer "));
-    bearer == Some(key.as_str()) || header(request, "X-Api-Key") == Some(key.as_str())
+    let bearer = request
+        .header("Authorization")
+        .and_then(|v| v.strip_prefix("Bearer "));
+    bearer == Some(key.as_str()) || request.header("X-Api-Key") == Some(key.as_str())
 }
 
-/// Handles one request to completion (runs on its own thread).
-pub fn handle(fake: &Fake, mut request: Request) {
-    let path = request.url().split('?').next().unwrap_or("").to_string();
-    let method = request.method().as_str().to_ascii_uppercase();
-    let reply = if !fake.ready.load(Ordering::Acquire) {
+/// Handles one request to completion (on its connection's thread).
+pub fn handle(fake: &Fake, request: Request) -> Reply {
+    let path = request.path.clone();
+    let method = request.method.clone();
+    if !fake.ready.load(Ordering::Acquire) {
         json_reply(503, error_body(503, "Loading model", "unavailable_error"))
     } else if path == "/health" || path == "/v1/health" {
         match &fake.knobs.health_body {
@@ -57,15 +48,14 @@ pub fn handle(fake: &Fake, mut request: Request) {
             ("GET", "/props") => json_reply(200, props(fake).to_string()),
             ("GET", "/v1/models") | ("GET", "/models") => json_reply(200, models(fake).to_string()),
             ("POST", "/v1/chat/completions") | ("POST", "/chat/completions") => {
-                completion(fake, &mut request, Kind::Chat)
+                completion(fake, &request, Kind::Chat)
             }
             ("POST", "/completion") | ("POST", "/completions") => {
-                completion(fake, &mut request, Kind::Raw)
+                completion(fake, &request, Kind::Raw)
             }
             _ => json_reply(404, error_body(404, "File Not Found", "not_found_error")),
         }
-    };
-    let _ = request.respond(reply);
+    }
 }
 
 fn props(fake: &Fake) -> Value {
@@ -152,20 +142,17 @@ fn has_schema(body: &Value, kind: Kind) -> bool {
         || body["json_schema"].is_object()
 }
 
-fn completion(fake: &Fake, request: &mut Request, kind: Kind) -> Reply {
+fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
     let started = Instant::now();
     let number = fake.completions.fetch_add(1, Ordering::AcqRel);
-    let mut raw = Vec::new();
-    if request.as_reader().read_to_end(&mut raw).is_err() {
-        return bad_request("could not read the request body");
-    }
+    let raw = &request.body;
     if fake.knobs.crash_after.is_some_and(|n| number >= n) {
         // Mid-request, as a GGML assertion would: the connection is reset, nothing is answered.
         eprintln!("GGML_ASSERT(fake) failed: crash knob FAKE_LLAMA_CRASH_AFTER reached");
         event(fake, "crash", json!({}));
         std::process::abort();
     }
-    let Ok(body) = serde_json::from_slice::<Value>(&raw) else {
+    let Ok(body) = serde_json::from_slice::<Value>(raw) else {
         return json_reply(
             500,
             error_body(

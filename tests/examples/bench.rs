@@ -244,35 +244,15 @@ fn per_frame(r: &mut Report, runs: usize) {
     let engine = Engine::launch(config(&h).env("FAKE_LLAMA_LOAD_MS", "0")).unwrap();
     let record = KeyframeRecord::new(&frame, 0.0, "bench");
 
-    // The bare loop: a second fake without an API key, the same prepared bytes, plain ureq.
-    let bare = Harness::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut server = Command::new(tests::fake_server())
-        .args([
-            "-m",
-            bare.model.to_str().unwrap(),
-            "--mmproj",
-            bare.mmproj.to_str().unwrap(),
-        ])
-        .args(["--port", &port.to_string(), "--log-disable"])
-        .env("FAKE_LLAMA_LOAD_MS", "0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    while !health_ok(port) {
-        std::thread::yield_now();
-    }
+    // The bare loop: the same server, the same prepared bytes, plain ureq.
     let body = engine.config().describe.request_body(&frame).unwrap();
     let agent: ureq::Agent = ureq::Agent::config_builder().proxy(None).build().into();
-    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let url = format!("{}/v1/chat/completions", engine.base_url());
+    let bearer = format!("Bearer {}", engine.api_key());
     let bare_call = || {
         let mut response = agent
             .post(&url)
+            .header("Authorization", &bearer)
             .header("Content-Type", "application/json")
             .send(&body[..])
             .unwrap();
@@ -299,9 +279,6 @@ fn per_frame(r: &mut Report, runs: usize) {
         }
     }
     drop(engine);
-    let pid = rustix::process::Pid::from_child(&server);
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    server.wait().unwrap();
 
     let (e, b) = (mean(&with_engine), mean(&with_bare));
     let (e50, b50) = (pct(&mut with_engine, 50), pct(&mut with_bare, 50));
@@ -311,7 +288,7 @@ fn per_frame(r: &mut Report, runs: usize) {
     r.line(format!(
         "`describe()` of a 1920×1080 JPEG ({} KiB) against a zero-latency fake (which decodes the JPEG \
          fully, as the real server does), against a bare ureq loop posting the same prepared bytes to \
-         a second fake; {} calls each, interleaved in rounds of 10.",
+         the same server; {} calls each, interleaved in rounds of 10.",
         std::fs::metadata(&frame).unwrap().len() / 1024,
         with_engine.len()
     ));

