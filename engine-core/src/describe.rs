@@ -188,7 +188,9 @@ pub(crate) fn chat_request(options: &DescribeOptions, frame: &Frame) -> Vec<u8> 
     // The slot appears once as a JSON token of its own; a prompt holding the same words would be a
     // different, escaped token inside the text part, so `"url":"SLOT"` is unambiguous.
     let token = format!("\"url\":\"{IMAGE_SLOT}\"");
-    let at = skeleton.find(&token).expect("the skeleton holds the image slot");
+    let at = skeleton
+        .find(&token)
+        .expect("the skeleton holds the image slot");
     let (head, tail) = (&skeleton[..at], &skeleton[at + token.len()..]);
     let uri_prefix = format!("\"url\":\"data:{};base64,", frame.mime);
     let encoded = base64::encoded_len(frame.bytes.len(), true).expect("a frame fits in memory");
@@ -361,7 +363,8 @@ mod tests {
             mime: "image/png",
             bytes: vec![0x89, b'P', b'N', b'G'],
         };
-        let options = DescribeOptions::default().prompt(format!("\"url\":\"{IMAGE_SLOT}\" {IMAGE_SLOT}"));
+        let options =
+            DescribeOptions::default().prompt(format!("\"url\":\"{IMAGE_SLOT}\" {IMAGE_SLOT}"));
         let body: Value = serde_json::from_slice(&chat_request(&options, &frame)).unwrap();
         assert_eq!(body["messages"][0]["content"][0]["text"], options.prompt);
         assert_eq!(

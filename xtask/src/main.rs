@@ -376,15 +376,22 @@ fn bench(args: &[String]) -> ExitCode {
     steps.report()
 }
 
-/// The contract suite against the real CPU llama-server (built once, cached) and the tiny model.
-fn contract_real(steps: &mut Steps) -> bool {
-    let binary = real_server_path(false);
+/// The real llama-server (built and cached on first use) and the tiny model pair's folder.
+fn real_server_and_model(
+    steps: &mut Steps,
+    cuda: bool,
+    args: &[String],
+) -> Option<(PathBuf, PathBuf)> {
+    let binary = real_server_path(cuda);
     if !binary.is_file() {
         let xtask = std::env::current_exe().expect("xtask knows its own path");
         let mut build = Command::new(xtask);
-        build.arg("real-server");
+        build.arg("real-server").args(args);
+        if cuda {
+            build.arg("--cuda");
+        }
         if !steps.run("real-server", build) {
-            return false;
+            return None;
         }
     }
     let models = target_dir().join("tiny-model");
@@ -393,8 +400,16 @@ fn contract_real(steps: &mut Steps) -> bool {
             "xtask: cannot write the tiny model into {}: {e}",
             models.display()
         );
-        return false;
+        return None;
     }
+    Some((binary, models))
+}
+
+/// The contract suite against the real CPU llama-server and the tiny model.
+fn contract_real(steps: &mut Steps) -> bool {
+    let Some((binary, models)) = real_server_and_model(steps, false, &[]) else {
+        return false;
+    };
     let mut test = cargo();
     test.args(["test", "-p", "tests", "--test", "contract"])
         .env("CONTRACT_SERVER", &binary)
@@ -407,23 +422,9 @@ fn contract_real(steps: &mut Steps) -> bool {
 /// nvidia-smi. Writes the timings to docs/gpu-results.md, which `bench` adds to BENCHMARKS.md.
 fn gpu_smoke(args: &[String]) -> ExitCode {
     let mut steps = Steps { done: Vec::new() };
-    let binary = real_server_path(true);
-    if !binary.is_file() {
-        let xtask = std::env::current_exe().expect("xtask knows its own path");
-        let mut build = Command::new(xtask);
-        build.args(["real-server", "--cuda"]).args(args);
-        if !steps.run("real-server", build) {
-            return steps.report();
-        }
-    }
-    let models = target_dir().join("tiny-model");
-    if let Err(e) = tiny_model::write(&models, 42) {
-        eprintln!(
-            "xtask: cannot write the tiny model into {}: {e}",
-            models.display()
-        );
-        return ExitCode::FAILURE;
-    }
+    let Some((binary, models)) = real_server_and_model(&mut steps, true, args) else {
+        return steps.report();
+    };
     let mut test = cargo();
     test.args([
         "test",
