@@ -229,3 +229,14 @@ fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// The guard may be moved to (and dropped on) another thread, as the engine's users need.
+    #[test]
+    fn the_guard_is_send() {
+        fn assert_send<T: Send>() {}
+        assert_send::<super::GpuGuard>();
+        assert_send::<crate::Engine<crate::Healthy>>();
+    }
+}
