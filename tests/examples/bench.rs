@@ -3,7 +3,7 @@
 //! by side), slot scaling, and the VRAM probe. Server-side times come from the fake's events file.
 //! Run through `cargo xtask bench`, which also adds the criterion numbers.
 //!
-//! Usage: bench [--out FILE] [--criterion DIR] [--gpu FILE] [--quick]
+//! Usage: bench [--out FILE] [--criterion DIR] [--gpu FILE]... [--quick]
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -488,8 +488,12 @@ fn main() {
     slot_scaling(&mut r);
     vram_probe(&mut r, runs);
     in_process(&mut r, &criterion);
-    if let Some(gpu) = value("--gpu").and_then(|p| std::fs::read_to_string(p).ok()) {
-        r.line(gpu.trim_end());
+    let gpu_sections = args
+        .windows(2)
+        .filter(|w| w[0] == "--gpu")
+        .filter_map(|w| std::fs::read_to_string(&w[1]).ok());
+    for section in gpu_sections {
+        r.line(section.trim_end());
         r.line("");
     }
     std::fs::write(&out, &r.text).unwrap();

@@ -365,9 +365,20 @@ fn bench(args: &[String]) -> ExitCode {
         .arg(root.join("BENCHMARKS.md"))
         .arg("--criterion")
         .arg(target_dir().join("criterion"));
-    let gpu = root.join("docs").join("gpu-results.md");
-    if gpu.is_file() {
-        harness.arg("--gpu").arg(gpu);
+    // GPU sections written by `gpu-smoke` runs (one per card), in name order.
+    let mut gpu_sections: Vec<PathBuf> = std::fs::read_dir(root.join("docs"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("gpu-results") && n.ends_with(".md"))
+        })
+        .collect();
+    gpu_sections.sort();
+    for section in gpu_sections {
+        harness.arg("--gpu").arg(section);
     }
     if quick {
         harness.arg("--quick");
