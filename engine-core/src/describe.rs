@@ -272,7 +272,7 @@ pub(crate) fn describe_frame(
             Err(e) => {
                 // A refused or reset connection usually means the child died: say so if it did.
                 if let Some(died) = death(Duration::from_millis(200)) {
-                    return Err(died);
+                    return Err(died.for_frame(path));
                 }
                 return Err(match e {
                     ureq::Error::Timeout(_) => InferenceError::RequestTimeout {

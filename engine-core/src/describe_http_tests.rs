@@ -54,6 +54,7 @@ async fn describe(
         let client = Client::new(port, KEY, 1);
         describe_frame(&client, &options, &frame, &|_| {
             dead.then(|| InferenceError::ServerDied {
+                frame: None,
                 status: "signal 9 (SIGKILL)".into(),
                 output_tail: String::new(),
             })
@@ -209,6 +210,7 @@ async fn a_refused_connection_from_a_dead_server_says_it_died() {
         let alive = describe_frame(&client, &options, &frame, &|_| None);
         let dead = describe_frame(&client, &options, &frame, &|_| {
             Some(InferenceError::ServerDied {
+                frame: None,
                 status: "exit code 1".into(),
                 output_tail: String::new(),
             })

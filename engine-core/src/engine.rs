@@ -214,7 +214,7 @@ impl Engine<Healthy> {
     pub fn describe(&self, frame: &KeyframeRecord) -> Result<SceneDescription, InferenceError> {
         let server = &self.state.server;
         if let Some(died) = server.death(Duration::ZERO) {
-            return Err(died);
+            return Err(died.for_frame(&frame.frame_path));
         }
         describe_frame(server.client(), &self.config.describe, frame, &|wait| {
             server.death(wait)

@@ -179,8 +179,14 @@ pub enum InferenceError {
         output_tail: String,
     },
     /// The server process died while the engine was running.
-    #[error("llama-server died ({status}) — the engine is unusable; start a new one{}", tail_suffix(.output_tail))]
+    #[error(
+        "llama-server died ({status}){} — the engine is unusable; start a new one{}",
+        frame.as_ref().map(|f| format!(" while describing frame {}", f.display())).unwrap_or_default(),
+        tail_suffix(.output_tail)
+    )]
     ServerDied {
+        /// The frame being described when the death was found, if any.
+        frame: Option<PathBuf>,
         /// Exit code or signal, in words.
         status: String,
         /// The last lines the server printed.
@@ -249,6 +255,24 @@ pub enum InferenceError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl InferenceError {
+    /// Names `path` in a [`InferenceError::ServerDied`] that has no frame yet.
+    pub(crate) fn for_frame(self, path: &std::path::Path) -> Self {
+        match self {
+            InferenceError::ServerDied {
+                frame: None,
+                status,
+                output_tail,
+            } => InferenceError::ServerDied {
+                frame: Some(path.to_path_buf()),
+                status,
+                output_tail,
+            },
+            other => other,
+        }
+    }
 }
 
 fn tail_suffix(tail: &str) -> String {

@@ -247,6 +247,7 @@ impl Server {
         }
         died.as_ref()
             .map(|(status, output_tail)| InferenceError::ServerDied {
+                frame: None,
                 status: status.clone(),
                 output_tail: output_tail.clone(),
             })

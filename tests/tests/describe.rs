@@ -195,9 +195,12 @@ fn a_crash_mid_request_is_reported_with_the_signal_and_the_engine_reports_itself
     let err = engine.describe(&frame).unwrap_err();
     match &err {
         InferenceError::ServerDied {
+            frame: Some(frame_path),
             status,
             output_tail,
+            ..
         } => {
+            assert_eq!(frame_path, &frame.frame_path);
             assert_eq!(status, "signal 6 (SIGABRT)");
             assert!(output_tail.contains("GGML_ASSERT"), "{output_tail}");
         }
