@@ -5,8 +5,6 @@
 //!
 //! Usage: bench [--out FILE] [--criterion DIR] [--gpu FILE]... [--quick]
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -164,17 +162,8 @@ fn readiness(r: &mut Report, runs: usize) {
 }
 
 fn health_ok(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let request = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
-    if stream.write_all(request.as_bytes()).is_err() {
-        return false;
-    }
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response.starts_with("HTTP/1.1 200") && response.contains(r#""status":"ok""#)
+    tests::http_request(port, "GET", "/health", None, "", Duration::from_secs(2))
+        .is_some_and(|(status, body)| status == 200 && body.contains(r#""status":"ok""#))
 }
 
 fn stop_latency(r: &mut Report, runs: usize) {
