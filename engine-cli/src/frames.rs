@@ -1,12 +1,17 @@
 //! Which frames to describe: files, folders (their `*.jpg`, `*.jpeg`, `*.png`, sorted by name), and
 //! `.jsonl` files of `KeyframeRecord`s (what CineCut's keyframe stage writes).
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use engine_core::KeyframeRecord;
-
 const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
+
+/// One frame to describe, as given: its timestamp is known from a record or a file name, or not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frame {
+    pub path: PathBuf,
+    pub timestamp_s: Option<f64>,
+    pub source: String,
+}
 
 fn is_image(path: &Path) -> bool {
     path.extension()
@@ -24,9 +29,9 @@ pub fn timestamp_from_name(path: &Path) -> Option<f64> {
     number[start..].parse().ok().filter(|t: &f64| t.is_finite())
 }
 
-/// Expands the command line's FRAMES into records, in order. Errors name the argument.
-pub fn collect(args: &[PathBuf]) -> Result<Vec<KeyframeRecord>, String> {
-    let mut records = Vec::new();
+/// Expands the command line's FRAMES into frames, in order. Errors name the argument.
+pub fn collect(args: &[PathBuf]) -> Result<Vec<Frame>, String> {
+    let mut frames = Vec::new();
     for arg in args {
         let meta =
             std::fs::metadata(arg).map_err(|e| format!("cannot read {}: {e}", arg.display()))?;
@@ -43,52 +48,59 @@ pub fn collect(args: &[PathBuf]) -> Result<Vec<KeyframeRecord>, String> {
                 ));
             }
             images.sort();
-            records.extend(images.into_iter().map(record));
+            frames.extend(images.into_iter().map(from_name));
         } else if arg.extension().is_some_and(|e| e == "jsonl") {
-            records.extend(read_records(arg)?);
+            frames.extend(read_records(arg)?);
         } else {
-            records.push(record(arg.clone()));
+            frames.push(from_name(arg.clone()));
         }
     }
-    if records.is_empty() {
+    if frames.is_empty() {
         return Err(
             "no frames given: name image files, folders of images, or .jsonl records".into(),
         );
     }
-    Ok(records)
+    Ok(frames)
 }
 
-fn record(path: PathBuf) -> KeyframeRecord {
-    let timestamp = timestamp_from_name(&path).unwrap_or(f64::NAN);
-    KeyframeRecord::new(path, timestamp, "cinecut-infer")
+fn from_name(path: PathBuf) -> Frame {
+    Frame {
+        timestamp_s: timestamp_from_name(&path),
+        path,
+        source: "cinecut-infer".into(),
+    }
 }
 
-fn read_records(path: &Path) -> Result<Vec<KeyframeRecord>, String> {
+/// Reads a `.jsonl` of KeyframeRecords. A relative `frame_path` is relative to the file's folder
+/// (where the keyframe stage wrote both), not to wherever the CLI runs.
+fn read_records(path: &Path) -> Result<Vec<Frame>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let folder = path.parent().unwrap_or(Path::new(""));
     text.lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(n, line)| {
-            serde_json::from_str::<KeyframeRecord>(line).map_err(|e| {
+            let record: engine_core::KeyframeRecord = serde_json::from_str(line).map_err(|e| {
                 format!(
                     "{} line {}: not a KeyframeRecord ({e}); expected {{\"timestamp_s\":..,\"frame_path\":..,\"source\":..}}",
                     path.display(),
                     n + 1
                 )
+            })?;
+            Ok(Frame {
+                path: folder.join(&record.frame_path),
+                timestamp_s: Some(record.timestamp_s).filter(|t| t.is_finite()),
+                source: record.source,
             })
         })
         .collect()
 }
 
-/// Frame paths already described successfully in an earlier run's output (for `--resume`).
-pub fn already_described(output: &str) -> HashSet<PathBuf> {
-    output
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|v| v.get("scene").is_some())
-        .filter_map(|v| v["frame_path"].as_str().map(PathBuf::from))
-        .collect()
+/// The key two spellings of one frame share (`frames/a.jpg`, `./frames/a.jpg`, `/abs/frames/a.jpg`):
+/// absolute, without `.` components or repeated separators. Symlinks are not followed.
+pub fn same_frame_key(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 #[cfg(test)]
@@ -112,18 +124,13 @@ mod tests {
         for name in ["b.jpg", "a.PNG", "c.jpeg", "notes.txt"] {
             std::fs::write(dir.path().join(name), b"x").unwrap();
         }
-        let records = collect(&[dir.path().to_path_buf()]).unwrap();
-        let names: Vec<String> = records
+        let frames = collect(&[dir.path().to_path_buf()]).unwrap();
+        let names: Vec<String> = frames
             .iter()
-            .map(|r| {
-                r.frame_path
-                    .file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .into_owned()
-            })
+            .map(|f| f.path.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, ["a.PNG", "b.jpg", "c.jpeg"]);
+        assert!(frames.iter().all(|f| f.timestamp_s.is_none()));
     }
 
     #[test]
@@ -138,11 +145,27 @@ mod tests {
     }
 
     #[test]
-    fn resume_skips_only_successful_frames() {
-        let output = "{\"frame_path\":\"/a.jpg\",\"scene\":{}}\n{\"frame_path\":\"/b.jpg\",\"error\":\"x\"}\n{\"frame_pa";
-        let done = already_described(output);
-        assert!(done.contains(Path::new("/a.jpg")));
-        assert!(!done.contains(Path::new("/b.jpg")));
-        assert_eq!(done.len(), 1);
+    fn relative_record_paths_are_relative_to_the_records_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = dir.path().join("keyframes.jsonl");
+        let lines = [
+            serde_json::json!({"timestamp_s": 1.5, "frame_path": "frames/a.jpg", "source": "cut"}),
+            serde_json::json!({"timestamp_s": 2.0, "frame_path": "/abs/b.jpg", "source": "sub"}),
+        ];
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(&records, text).unwrap();
+        let frames = collect(&[records]).unwrap();
+        assert_eq!(frames[0].path, dir.path().join("frames/a.jpg"));
+        assert_eq!(frames[0].timestamp_s, Some(1.5));
+        assert_eq!(frames[1].path, Path::new("/abs/b.jpg"));
+        assert_eq!(frames[1].source, "sub");
+    }
+
+    #[test]
+    fn two_spellings_of_a_frame_are_one_key() {
+        assert_eq!(
+            same_frame_key(Path::new("frames/a.jpg")),
+            same_frame_key(Path::new("./frames//a.jpg"))
+        );
     }
 }

@@ -4,7 +4,9 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use engine_core::{DescribeOptions, parse_chat_response, parse_free_mib};
+use engine_core::DescribeOptions;
+use engine_core::describe::parse_chat_response;
+use engine_core::vram::parse_rows;
 
 fn frame_1080p(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("frame-1080p.jpg");
@@ -36,9 +38,15 @@ fn benches(c: &mut Criterion) {
         b.iter(|| parse_chat_response(black_box(&answer)).unwrap())
     });
 
-    let smi = "81000\n80500\n[N/A]\n79999\n12\n0\n81559\n40000\n";
+    let smi: String = [
+        "81000", "80500", "[N/A]", "79999", "12", "0", "81559", "40000",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, free)| format!("{i}, GPU-5eed{i:04x}-4c1e-8a11-000000000000, {free}\n"))
+    .collect();
     c.bench_function("parse_nvidia_smi_8_gpus", |b| {
-        b.iter(|| parse_free_mib(black_box(smi)).unwrap())
+        b.iter(|| parse_rows(black_box(&smi)).unwrap())
     });
 }
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use ureq::Agent;
 
-use crate::error::truncate;
+use crate::text::truncate;
 
 /// Largest response body read (a description is a few hundred bytes; an error page a few KiB).
 const MAX_BODY_BYTES: u64 = 16 * 1024 * 1024;
@@ -28,11 +28,20 @@ pub(crate) enum Health {
 }
 
 /// A client bound to `http://127.0.0.1:PORT` that authenticates with the engine's API key.
-#[derive(Debug)]
 pub(crate) struct Client {
     agent: Agent,
     base: String,
     bearer: String,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key: a Debug print ends up in logs.
+        f.debug_struct("Client")
+            .field("base", &self.base)
+            .field("bearer", &"<redacted>")
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
@@ -65,6 +74,22 @@ impl Client {
             .agent
             .get(format!("{}{path}", self.base))
             .header("Authorization", &self.bearer)
+            .config()
+            .timeout_global(Some(timeout))
+            .build()
+            .call()?;
+        read(response)
+    }
+
+    /// A GET without the API key: our server must refuse it on every path but `/health`.
+    pub(crate) fn get_without_key(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<Reply, ureq::Error> {
+        let response = self
+            .agent
+            .get(format!("{}{path}", self.base))
             .config()
             .timeout_global(Some(timeout))
             .build()

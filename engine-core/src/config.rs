@@ -1,201 +1,192 @@
-//! [`EngineConfig`]: everything the engine needs to know, with the seed's defaults.
+//! [`EngineConfig`]: everything the engine needs to know, with the seed's defaults, built and
+//! checked once by [`EngineConfigBuilder`].
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::vram::VRAM_MINIMUM_MIB;
+use crate::describe::DescribeOptions;
+use crate::error::ConfigError;
+use crate::vram::{GpuId, NvidiaSmi, VRAM_MINIMUM_MIB};
 
 /// The port llama-server listens on unless configured otherwise.
 pub const DEFAULT_PORT: u16 = 8089;
 
-/// The engine's configuration. Start from [`EngineConfig::new`] and chain the setters.
+/// The engine's configuration: checked, then read-only. Build it with [`EngineConfig::builder`].
 ///
 /// ```
 /// use std::time::Duration;
 /// use engine_core::EngineConfig;
 ///
-/// let config = EngineConfig::new("models/llava.gguf", "models/mmproj.gguf")
-///     .port(0) // pick a free port
+/// let config = EngineConfig::builder("models/llava.gguf", "models/mmproj.gguf")
+///     .port(0) // pick a free one
 ///     .gpu(1)
-///     .startup_timeout(Duration::from_secs(300));
-/// assert_eq!(config.port, 0);
-/// assert_eq!(config.min_vram_mib, 6144);
+///     .startup_timeout(Duration::from_secs(300))
+///     .build()?;
+/// assert_eq!(config.port(), 0);
+/// assert_eq!(config.min_vram_mib(), 6144);
+/// # Ok::<(), engine_core::ConfigError>(())
 /// ```
-#[non_exhaustive]
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// The text model GGUF (`-m`).
-    pub model: PathBuf,
-    /// The vision projector GGUF (`--mmproj`).
-    pub mmproj: PathBuf,
-    /// TCP port on 127.0.0.1; 0 picks a free one.
-    pub port: u16,
-    /// The llama-server program; `None` means the env var `LLAMA_SERVER`, else `llama-server` on PATH.
-    pub server_bin: Option<PathBuf>,
-    /// The nvidia-smi program; `None` means the env var `NVIDIA_SMI`, else `nvidia-smi` on PATH.
-    pub nvidia_smi: Option<PathBuf>,
-    /// Minimum free VRAM in MiB for `check_vram` to pass.
-    pub min_vram_mib: u64,
-    /// Which GPU (nvidia-smi index) to check and lock.
-    pub gpu: u32,
-    /// Context size (`-c`).
-    pub ctx_size: u32,
-    /// Layers to offload to the GPU (`-ngl`).
-    pub gpu_layers: u32,
-    /// Parallel slots (`-np`): how many requests the server serves at once.
-    pub slots: u32,
-    /// How long the server may take to become healthy.
-    pub startup_timeout: Duration,
-    /// How long a stopping server gets between SIGTERM and SIGKILL.
-    pub stop_grace: Duration,
-    /// How long nvidia-smi may take before it is killed.
-    pub vram_query_timeout: Duration,
-    /// The interval between `/health` polls (at most 10 ms).
-    pub health_poll_interval: Duration,
-    /// After the server is reaped, how long to wait for free VRAM to come back to within 5 % of the
-    /// reading taken before start (polled through nvidia-smi) before the GPU lock is released. Zero
-    /// skips the wait.
-    pub vram_recovery_timeout: Duration,
-    /// Write the server's stdout and stderr to `llama-server.log` beside the model.
-    pub debug: bool,
-    /// Pass `--log-disable` (the seed's flag). Off by default: the engine drains the server's output
-    /// into a bounded buffer, so logging costs nothing and failures can name their cause.
-    pub log_disable: bool,
-    /// Extra arguments appended to the server's command line.
-    pub extra_args: Vec<OsString>,
-    /// Extra environment variables for the server.
-    pub env: Vec<(OsString, OsString)>,
-    /// How the engine asks for descriptions (prompt, retries, limits).
-    pub describe: crate::describe::DescribeOptions,
+    model: PathBuf,
+    mmproj: PathBuf,
+    port: u16,
+    server_bin: Option<PathBuf>,
+    nvidia_smi: Option<PathBuf>,
+    min_vram_mib: u64,
+    gpu: GpuId,
+    ctx_size: u32,
+    gpu_layers: u32,
+    slots: u32,
+    startup_timeout: Duration,
+    stop_grace: Duration,
+    vram_query_timeout: Duration,
+    health_poll_interval: Duration,
+    vram_recovery_timeout: Duration,
+    debug: bool,
+    log_disable: bool,
+    extra_args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    describe: DescribeOptions,
+}
+
+/// Sets up an [`EngineConfig`]: every setting has one setter here and one getter there.
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `build()`"]
+pub struct EngineConfigBuilder {
+    config: EngineConfig,
 }
 
 impl EngineConfig {
-    /// A configuration with the seed's defaults for the given model and mmproj.
-    pub fn new(model: impl Into<PathBuf>, mmproj: impl Into<PathBuf>) -> Self {
-        EngineConfig {
-            model: model.into(),
-            mmproj: mmproj.into(),
-            port: DEFAULT_PORT,
-            server_bin: None,
-            nvidia_smi: None,
-            min_vram_mib: VRAM_MINIMUM_MIB,
-            gpu: 0,
-            ctx_size: 2048,
-            gpu_layers: 99,
-            slots: 1,
-            startup_timeout: Duration::from_secs(120),
-            stop_grace: Duration::from_secs(10),
-            vram_query_timeout: Duration::from_secs(10),
-            health_poll_interval: Duration::from_millis(5),
-            vram_recovery_timeout: Duration::from_secs(5),
-            debug: false,
-            log_disable: false,
-            extra_args: Vec::new(),
-            env: Vec::new(),
-            describe: crate::describe::DescribeOptions::default(),
+    /// A builder with the seed's defaults for the given model and mmproj.
+    pub fn builder(model: impl Into<PathBuf>, mmproj: impl Into<PathBuf>) -> EngineConfigBuilder {
+        EngineConfigBuilder {
+            config: EngineConfig {
+                model: model.into(),
+                mmproj: mmproj.into(),
+                port: DEFAULT_PORT,
+                server_bin: None,
+                nvidia_smi: None,
+                min_vram_mib: VRAM_MINIMUM_MIB,
+                gpu: GpuId::Index(0),
+                ctx_size: 2048,
+                gpu_layers: 99,
+                slots: 1,
+                startup_timeout: Duration::from_secs(120),
+                stop_grace: Duration::from_secs(10),
+                vram_query_timeout: NvidiaSmi::DEFAULT_TIMEOUT,
+                health_poll_interval: Duration::from_millis(5),
+                vram_recovery_timeout: Duration::from_secs(5),
+                debug: false,
+                log_disable: false,
+                extra_args: Vec::new(),
+                env: Vec::new(),
+                describe: DescribeOptions::default(),
+            },
         }
     }
 
-    /// Sets the port (0 picks a free one).
-    pub fn port(mut self, port: u16) -> Self {
-        self.port = port;
-        self
-    }
-    /// Sets the llama-server program.
-    pub fn server_bin(mut self, program: impl Into<PathBuf>) -> Self {
-        self.server_bin = Some(program.into());
-        self
-    }
-    /// Sets the nvidia-smi program.
-    pub fn nvidia_smi(mut self, program: impl Into<PathBuf>) -> Self {
-        self.nvidia_smi = Some(program.into());
-        self
-    }
-    /// Sets the minimum free VRAM in MiB.
-    pub fn min_vram_mib(mut self, mib: u64) -> Self {
-        self.min_vram_mib = mib;
-        self
-    }
-    /// Sets the GPU index.
-    pub fn gpu(mut self, index: u32) -> Self {
-        self.gpu = index;
-        self
-    }
-    /// Sets the context size.
-    pub fn ctx_size(mut self, tokens: u32) -> Self {
-        self.ctx_size = tokens;
-        self
-    }
-    /// Sets the number of layers offloaded to the GPU.
-    pub fn gpu_layers(mut self, layers: u32) -> Self {
-        self.gpu_layers = layers;
-        self
-    }
-    /// Sets the number of parallel slots.
-    pub fn slots(mut self, slots: u32) -> Self {
-        self.slots = slots;
-        self
-    }
-    /// Sets the startup timeout.
-    pub fn startup_timeout(mut self, timeout: Duration) -> Self {
-        self.startup_timeout = timeout;
-        self
-    }
-    /// Sets the grace period between SIGTERM and SIGKILL.
-    pub fn stop_grace(mut self, grace: Duration) -> Self {
-        self.stop_grace = grace;
-        self
-    }
-    /// Sets the nvidia-smi timeout.
-    pub fn vram_query_timeout(mut self, timeout: Duration) -> Self {
-        self.vram_query_timeout = timeout;
-        self
-    }
-    /// Sets the interval between health polls (capped at 10 ms by validation).
-    pub fn health_poll_interval(mut self, interval: Duration) -> Self {
-        self.health_poll_interval = interval;
-        self
-    }
-    /// Sets how long shutdown waits for VRAM to come back (zero: no wait).
-    pub fn vram_recovery_timeout(mut self, timeout: Duration) -> Self {
-        self.vram_recovery_timeout = timeout;
-        self
-    }
-    /// Turns debug mode (a full log file beside the model) on or off.
-    pub fn debug(mut self, on: bool) -> Self {
-        self.debug = on;
-        self
-    }
-    /// Passes the seed's `--log-disable` to the server.
-    pub fn log_disable(mut self, on: bool) -> Self {
-        self.log_disable = on;
-        self
-    }
-    /// Appends one argument to the server's command line.
-    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
-        self.extra_args.push(arg.into());
-        self
-    }
-    /// Adds an environment variable for the server.
-    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
-        self.env.push((key.into(), value.into()));
-        self
-    }
-    /// Sets how descriptions are requested.
-    pub fn describe_options(mut self, options: crate::describe::DescribeOptions) -> Self {
-        self.describe = options;
-        self
+    /// A builder that starts from this configuration.
+    pub fn to_builder(&self) -> EngineConfigBuilder {
+        EngineConfigBuilder {
+            config: self.clone(),
+        }
     }
 
-    /// The llama-server program to run: the configured one, else `$LLAMA_SERVER`, else `llama-server`.
-    pub fn resolved_server_bin(&self) -> PathBuf {
+    /// The text model GGUF (`-m`).
+    pub fn model(&self) -> &Path {
+        &self.model
+    }
+    /// The vision projector GGUF (`--mmproj`).
+    pub fn mmproj(&self) -> &Path {
+        &self.mmproj
+    }
+    /// TCP port on 127.0.0.1; 0 picks a free one.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    /// The llama-server program: the configured one, else `$LLAMA_SERVER`, else `llama-server`.
+    pub fn server_bin(&self) -> PathBuf {
         resolve(&self.server_bin, "LLAMA_SERVER", "llama-server")
     }
+    /// The VRAM probe: the configured nvidia-smi, else `$NVIDIA_SMI`, else `nvidia-smi`, with the
+    /// configured timeout.
+    pub fn nvidia_smi(&self) -> NvidiaSmi {
+        NvidiaSmi::new(
+            resolve(&self.nvidia_smi, "NVIDIA_SMI", "nvidia-smi"),
+            self.vram_query_timeout,
+        )
+    }
+    /// Minimum free VRAM in MiB for the checks to pass.
+    pub fn min_vram_mib(&self) -> u64 {
+        self.min_vram_mib
+    }
+    /// Which GPU to check, lock and show the server (an index among the visible GPUs, or a UUID).
+    pub fn gpu(&self) -> &GpuId {
+        &self.gpu
+    }
+    /// Context size per slot: the server gets `-c ctx_size × slots`.
+    pub fn ctx_size(&self) -> u32 {
+        self.ctx_size
+    }
+    /// Layers offloaded to the GPU (`-ngl`).
+    pub fn gpu_layers(&self) -> u32 {
+        self.gpu_layers
+    }
+    /// Parallel slots (`-np`): how many requests the server serves at once.
+    pub fn slots(&self) -> u32 {
+        self.slots
+    }
+    /// How long the server may take to become healthy.
+    pub fn startup_timeout(&self) -> Duration {
+        self.startup_timeout
+    }
+    /// How long a stopping server gets between the first SIGTERM and SIGKILL.
+    pub fn stop_grace(&self) -> Duration {
+        self.stop_grace
+    }
+    /// The interval between `/health` polls.
+    pub fn health_poll_interval(&self) -> Duration {
+        self.health_poll_interval
+    }
+    /// How long to wait for free VRAM to come back after the server stopped (zero: no wait).
+    pub fn vram_recovery_timeout(&self) -> Duration {
+        self.vram_recovery_timeout
+    }
+    /// Whether the server's whole output goes to `llama-server.log` beside the model.
+    pub fn debug(&self) -> bool {
+        self.debug
+    }
+    /// Whether the seed's `--log-disable` is passed.
+    pub fn log_disable(&self) -> bool {
+        self.log_disable
+    }
+    /// Arguments appended to the server's command line.
+    pub fn extra_args(&self) -> &[OsString] {
+        &self.extra_args
+    }
+    /// Environment variables added for the server.
+    pub fn env(&self) -> &[(OsString, OsString)] {
+        &self.env
+    }
+    /// How descriptions are requested.
+    pub fn describe(&self) -> &DescribeOptions {
+        &self.describe
+    }
 
-    /// The nvidia-smi program to run: the configured one, else `$NVIDIA_SMI`, else `nvidia-smi`.
-    pub fn resolved_nvidia_smi(&self) -> PathBuf {
-        resolve(&self.nvidia_smi, "NVIDIA_SMI", "nvidia-smi")
+    /// Checks that the model files exist (as the engine does before it spawns anything), so that a
+    /// caller can report a wrong path before it waits for VRAM or the GPU lock.
+    pub fn check_model_files(&self) -> Result<(), crate::InferenceError> {
+        for (what, path) in [("model", &self.model), ("mmproj", &self.mmproj)] {
+            if !path.is_file() {
+                return Err(crate::InferenceError::ModelNotFound {
+                    what,
+                    path: path.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Where debug mode writes the server's output: `llama-server.log` beside the model.
@@ -207,14 +198,17 @@ impl EngineConfig {
     }
 
     /// The server's command line (without the program) for `port`: the seed's flags, then
-    /// [`EngineConfig::extra_args`].
+    /// [`EngineConfig::extra_args`]. `-c` is the context per slot times the slots, because
+    /// llama-server divides `-c` among its slots.
     ///
     /// ```
-    /// let config = engine_core::EngineConfig::new("m.gguf", "p.gguf").log_disable(true);
+    /// let config = engine_core::EngineConfig::builder("m.gguf", "p.gguf").log_disable(true).build()?;
     /// let args: Vec<String> = config.server_args(8089).iter().map(|a| a.to_string_lossy().into_owned()).collect();
     /// assert_eq!(args.join(" "), "-m m.gguf --mmproj p.gguf --port 8089 --host 127.0.0.1 -ngl 99 -c 2048 -np 1 --log-disable");
+    /// # Ok::<(), engine_core::ConfigError>(())
     /// ```
     pub fn server_args(&self, port: u16) -> Vec<OsString> {
+        let total_ctx = u64::from(self.ctx_size) * u64::from(self.slots);
         let mut args: Vec<OsString> = vec![
             "-m".into(),
             self.model.clone().into(),
@@ -227,7 +221,7 @@ impl EngineConfig {
             "-ngl".into(),
             self.gpu_layers.to_string().into(),
             "-c".into(),
-            self.ctx_size.to_string().into(),
+            total_ctx.to_string().into(),
             "-np".into(),
             self.slots.to_string().into(),
         ];
@@ -237,27 +231,158 @@ impl EngineConfig {
         args.extend(self.extra_args.iter().cloned());
         args
     }
+}
 
-    /// Checks the values that would make the server or the engine misbehave.
-    pub(crate) fn validate(&self) -> Result<(), String> {
-        if self.slots == 0 {
-            return Err("slots must be at least 1".into());
+/// The longest duration a setting takes: anything longer is a typo, and would overflow `Instant`.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+impl EngineConfigBuilder {
+    /// Sets the text model GGUF.
+    pub fn model(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.model = path.into();
+        self
+    }
+    /// Sets the vision projector GGUF.
+    pub fn mmproj(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.mmproj = path.into();
+        self
+    }
+    /// Sets the port (0 picks a free one).
+    pub fn port(mut self, port: u16) -> Self {
+        self.config.port = port;
+        self
+    }
+    /// Sets the llama-server program.
+    pub fn server_bin(mut self, program: impl Into<PathBuf>) -> Self {
+        self.config.server_bin = Some(program.into());
+        self
+    }
+    /// Sets the nvidia-smi program.
+    pub fn nvidia_smi(mut self, program: impl Into<PathBuf>) -> Self {
+        self.config.nvidia_smi = Some(program.into());
+        self
+    }
+    /// Sets the minimum free VRAM in MiB.
+    pub fn min_vram_mib(mut self, mib: u64) -> Self {
+        self.config.min_vram_mib = mib;
+        self
+    }
+    /// Sets the GPU: an index (`1`) or a [`GpuId`] (a UUID).
+    pub fn gpu(mut self, gpu: impl Into<GpuId>) -> Self {
+        self.config.gpu = gpu.into();
+        self
+    }
+    /// Sets the context size per slot (the seed's 2048 tokens for each request).
+    pub fn ctx_size(mut self, tokens: u32) -> Self {
+        self.config.ctx_size = tokens;
+        self
+    }
+    /// Sets the number of layers offloaded to the GPU.
+    pub fn gpu_layers(mut self, layers: u32) -> Self {
+        self.config.gpu_layers = layers;
+        self
+    }
+    /// Sets the number of parallel slots.
+    pub fn slots(mut self, slots: u32) -> Self {
+        self.config.slots = slots;
+        self
+    }
+    /// Sets the startup timeout.
+    pub fn startup_timeout(mut self, timeout: Duration) -> Self {
+        self.config.startup_timeout = timeout;
+        self
+    }
+    /// Sets the grace period between the first SIGTERM and SIGKILL.
+    pub fn stop_grace(mut self, grace: Duration) -> Self {
+        self.config.stop_grace = grace;
+        self
+    }
+    /// Sets the nvidia-smi timeout.
+    pub fn vram_query_timeout(mut self, timeout: Duration) -> Self {
+        self.config.vram_query_timeout = timeout;
+        self
+    }
+    /// Sets the interval between health polls (1 µs to 10 ms).
+    pub fn health_poll_interval(mut self, interval: Duration) -> Self {
+        self.config.health_poll_interval = interval;
+        self
+    }
+    /// Sets how long a stop waits for VRAM to come back (zero: no wait).
+    pub fn vram_recovery_timeout(mut self, timeout: Duration) -> Self {
+        self.config.vram_recovery_timeout = timeout;
+        self
+    }
+    /// Turns debug mode (a full log file beside the model) on or off.
+    pub fn debug(mut self, on: bool) -> Self {
+        self.config.debug = on;
+        self
+    }
+    /// Passes the seed's `--log-disable` to the server.
+    pub fn log_disable(mut self, on: bool) -> Self {
+        self.config.log_disable = on;
+        self
+    }
+    /// Appends one argument to the server's command line.
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.config.extra_args.push(arg.into());
+        self
+    }
+    /// Adds an environment variable for the server.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.config.env.push((key.into(), value.into()));
+        self
+    }
+    /// Sets how descriptions are requested.
+    pub fn describe_options(mut self, options: DescribeOptions) -> Self {
+        self.config.describe = options;
+        self
+    }
+
+    /// Checks every value and returns the configuration, or an error naming the value and the fix.
+    pub fn build(self) -> Result<EngineConfig, ConfigError> {
+        let c = &self.config;
+        let fail = |message: String| Err(ConfigError(message));
+        if c.slots == 0 {
+            return fail("slots is 0: it must be at least 1".into());
         }
-        if self.ctx_size == 0 {
-            return Err("ctx_size must be at least 1".into());
+        if c.ctx_size == 0 {
+            return fail("ctx_size is 0: it must be at least 1 token per slot".into());
         }
-        if self.health_poll_interval.is_zero()
-            || self.health_poll_interval > Duration::from_millis(10)
-        {
-            return Err(format!(
-                "health_poll_interval is {:?}; it must be between 1 µs and 10 ms",
-                self.health_poll_interval
+        if u64::from(c.ctx_size) * u64::from(c.slots) > u64::from(u32::MAX) {
+            return fail(format!(
+                "ctx_size {} × {} slots is more context than llama-server takes: lower either",
+                c.ctx_size, c.slots
             ));
         }
-        if self.startup_timeout.is_zero() {
-            return Err("startup_timeout must be more than zero".into());
+        if c.health_poll_interval.is_zero() || c.health_poll_interval > Duration::from_millis(10) {
+            return fail(format!(
+                "health_poll_interval is {:?}: it must be between 1 µs and 10 ms",
+                c.health_poll_interval
+            ));
         }
-        self.describe.validate()
+        for (name, value) in [
+            ("startup_timeout", c.startup_timeout),
+            ("vram_query_timeout", c.vram_query_timeout),
+        ] {
+            if value.is_zero() {
+                return fail(format!("{name} is zero: it must be more than zero"));
+            }
+        }
+        for (name, value) in [
+            ("startup_timeout", c.startup_timeout),
+            ("stop_grace", c.stop_grace),
+            ("vram_query_timeout", c.vram_query_timeout),
+            ("vram_recovery_timeout", c.vram_recovery_timeout),
+            ("request_timeout", c.describe.request_timeout),
+        ] {
+            if value > MAX_DURATION {
+                return fail(format!(
+                    "{name} is {value:?}: more than a year is surely a mistake (at most {MAX_DURATION:?})"
+                ));
+            }
+        }
+        c.describe.validate().map_err(ConfigError)?;
+        Ok(self.config)
     }
 }
 
@@ -268,5 +393,53 @@ fn resolve(configured: &Option<PathBuf>, env_var: &str, default: &str) -> PathBu
     match std::env::var_os(env_var) {
         Some(value) if !value.is_empty() => PathBuf::from(value),
         _ => PathBuf::from(default),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_bad_value_is_named() {
+        let base = || EngineConfig::builder("m", "p");
+        for (builder, needle) in [
+            (base().slots(0), "slots is 0"),
+            (base().ctx_size(0), "ctx_size is 0"),
+            (base().ctx_size(u32::MAX).slots(2), "more context"),
+            (
+                base().health_poll_interval(Duration::from_secs(1)),
+                "health_poll_interval",
+            ),
+            (
+                base().startup_timeout(Duration::ZERO),
+                "startup_timeout is zero",
+            ),
+            (
+                base().stop_grace(Duration::from_secs(u64::MAX)),
+                "stop_grace",
+            ),
+            (
+                base().describe_options(
+                    DescribeOptions::default().request_timeout(Duration::from_secs(1 << 60)),
+                ),
+                "request_timeout",
+            ),
+        ] {
+            let err = builder.build().unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+
+    #[test]
+    fn every_slot_gets_the_context_per_slot() {
+        let config = EngineConfig::builder("m", "p").slots(8).build().unwrap();
+        let args: Vec<String> = config
+            .server_args(1)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let c = args.iter().position(|a| a == "-c").unwrap();
+        assert_eq!((args[c + 1].as_str(), args[c + 3].as_str()), ("16384", "8"));
     }
 }

@@ -9,32 +9,42 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 
 use crate::client::Client;
-use crate::error::{InferenceError, truncate};
+use crate::error::InferenceError;
 use crate::scene::{
     KeyframeRecord, SCENE_DESCRIPTION_SCHEMA, SceneDescription, validate_scene_description,
 };
+use crate::text::truncate;
 
 /// The default prompt: what a film trailer editor needs from a keyframe.
 pub const DEFAULT_PROMPT: &str = "You are helping a film trailer editor choose shots. Describe this \
 keyframe as JSON with four short fields: visual_content (what is visible), mood (the emotional \
 tone), action (what is happening), setting (where and when it takes place).";
 
-/// How the engine asks llama-server for descriptions.
-#[non_exhaustive]
+/// How the engine asks llama-server for descriptions: set with the chained setters, checked by
+/// [`crate::EngineConfigBuilder::build`].
+///
+/// ```
+/// use std::time::Duration;
+/// let options = engine_core::DescribeOptions::default()
+///     .retries(0)
+///     .request_timeout(Duration::from_secs(30));
+/// let config = engine_core::EngineConfig::builder("m.gguf", "p.gguf").describe_options(options).build()?;
+/// # Ok::<(), engine_core::ConfigError>(())
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct DescribeOptions {
     /// The instruction sent with every frame.
-    pub prompt: String,
+    pub(crate) prompt: String,
     /// Sampling temperature; low keeps descriptions factual.
-    pub temperature: f32,
+    pub(crate) temperature: f32,
     /// Upper bound on generated tokens per answer.
-    pub max_tokens: u32,
+    pub(crate) max_tokens: u32,
     /// Further tries after an invalid answer (cut-off or schema-breaking output).
-    pub retries: u32,
+    pub(crate) retries: u32,
     /// Time limit for one request.
-    pub request_timeout: Duration,
+    pub(crate) request_timeout: Duration,
     /// Frames larger than this are refused before anything is sent.
-    pub max_frame_bytes: u64,
+    pub(crate) max_frame_bytes: u64,
 }
 
 impl Default for DescribeOptions {
@@ -91,13 +101,16 @@ impl DescribeOptions {
 
     pub(crate) fn validate(&self) -> Result<(), String> {
         if !(0.0..=2.0).contains(&self.temperature) {
-            return Err(format!("temperature {} is outside 0..=2", self.temperature));
+            return Err(format!(
+                "temperature is {}: it must be between 0 and 2",
+                self.temperature
+            ));
         }
         if self.max_tokens == 0 {
-            return Err("max_tokens must be at least 1".into());
+            return Err("max_tokens is 0: it must be at least 1".into());
         }
         if self.request_timeout.is_zero() {
-            return Err("request_timeout must be more than zero".into());
+            return Err("request_timeout is zero: it must be more than zero".into());
         }
         Ok(())
     }
@@ -123,6 +136,12 @@ pub(crate) fn load_frame(path: &Path, max_bytes: u64) -> Result<Frame, Inference
     })?;
     if meta.is_dir() {
         return Err(bad("is a folder, not an image file".into()));
+    }
+    if !meta.is_file() {
+        return Err(bad(
+            "not a regular file (a FIFO, a device or a socket) — give the keyframe's image file"
+                .into(),
+        ));
     }
     if meta.len() == 0 {
         return Err(bad("file is empty — re-extract the keyframe".into()));
@@ -226,26 +245,82 @@ pub fn strip_code_fence(text: &str) -> &str {
 /// Parses a chat-completion response body into a validated description. The error says why the
 /// answer is unusable, with the raw text (truncated).
 pub fn parse_chat_response(body: &str) -> Result<SceneDescription, String> {
-    let response: Value = serde_json::from_str(body)
-        .map_err(|e| format!("response is not JSON ({e}): {}", truncate(body, 200)))?;
+    parse_answer(body, u32::MAX).map_err(|unusable| match unusable {
+        Unusable::Invalid(reason) | Unusable::ContextFull(reason) => reason,
+    })
+}
+
+/// Why an answer cannot be used, and whether asking again can help.
+#[derive(Debug, PartialEq)]
+enum Unusable {
+    /// The model's output was bad this time (not JSON, schema-breaking, cut at max_tokens): retry.
+    Invalid(String),
+    /// The slot's context ran out before the answer was complete: the same request fails the same way.
+    ContextFull(String),
+}
+
+/// Parses an answer to a request that asked for at most `max_tokens`.
+fn parse_answer(body: &str, max_tokens: u32) -> Result<SceneDescription, Unusable> {
+    let invalid = Unusable::Invalid;
+    let response: Value = serde_json::from_str(body).map_err(|e| {
+        invalid(format!(
+            "response is not JSON ({e}): {}",
+            truncate(body, 200)
+        ))
+    })?;
     let choice = response
         .get("choices")
         .and_then(|c| c.get(0))
-        .ok_or_else(|| format!("response has no choices[0]: {}", truncate(body, 200)))?;
+        .ok_or_else(|| {
+            invalid(format!(
+                "response has no choices[0]: {}",
+                truncate(body, 200)
+            ))
+        })?;
     let content = choice
         .get("message")
         .and_then(|m| m.get("content"))
         .and_then(Value::as_str)
-        .ok_or_else(|| format!("choices[0] has no message.content: {}", truncate(body, 200)))?;
+        .ok_or_else(|| {
+            invalid(format!(
+                "choices[0] has no message.content: {}",
+                truncate(body, 200)
+            ))
+        })?;
     if choice.get("finish_reason").and_then(Value::as_str) == Some("length") {
-        return Err(format!(
+        let usage = |key: &str| response["usage"][key].as_u64();
+        // Cut off before max_tokens were generated: the slot's context, not max_tokens, ran out.
+        if let (Some(generated), Some(prompt)) =
+            (usage("completion_tokens"), usage("prompt_tokens"))
+            && generated < u64::from(max_tokens)
+        {
+            return Err(Unusable::ContextFull(format!(
+                "the slot's context ran out after {} tokens ({prompt} of prompt, {generated} \
+                 generated), before max_tokens {max_tokens}",
+                prompt + generated
+            )));
+        }
+        return Err(invalid(format!(
             "output cut off at max_tokens (finish_reason \"length\"): {}",
             truncate(content, 200)
-        ));
+        )));
     }
-    let value: Value = serde_json::from_str(strip_code_fence(content))
-        .map_err(|e| format!("content is not JSON ({e}): {}", truncate(content, 200)))?;
-    validate_scene_description(&value).map_err(|e| format!("{e}: {}", truncate(content, 200)))
+    let value: Value = serde_json::from_str(strip_code_fence(content)).map_err(|e| {
+        invalid(format!(
+            "content is not JSON ({e}): {}",
+            truncate(content, 200)
+        ))
+    })?;
+    validate_scene_description(&value)
+        .map_err(|e| invalid(format!("{e}: {}", truncate(content, 200))))
+}
+
+/// Whether an HTTP error is the server's way of saying the request does not fit the slot's context
+/// (its unified KV pool is full, say): asking again cannot help.
+fn is_context_exceeded(status: u16, body: &str) -> bool {
+    (400..600).contains(&status)
+        && (body.contains("Context size has been exceeded")
+            || body.contains("exceeds the available context size"))
 }
 
 /// Whether an HTTP error is the server's way of saying the output broke the grammar (worth a retry).
@@ -286,14 +361,25 @@ pub(crate) fn describe_frame(
                 });
             }
         };
+        let context_full = |detail: String| InferenceError::ContextExhausted {
+            path: path.clone(),
+            detail,
+        };
         let reason = match reply.status {
-            200 => match parse_chat_response(&reply.body) {
+            200 => match parse_answer(&reply.body, options.max_tokens) {
                 Ok(scene) => {
                     tracing::debug!(frame = %path.display(), attempt, "frame described");
                     return Ok(scene);
                 }
-                Err(reason) => reason,
+                Err(Unusable::ContextFull(detail)) => return Err(context_full(detail)),
+                Err(Unusable::Invalid(reason)) => reason,
             },
+            status if is_context_exceeded(status, &reply.body) => {
+                return Err(context_full(format!(
+                    "llama-server answered HTTP {status}: {}",
+                    truncate(reply.body.trim(), 200)
+                )));
+            }
             status if is_invalid_output_status(status, &reply.body) => {
                 format!("HTTP {status}: {}", truncate(&reply.body, 200))
             }
@@ -313,6 +399,9 @@ pub(crate) fn describe_frame(
         attempts,
     })
 }
+
+#[cfg(test)]
+mod http_tests;
 
 #[cfg(test)]
 mod tests {
@@ -390,6 +479,29 @@ mod tests {
             *SCENE_DESCRIPTION_SCHEMA
         );
         assert_eq!(body["max_tokens"], 512);
+    }
+
+    #[test]
+    fn a_full_context_is_told_apart_from_max_tokens() {
+        let cut = |generated: u32| {
+            json!({"choices": [{"finish_reason": "length", "message": {"content": "{\"visual"}}],
+                   "usage": {"prompt_tokens": 240, "completion_tokens": generated}})
+            .to_string()
+        };
+        match parse_answer(&cut(16), 512) {
+            Err(Unusable::ContextFull(detail)) => {
+                assert!(detail.contains("256 tokens"), "{detail}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(parse_answer(&cut(512), 512), Err(Unusable::Invalid(r)) if r.contains("max_tokens"))
+        );
+        assert!(is_context_exceeded(
+            500,
+            &json!({"error": {"code": 500, "message": "Context size has been exceeded."}})
+                .to_string()
+        ));
     }
 
     proptest! {

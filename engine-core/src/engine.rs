@@ -12,15 +12,19 @@
 use std::ops::ControlFlow;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::EngineConfig;
 use crate::describe::describe_frame;
 use crate::error::{EngineError, InferenceError, LockError, VramError};
-use crate::gpu_lock::{GpuGuard, gpu_lock, try_gpu_lock_for};
+use crate::gpu_lock::{GpuGuard, gpu_lock, gpu_lock_cancellable, try_gpu_lock_for};
+use crate::process::{ChildExit, Escalation, Leftover};
 use crate::scene::{KeyframeRecord, SceneDescription};
-use crate::server::{Server, ShutdownReport};
-use crate::vram::{VramReading, assert_vram_available};
+use crate::server::Server;
+use crate::sync::lock;
+use crate::vram::{
+    GpuId, NvidiaSmi, Visible, VramReading, VramRecovery, select, wait_for_recovery,
+};
 
 mod sealed {
     pub trait Sealed {}
@@ -45,19 +49,76 @@ pub struct VramOk {
     reading: VramReading,
 }
 
-/// The GPU lock is held.
+/// The GPU lock is held, and the GPU still had enough free VRAM once it was.
 #[derive(Debug)]
 pub struct Locked {
+    /// Taken under the lock: the baseline that VRAM must come back to after the server stops.
     reading: VramReading,
     guard: GpuGuard,
 }
 
-/// llama-server is running, healthy and proven ours. Field order is drop order: server, then lock.
+/// llama-server is running, healthy and proven ours. Field order is drop order: the running server
+/// (stopped, then VRAM waited for), then the lock.
 #[derive(Debug)]
 pub struct Healthy {
-    server: Server,
-    reading: VramReading,
+    running: Running,
     guard: GpuGuard,
+}
+
+/// The server and what its stop needs: the probe and the baseline to wait for VRAM against. Dropping
+/// it stops the server and waits for VRAM, so the guard beside it is released only after that.
+#[derive(Debug)]
+struct Running {
+    server: Server,
+    baseline: VramReading,
+    probe: NvidiaSmi,
+    stop_grace: Duration,
+    recovery_timeout: Duration,
+    /// Set by the first stop; drop does nothing after it.
+    stopped: bool,
+}
+
+impl Running {
+    fn stop(&mut self) -> ShutdownReport {
+        self.stopped = true;
+        let started = Instant::now();
+        let stopped = self.server.stop(self.stop_grace);
+        let took = started.elapsed();
+        ShutdownReport {
+            pid: self.server.pid(),
+            status: stopped.exit,
+            escalation: stopped.escalation,
+            left_running: stopped.left_running,
+            took,
+            vram: wait_for_recovery(&self.probe, &self.baseline, self.recovery_timeout),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !self.stopped {
+            self.stop();
+        }
+    }
+}
+
+/// How one stop of the server went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// The server's pid.
+    pub pid: u32,
+    /// Its exit code or signal; `None` if even SIGKILL did not end it (see `left_running`).
+    pub status: Option<ChildExit>,
+    /// How far the stop had to escalate.
+    pub escalation: Escalation,
+    /// Processes of the server's tree that SIGKILL and the bounded wait after it did not end.
+    pub left_running: Vec<Leftover>,
+    /// From the first signal to reaped.
+    pub took: Duration,
+    /// Whether free VRAM came back before the GPU lock was released.
+    pub vram: VramRecovery,
 }
 
 impl sealed::Sealed for Unchecked {}
@@ -106,9 +167,10 @@ impl Engine<Unchecked> {
         }
     }
 
-    /// Checks that the configured GPU has at least `min_vram_mib` free.
+    /// Checks that the configured GPU has at least `min_vram_mib` free (fail fast: it is checked
+    /// again once the lock is held).
     pub fn check_vram(self) -> Result<Engine<VramOk>, VramError> {
-        let reading = assert_vram_available(&self.config)?;
+        let reading = read_vram(&self.config, self.config.gpu(), &Visible::from_env())?;
         tracing::info!(
             gpu = reading.gpu,
             free_mib = reading.free_mib,
@@ -128,95 +190,139 @@ impl Engine<Unchecked> {
 
 impl Engine<VramOk> {
     /// The VRAM reading that passed the check.
-    pub fn vram(&self) -> VramReading {
-        self.state.reading
+    pub fn vram(&self) -> &VramReading {
+        &self.state.reading
     }
 
-    /// Takes the GPU lock, waiting as long as another holder keeps it.
+    /// Takes the GPU lock, waiting as long as another holder keeps it, then checks VRAM again: the
+    /// GPU may have filled up while we waited. That reading is the baseline VRAM must come back to.
     pub fn lock(self) -> Result<Engine<Locked>, LockError> {
-        let guard = gpu_lock(self.config.gpu)?;
-        Ok(self.locked(guard))
+        let guard = gpu_lock(self.state.reading.gpu)?;
+        self.locked(guard)
     }
 
-    /// Takes the GPU lock, waiting at most `timeout`.
+    /// Takes the GPU lock, waiting at most `timeout`, then checks VRAM again (as [`Engine::lock`]).
     pub fn try_lock_for(self, timeout: Duration) -> Result<Engine<Locked>, LockError> {
-        let guard = try_gpu_lock_for(self.config.gpu, timeout)?;
-        Ok(self.locked(guard))
+        let guard = try_gpu_lock_for(self.state.reading.gpu, timeout)?;
+        self.locked(guard)
     }
 
-    fn locked(self, guard: GpuGuard) -> Engine<Locked> {
+    /// Takes the GPU lock, waiting until it is free or `cancel` is set (then
+    /// [`LockError::Cancelled`] within about 20 ms), then checks VRAM again (as [`Engine::lock`]).
+    pub fn lock_cancellable(self, cancel: &AtomicBool) -> Result<Engine<Locked>, LockError> {
+        let guard = gpu_lock_cancellable(self.state.reading.gpu, cancel)?;
+        self.locked(guard)
+    }
+
+    fn locked(self, guard: GpuGuard) -> Result<Engine<Locked>, LockError> {
         tracing::info!(gpu = guard.gpu(), "GPU lock held");
-        Engine {
+        // The same physical GPU as the first check, whatever CUDA_VISIBLE_DEVICES says now.
+        let gpu = GpuId::Index(self.state.reading.gpu);
+        // On error the guard drops here, releasing the lock.
+        let reading =
+            read_vram(&self.config, &gpu, &Visible::All).map_err(LockError::VramUnderLock)?;
+        Ok(Engine {
             config: self.config,
-            state: Locked {
-                reading: self.state.reading,
-                guard,
-            },
-        }
+            state: Locked { reading, guard },
+        })
     }
 }
 
 impl Engine<Locked> {
-    /// The VRAM reading taken before the lock.
-    pub fn vram(&self) -> VramReading {
-        self.state.reading
+    /// The VRAM reading taken under the lock.
+    pub fn vram(&self) -> &VramReading {
+        &self.state.reading
     }
 
-    /// Starts llama-server and waits until it is healthy. On failure the child is stopped and reaped,
-    /// and the GPU lock released, before the error is returned.
+    /// Starts llama-server, showing it only the locked GPU, and waits until it is healthy. On failure
+    /// the server's tree is stopped and reaped, VRAM is waited for as after a normal stop, and the
+    /// GPU lock released, before the error is returned.
     pub fn start(self) -> Result<Engine<Healthy>, InferenceError> {
-        let server = Server::start(&self.config, self.state.reading)?;
+        self.start_with(None)
+    }
+
+    /// As [`Engine::start`], but setting `cancel` while the server loads stops it and returns
+    /// [`InferenceError::StartCancelled`] (checked at each health poll), with the same cleanup.
+    pub fn start_cancellable(self, cancel: &AtomicBool) -> Result<Engine<Healthy>, InferenceError> {
+        self.start_with(Some(cancel))
+    }
+
+    fn start_with(self, cancel: Option<&AtomicBool>) -> Result<Engine<Healthy>, InferenceError> {
+        let Locked { reading, guard } = self.state;
+        let visible = if reading.uuid.is_empty() {
+            reading.gpu.to_string()
+        } else {
+            reading.uuid.clone()
+        };
+        let server = match Server::start(&self.config, &visible, cancel) {
+            Ok(server) => server,
+            Err(e) => {
+                // A start that died of "CUDA error: out of memory" may still hold VRAM a moment.
+                let recovery = wait_for_recovery(
+                    &self.config.nvidia_smi(),
+                    &reading,
+                    self.config.vram_recovery_timeout(),
+                );
+                tracing::debug!(?recovery, "VRAM after the failed start");
+                drop(guard);
+                return Err(e);
+            }
+        };
+        let running = Running {
+            server,
+            baseline: reading,
+            probe: self.config.nvidia_smi(),
+            stop_grace: self.config.stop_grace(),
+            recovery_timeout: self.config.vram_recovery_timeout(),
+            stopped: false,
+        };
         Ok(Engine {
             config: self.config,
-            state: Healthy {
-                server,
-                reading: self.state.reading,
-                guard: self.state.guard,
-            },
+            state: Healthy { running, guard },
         })
     }
 }
 
 impl Engine<Healthy> {
-    /// The VRAM reading taken before the server started.
-    pub fn vram(&self) -> VramReading {
-        self.state.reading
+    /// The VRAM reading taken under the lock, before the server started.
+    pub fn vram(&self) -> &VramReading {
+        &self.state.running.baseline
     }
 
-    /// The GPU index held.
+    /// The GPU held (nvidia-smi index).
     pub fn gpu(&self) -> u32 {
         self.state.guard.gpu()
     }
 
     /// The port the server listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
-        self.state.server.port()
+        self.state.running.server.port()
     }
 
     /// `http://127.0.0.1:PORT`.
     pub fn base_url(&self) -> &str {
-        self.state.server.client().base_url()
+        self.state.running.server.client().base_url()
     }
 
     /// The server's API key (random per engine). Every endpoint but `/health` needs it as
     /// `Authorization: Bearer KEY`; for callers who talk to their server directly (`/metrics`, say).
     pub fn api_key(&self) -> &str {
-        self.state.server.api_key()
+        self.state.running.server.api_key()
     }
 
     /// The server's pid.
     pub fn pid(&self) -> u32 {
-        self.state.server.pid()
+        self.state.running.server.pid()
     }
 
     /// Describes one keyframe. The frame is checked before anything is sent; invalid answers are
-    /// retried up to `describe.retries` more times. Safe to call from several threads at once.
+    /// retried up to `retries` more times. Safe to call from several threads at once.
     pub fn describe(&self, frame: &KeyframeRecord) -> Result<SceneDescription, InferenceError> {
-        let server = &self.state.server;
+        let server = &self.state.running.server;
         if let Some(died) = server.death(Duration::ZERO) {
             return Err(died.for_frame(&frame.frame_path));
         }
-        describe_frame(server.client(), &self.config.describe, frame, &|wait| {
+        describe_frame(server.client(), self.config.describe(), frame, &|wait| {
             server.death(wait)
         })
     }
@@ -260,7 +366,7 @@ impl Engine<Healthy> {
                         if on_done(i, &result).is_break() {
                             stop.store(true, Ordering::Release);
                         }
-                        *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+                        *lock(&slots[i]) = Some(result);
                     }
                 });
             }
@@ -280,19 +386,31 @@ impl Engine<Healthy> {
             .collect()
     }
 
-    /// Stops the server (SIGTERM; a second SIGTERM at half the grace period; SIGKILL at its end),
-    /// reaps it, then releases the GPU lock. No request of this engine can be in flight here: they all
-    /// borrow the engine. Fails with [`InferenceError::ServerDied`] if the server had died before.
+    /// Stops the server's tree (SIGTERM; a second SIGTERM at half the grace period; SIGKILL at its
+    /// end, then a bounded wait), reaps it, waits for VRAM to come back, then releases the GPU lock.
+    /// No request of this engine can be in flight here: they all borrow the engine. Fails with
+    /// [`InferenceError::ServerDied`] if the server had died before.
     pub fn shutdown(self) -> Result<ShutdownReport, InferenceError> {
-        let died = self.state.server.death(Duration::ZERO);
-        let mut server = self.state.server;
-        let report = server.stop();
-        drop(server);
-        drop(self.state.guard);
-        tracing::info!(gpu = self.state.reading.gpu, "engine shut down");
+        let Healthy { mut running, guard } = self.state;
+        let died = running.server.death(Duration::ZERO);
+        let report = running.stop();
+        drop(running);
+        let gpu = guard.gpu();
+        drop(guard);
+        tracing::info!(gpu, "engine shut down");
         match died {
             Some(e) => Err(e),
             None => Ok(report),
         }
     }
+}
+
+/// Reads the probe the configuration names and chooses `gpu` among the `visible` GPUs.
+fn read_vram(
+    config: &EngineConfig,
+    gpu: &GpuId,
+    visible: &Visible,
+) -> Result<VramReading, VramError> {
+    let rows = config.nvidia_smi().query()?;
+    select(&rows, gpu, visible, config.min_vram_mib())
 }

@@ -3,6 +3,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::process::ChildExit;
+use crate::vram::{GpuId, Visible};
+
+/// A configuration value the engine cannot run with; built by [`crate::EngineConfigBuilder::build`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid engine configuration: {0}")]
+pub struct ConfigError(pub(crate) String);
+
 /// The free-VRAM pre-check failed: nvidia-smi could not be read, or the GPU has too little free memory.
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
@@ -33,8 +41,8 @@ pub enum VramError {
     Failed {
         /// The program that was run.
         program: PathBuf,
-        /// Its exit code or signal, in words.
-        status: String,
+        /// Its exit code or signal.
+        status: ChildExit,
         /// What it printed (stdout and stderr, trimmed and truncated).
         message: String,
     },
@@ -57,15 +65,19 @@ pub enum VramError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The configured GPU index is not among the GPUs nvidia-smi reported.
+    /// The configured GPU is not among the GPUs this process may use.
     #[error(
-        "GPU {gpu} not found: nvidia-smi reported {count} GPU(s) — choose a GPU index below {count}"
+        "GPU {gpu} not found: nvidia-smi reported {count} GPU(s) and this process may use {visible} — \
+         choose an index or UUID from `cinecut-infer check` (an index counts the GPUs in \
+         CUDA_VISIBLE_DEVICES when it is set)"
     )]
     NoSuchGpu {
-        /// The configured GPU index.
-        gpu: u32,
+        /// The configured GPU.
+        gpu: GpuId,
         /// How many GPUs nvidia-smi reported.
         count: usize,
+        /// What `CUDA_VISIBLE_DEVICES` allows.
+        visible: Visible,
     },
     /// The GPU has less free memory than the configured minimum.
     #[error(
@@ -73,7 +85,7 @@ pub enum VramError {
          programs or lower the minimum"
     )]
     Insufficient {
-        /// The GPU index that was checked.
+        /// The GPU (nvidia-smi index) that was checked.
         gpu: u32,
         /// Its free memory.
         free_mib: u64,
@@ -99,9 +111,18 @@ pub enum LockError {
         /// The lock file.
         path: PathBuf,
     },
+    /// The wait for the lock was cancelled (Ctrl-C, say) before the lock came free.
+    #[error("gave up waiting for the GPU {gpu} lock after {waited:?}: cancelled")]
+    Cancelled {
+        /// The GPU index.
+        gpu: u32,
+        /// How long we waited.
+        waited: Duration,
+    },
     /// The lock file or its folder could not be used.
     #[error(
-        "cannot use the GPU lock file {path}: {source} — set CINECUT_LOCK_DIR to a private folder"
+        "cannot use the GPU lock file {path}: {source} — check the folder, or set CINECUT_LOCK_DIR to \
+         a folder every GPU user on this machine can write"
     )]
     File {
         /// The lock file or folder.
@@ -110,15 +131,38 @@ pub enum LockError {
         #[source]
         source: std::io::Error,
     },
+    /// The lock folder is not safe to meet in (a symlink, or shared but not sticky, or private but
+    /// someone else's).
+    #[error("refusing the GPU lock folder {path}: {reason} — {fix}")]
+    UnsafeDir {
+        /// The folder.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+        /// What to do.
+        fix: String,
+    },
+    /// The GPU lock was taken, but the VRAM check made under it failed (the GPU filled up while we
+    /// waited for the lock, say); the lock was released again.
+    #[error("after taking the GPU lock: {0}")]
+    VramUnderLock(#[source] VramError),
 }
 
 /// Starting, talking to or stopping llama-server failed, or a frame could not be described.
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum InferenceError {
-    /// The configuration is unusable.
-    #[error("invalid engine configuration: {0}")]
-    Config(String),
+    /// The port could not be listened on for another reason than being taken.
+    #[error(
+        "cannot listen on 127.0.0.1:{port}: {source} — choose another port (0 picks a free one)"
+    )]
+    Listen {
+        /// The port.
+        port: u16,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The model or mmproj file does not exist.
     #[error(
         "{what} file not found: {path} — check the path (it is passed to llama-server as given)"
@@ -160,11 +204,14 @@ pub enum InferenceError {
     /// The child exited before it became healthy.
     #[error("llama-server exited during startup ({status}) — check model path and VRAM{}", tail_suffix(.output_tail))]
     ExitedDuringStartup {
-        /// Exit code or signal, in words.
-        status: String,
+        /// Exit code or signal.
+        status: ChildExit,
         /// The last lines the server printed.
         output_tail: String,
     },
+    /// The start was cancelled (Ctrl-C, say) while the server loaded; it was stopped and reaped.
+    #[error("llama-server's start was cancelled; the server was stopped")]
+    StartCancelled,
     /// The child did not become healthy in time; it was terminated and reaped.
     #[error(
         "llama-server did not become healthy within {timeout:?} (last health answer: {last_health}); it \
@@ -187,8 +234,8 @@ pub enum InferenceError {
     ServerDied {
         /// The frame being described when the death was found, if any.
         frame: Option<PathBuf>,
-        /// Exit code or signal, in words.
-        status: String,
+        /// Exit code or signal.
+        status: ChildExit,
         /// The last lines the server printed.
         output_tail: String,
     },
@@ -240,6 +287,18 @@ pub enum InferenceError {
         /// Each attempt's reason, with the raw text (truncated).
         attempts: Vec<String>,
     },
+    /// The request does not fit the slot's context: the same request would fail the same way, so it
+    /// is not retried.
+    #[error(
+        "frame {path}: {detail} — raise the context per slot (ctx_size, `--ctx-size`; the server gets \
+         ctx_size × slots), or lower max_tokens"
+    )]
+    ContextExhausted {
+        /// The frame's path.
+        path: PathBuf,
+        /// What the server said.
+        detail: String,
+    },
     /// The frame was not attempted because the caller stopped the batch.
     #[error("frame {path}: not described — the batch was stopped before it")]
     Cancelled {
@@ -247,7 +306,10 @@ pub enum InferenceError {
         path: PathBuf,
     },
     /// The log file (debug mode) could not be opened.
-    #[error("could not open the llama-server log {path}: {source}")]
+    #[error(
+        "could not open the llama-server log {path}: {source} — it must be a regular file (never a \
+         symlink) in a folder you can write"
+    )]
     LogFile {
         /// The log path.
         path: PathBuf,
@@ -287,6 +349,9 @@ fn tail_suffix(tail: &str) -> String {
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// The VRAM pre-check failed.
     #[error(transparent)]
     Vram(#[from] VramError),
@@ -296,16 +361,4 @@ pub enum EngineError {
     /// Starting or using the server failed.
     #[error(transparent)]
     Inference(#[from] InferenceError),
-}
-
-/// Truncates `text` to at most `max` bytes on a char boundary, marking the cut.
-pub(crate) fn truncate(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes in all)", &text[..end], text.len())
 }

@@ -1,28 +1,123 @@
-//! A supervised child process: spawned in its own process group, tied to our life with
-//! `PR_SET_PDEATHSIG`, its output drained into bounded buffers, its exit noticed the moment it happens.
+//! A supervised child process and everything it starts: spawned in its own process group, tied to
+//! our life with `PR_SET_PDEATHSIG`, its output drained into bounded buffers, its exit noticed the
+//! moment it happens, and its whole process tree stopped with it.
 //!
 //! One supervisor thread per child does the spawn and the reaping. That thread lives exactly as long
 //! as the child, which matters twice over:
 //! - `PR_SET_PDEATHSIG` fires when the *thread* that spawned the child exits, not the process. A child
 //!   spawned from a caller's short-lived thread would be killed when that thread ends; spawned from the
 //!   supervisor, it is killed only when our whole process dies (or after it has exited anyway).
-//! - The supervisor waits with `waitid(WNOWAIT)`, then reaps under the state lock. Whoever signals the
-//!   child checks under the same lock that it is not reaped yet, so a signal can never reach a recycled
-//!   pid.
+//! - The supervisor notices the exit with `waitid(WNOWAIT)` and reaps only when told to, under the
+//!   state lock. Whoever signals the child checks under the same lock that it is not reaped yet. An
+//!   unreaped child keeps its pid, and so the process group id, from being recycled: a signal can never
+//!   reach a stranger.
+//!
+//! The child may not be the whole story: a wrapper script that runs llama-server without `exec` leaves
+//! the server as a grandchild, which outlives the shell. So stopping keeps the (exited) leader
+//! unreaped until its process group is empty, signals the leader by pid too (it may have moved to
+//! another group), and sweeps the descendants that left the group: every process of the tree carries a
+//! random marker in its environment ([`TREE_MARKER`]), inherited across fork, exec, `setsid` and
+//! wrappers, and is signalled through a pidfd only after the marker was read from it.
 
 use std::collections::VecDeque;
+use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, mpsc};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
 
+use crate::sync::lock;
+
 /// How many bytes of each output stream are kept for error messages.
 pub(crate) const OUTPUT_RING_BYTES: usize = 64 * 1024;
+
+/// The environment variable that marks every process of a supervised tree (value: random, per child).
+pub const TREE_MARKER: &str = "CINECUT_ENGINE_TREE";
+
+/// How long stop waits after SIGKILL before it reports what is still there instead of waiting on.
+const AFTER_KILL_WAIT: Duration = Duration::from_secs(2);
+
+/// How often stop looks for the tree's remaining processes (there is no event for a grandchild's exit).
+const TREE_POLL: Duration = Duration::from_millis(5);
+
+/// How a child process ended: an exit code or a signal. Prints as "exit code 1" or
+/// "signal 9 (SIGKILL)".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChildExit {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal ended it.
+    Signal(i32),
+}
+
+impl ChildExit {
+    /// Whether it exited with code 0.
+    pub fn success(self) -> bool {
+        self == ChildExit::Code(0)
+    }
+
+    fn from_status(status: ExitStatus) -> ChildExit {
+        match (status.code(), status.signal()) {
+            (Some(code), _) => ChildExit::Code(code),
+            (None, Some(signal)) => ChildExit::Signal(signal),
+            (None, None) => ChildExit::Code(-1),
+        }
+    }
+}
+
+impl fmt::Display for ChildExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ChildExit::Code(code) => write!(f, "exit code {code}"),
+            ChildExit::Signal(sig) => write!(f, "signal {sig} ({})", signal_name(sig)),
+        }
+    }
+}
+
+/// How far a stop had to go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Escalation {
+    /// The process (and its tree) had already exited before the stop began.
+    AlreadyExited,
+    /// It exited after the first SIGTERM.
+    Term,
+    /// It needed a second SIGTERM (llama-server exits at once on the second).
+    SecondTerm,
+    /// It ignored both SIGTERMs and was SIGKILLed at the grace deadline.
+    Kill,
+}
+
+/// A process of the tree that was still there after SIGKILL and the bounded wait that follows it
+/// (uninterruptible sleep in a driver, say, or another user's process): reported, not waited for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leftover {
+    /// Its pid.
+    pub pid: u32,
+    /// Its state letter from `/proc/PID/stat` (`D`: uninterruptible sleep, `T`: stopped, …).
+    pub state: char,
+}
+
+impl fmt::Display for Leftover {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pid {} (state {})", self.pid, self.state)
+    }
+}
+
+/// How a stop went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Stopped {
+    /// The leader's exit; `None` if even SIGKILL did not end it within the bounded wait.
+    pub(crate) exit: Option<ChildExit>,
+    pub(crate) escalation: Escalation,
+    /// Processes of the tree still there at the end.
+    pub(crate) left_running: Vec<Leftover>,
+}
 
 /// A bounded byte buffer that keeps the newest bytes.
 #[derive(Default)]
@@ -31,8 +126,8 @@ pub(crate) struct Ring {
     dropped: u64,
 }
 
-impl std::fmt::Debug for Ring {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Debug for Ring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
             "Ring({} bytes kept, {} dropped)",
@@ -109,42 +204,44 @@ impl Output {
     }
 }
 
+/// The leader's life as the supervisor sees it.
 #[derive(Debug, Default)]
-struct ExitState {
-    status: Option<ExitStatus>,
+struct LeaderState {
+    /// Set the moment it exits (it stays unreaped until `reap` is asked for).
+    exit: Option<ChildExit>,
+    /// Asked for by stop/drop once nothing is left to signal.
+    reap: bool,
+    /// Done: from here on its pid may belong to anyone.
+    reaped: bool,
 }
+
+type Shared = Arc<(Mutex<LeaderState>, Condvar)>;
 
 /// A running (or finished) child process under supervision.
 #[derive(Debug)]
 pub(crate) struct SupervisedChild {
     pid: Pid,
-    exit: Arc<(Mutex<ExitState>, Condvar)>,
+    /// The value of [`TREE_MARKER`] in the tree's environment; `None`: only the leader matters.
+    marker: Option<String>,
+    state: Shared,
     output: Arc<Output>,
     threads: Vec<JoinHandle<()>>,
 }
 
-/// How a stop ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Escalation {
-    /// The process had already exited before the stop began.
-    AlreadyExited,
-    /// It exited after the first SIGTERM.
-    Term,
-    /// It needed a second SIGTERM (llama-server exits at once on the second).
-    SecondTerm,
-    /// It ignored both SIGTERMs and was SIGKILLed at the grace deadline.
-    Kill,
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl SupervisedChild {
     /// Spawns `command` in its own process group with piped output drained into `output` rings (and
-    /// copied to `log` when given). Stdin is closed.
-    pub(crate) fn spawn(mut command: Command, log: Option<File>) -> io::Result<SupervisedChild> {
+    /// copied to `log` when given). Stdin is closed. With `whole_tree`, every process the child starts
+    /// is marked and stopped with it; without, the child is reaped as soon as it exits (for a probe
+    /// such as nvidia-smi, which starts nothing that outlives it).
+    pub(crate) fn spawn(
+        mut command: Command,
+        log: Option<File>,
+        whole_tree: bool,
+    ) -> io::Result<SupervisedChild> {
+        let marker = whole_tree.then(crate::random::hex128);
+        if let Some(marker) = &marker {
+            command.env(TREE_MARKER, marker);
+        }
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -164,12 +261,12 @@ impl SupervisedChild {
             });
         }
 
-        let exit = Arc::new((Mutex::new(ExitState::default()), Condvar::new()));
+        let state: Shared = Arc::new((Mutex::new(LeaderState::default()), Condvar::new()));
         let (spawned_tx, spawned_rx) = mpsc::channel();
-        let supervisor_exit = Arc::clone(&exit);
+        let supervisor_state = Arc::clone(&state);
         let supervisor = thread::Builder::new()
             .name("child-supervisor".into())
-            .spawn(move || supervise(command, spawned_tx, supervisor_exit))?;
+            .spawn(move || supervise(command, spawned_tx, supervisor_state, whole_tree))?;
 
         let (pid, stdout, stderr) = match spawned_rx.recv() {
             Ok(Ok(spawned)) => spawned,
@@ -187,37 +284,30 @@ impl SupervisedChild {
 
         let output = Arc::new(Output::default());
         let log = log.map(|f| Arc::new(Mutex::new(f)));
-        let mut threads = vec![supervisor];
+        let mut child = SupervisedChild {
+            pid,
+            marker,
+            state,
+            output,
+            threads: vec![supervisor],
+        };
         for (reader, is_stderr) in [
             (Box::new(stdout) as Box<dyn Read + Send>, false),
             (Box::new(stderr), true),
         ] {
-            let drain_output = Arc::clone(&output);
+            let drain_output = Arc::clone(&child.output);
             let log = log.clone();
             let drain = thread::Builder::new()
                 .name("child-output".into())
                 .spawn(move || drain(reader, &drain_output, is_stderr, log.as_deref()));
             match drain {
-                Ok(handle) => threads.push(handle),
-                Err(e) => {
-                    // Without a reader the child could block on a full pipe: do not let it run.
-                    let child = SupervisedChild {
-                        pid,
-                        exit,
-                        output,
-                        threads,
-                    };
-                    child.kill_and_wait();
-                    return Err(e);
-                }
+                Ok(handle) => child.threads.push(handle),
+                // Without a reader the child could block on a full pipe: do not let it run (drop
+                // stops it).
+                Err(e) => return Err(e),
             }
         }
-        Ok(SupervisedChild {
-            pid,
-            exit,
-            output,
-            threads,
-        })
+        Ok(child)
     }
 
     /// The child's pid (also its process group id).
@@ -230,89 +320,164 @@ impl SupervisedChild {
         &self.output
     }
 
-    /// The exit status, if the child has exited (and been reaped).
-    pub(crate) fn status(&self) -> Option<ExitStatus> {
-        lock(&self.exit.0).status
+    /// How the child ended, if it has.
+    pub(crate) fn status(&self) -> Option<ChildExit> {
+        lock(&self.state.0).exit
     }
 
     /// Waits up to `timeout` for the child to exit; returns at once when it does.
-    pub(crate) fn wait_timeout(&self, timeout: Duration) -> Option<ExitStatus> {
-        let (state, cvar) = &*self.exit;
+    pub(crate) fn wait_timeout(&self, timeout: Duration) -> Option<ChildExit> {
+        let (state, cvar) = &*self.state;
         let guard = lock(state);
         let (guard, _) = cvar
-            .wait_timeout_while(guard, timeout, |s| s.status.is_none())
+            .wait_timeout_while(guard, timeout, |s| s.exit.is_none())
             .unwrap_or_else(PoisonError::into_inner);
-        guard.status
+        guard.exit
     }
 
-    /// Waits for the child to exit.
-    pub(crate) fn wait(&self) -> ExitStatus {
-        let (state, cvar) = &*self.exit;
-        let guard = lock(state);
-        let guard = cvar
-            .wait_while(guard, |s| s.status.is_none())
-            .unwrap_or_else(PoisonError::into_inner);
-        guard
-            .status
-            .expect("wait_while returns once a status is set")
-    }
-
-    /// Sends `signal` to the child's process group unless the child has already been reaped.
-    /// Returns whether the signal was sent.
-    pub(crate) fn signal_group(&self, signal: Signal) -> bool {
-        let guard = lock(&self.exit.0);
-        if guard.status.is_some() {
-            return false;
+    /// Sends `signal` to the leader (by pid: it may have left its group), its process group, and
+    /// every marked process of its tree, unless the leader has been reaped.
+    fn signal_tree(&self, signal: Signal) {
+        {
+            let guard = lock(&self.state.0);
+            if guard.reaped {
+                return;
+            }
+            // Holding the lock keeps the supervisor from reaping, so the pid and group id are ours.
+            if guard.exit.is_none() {
+                let _ = rustix::process::kill_process(self.pid, signal);
+            }
+            let _ = rustix::process::kill_process_group(self.pid, signal);
         }
-        // Holding the lock keeps the supervisor from reaping, so the group id is still ours.
-        rustix::process::kill_process_group(self.pid, signal).is_ok()
-    }
-
-    /// SIGKILLs the group and waits for the exit.
-    pub(crate) fn kill_and_wait(&self) -> ExitStatus {
-        self.signal_group(Signal::KILL);
-        self.wait()
-    }
-
-    /// Stops the child: SIGTERM, wait half the grace period, SIGTERM again (llama-server exits at once
-    /// on the second), wait out the grace period, then SIGKILL. Returns the status and how far it went.
-    pub(crate) fn stop(&self, grace: Duration) -> (ExitStatus, Escalation) {
-        if let Some(status) = self.status() {
-            return (status, Escalation::AlreadyExited);
+        if let Some(marker) = &self.marker {
+            for pid in marked_processes(marker) {
+                signal_if_marked(pid, marker, signal);
+            }
         }
-        let deadline = Instant::now() + grace;
-        self.signal_group(Signal::TERM);
-        if let Some(status) = self.wait_timeout(grace / 2) {
-            return (status, Escalation::Term);
+    }
+
+    /// The processes of the tree still alive (zombies excluded): the leader's group and the marked ones.
+    fn remaining(&self) -> Vec<Leftover> {
+        let leader = self.pid();
+        let mut left = Vec::new();
+        if let Some(state) = process_state(leader)
+            && state != 'Z'
+        {
+            left.push(Leftover { pid: leader, state });
+        }
+        if self.marker.is_none() {
+            return left;
+        }
+        for entry in proc_pids() {
+            if entry == leader {
+                continue;
+            }
+            let Some((state, pgrp)) = stat_state_and_group(entry) else {
+                continue;
+            };
+            let marked = self.marker.as_deref().is_some_and(|m| has_marker(entry, m));
+            if state != 'Z' && (pgrp == leader || marked) {
+                left.push(Leftover { pid: entry, state });
+            }
+        }
+        left
+    }
+
+    /// Waits until the leader has exited and the rest of its tree is gone, or `deadline`.
+    fn wait_tree_until(&self, deadline: Instant) -> bool {
+        loop {
+            let exited = self.status().is_some();
+            if exited && self.remaining().is_empty() {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            if exited {
+                thread::sleep(TREE_POLL.min(left));
+            } else {
+                self.wait_timeout(TREE_POLL.min(left));
+            }
+        }
+    }
+
+    /// SIGKILLs the tree and waits (at most `wait`) for it to go.
+    pub(crate) fn kill_and_wait(&self, wait: Duration) -> Stopped {
+        self.signal_tree(Signal::KILL);
+        let gone = self.wait_tree_until(Instant::now() + wait);
+        self.finish(Escalation::Kill, gone)
+    }
+
+    /// Stops the child and its tree: SIGTERM, wait half the grace period, SIGTERM again (llama-server
+    /// exits at once on the second), wait out the grace period, then SIGKILL and a bounded wait. Every
+    /// wait is bounded: what even SIGKILL did not end is reported, not waited for.
+    pub(crate) fn stop(&self, grace: Duration) -> Stopped {
+        let started = Instant::now();
+        if self.status().is_some() && self.remaining().is_empty() {
+            return self.finish(Escalation::AlreadyExited, true);
+        }
+        self.signal_tree(Signal::TERM);
+        if self.wait_tree_until(started + grace / 2) {
+            return self.finish(Escalation::Term, true);
         }
         tracing::warn!(
             pid = self.pid(),
             "llama-server ignored SIGTERM; sending a second one"
         );
-        self.signal_group(Signal::TERM);
-        if let Some(status) = self.wait_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            return (status, Escalation::SecondTerm);
+        self.signal_tree(Signal::TERM);
+        if self.wait_tree_until(started + grace) {
+            return self.finish(Escalation::SecondTerm, true);
         }
         tracing::warn!(
             pid = self.pid(),
             ?grace,
             "llama-server outlived the grace period; SIGKILL"
         );
-        (self.kill_and_wait(), Escalation::Kill)
+        self.kill_and_wait(AFTER_KILL_WAIT)
+    }
+
+    /// Lets the supervisor reap the leader (if it has exited) and says how the stop went.
+    fn finish(&self, escalation: Escalation, gone: bool) -> Stopped {
+        let left_running = if gone { Vec::new() } else { self.remaining() };
+        if !left_running.is_empty() {
+            let list: Vec<String> = left_running.iter().map(Leftover::to_string).collect();
+            tracing::error!(pid = self.pid(), left = %list.join(", "), "processes of the server's tree could not be stopped");
+        }
+        let (state, cvar) = &*self.state;
+        let mut guard = lock(state);
+        let exit = guard.exit;
+        if exit.is_some() {
+            guard.reap = true;
+            cvar.notify_all();
+            // The supervisor reaps at once; wait for it so that no zombie outlives the stop.
+            let (_guard, _) = cvar
+                .wait_timeout_while(guard, Duration::from_secs(1), |s| !s.reaped)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        Stopped {
+            exit,
+            escalation,
+            left_running,
+        }
     }
 }
 
 impl Drop for SupervisedChild {
     fn drop(&mut self) {
-        if self.status().is_none() {
-            self.kill_and_wait();
+        let reaped = lock(&self.state.0).reaped;
+        if !reaped {
+            self.kill_and_wait(AFTER_KILL_WAIT);
         }
-        // The supervisor ends right after reaping; the drains at EOF. A grandchild that left the group
-        // could hold a pipe open forever, so the drains get a bounded time and are detached after it.
+        // The supervisor ends right after reaping; the drains at EOF. A descendant that escaped could
+        // hold a pipe open forever, so the drains get a bounded time and are detached after it. A
+        // leader that even SIGKILL did not end is detached with its supervisor.
         let closed = self.output.wait_closed(Duration::from_secs(1));
+        let reaped = lock(&self.state.0).reaped;
         let mut threads = self.threads.drain(..);
-        if let Some(supervisor) = threads.next() {
+        if let Some(supervisor) = threads.next()
+            && reaped
+        {
             let _ = supervisor.join();
         }
         if closed {
@@ -328,7 +493,8 @@ type Spawned = (Pid, std::process::ChildStdout, std::process::ChildStderr);
 fn supervise(
     mut command: Command,
     spawned: mpsc::Sender<io::Result<Spawned>>,
-    exit: Arc<(Mutex<ExitState>, Condvar)>,
+    state: Shared,
+    whole_tree: bool,
 ) {
     let mut child = match command.spawn() {
         Ok(child) => child,
@@ -346,17 +512,34 @@ fn supervise(
     };
     let _ = spawned.send(Ok((pid, stdout, stderr)));
 
-    // Wait for the exit without reaping, so the pid stays reserved while others may signal it.
-    while let Err(rustix::io::Errno::INTR) = rustix::process::waitid(
-        WaitId::Pid(pid),
-        WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
-    ) {}
-    let (state, cvar) = &*exit;
-    let mut guard = lock(state);
-    let status = child
-        .wait()
-        .unwrap_or_else(|_| ExitStatus::from_raw(0x7f00));
-    guard.status = Some(status);
+    // Notice the exit without reaping, so the pid (and group id) stays reserved while others signal.
+    let exit = loop {
+        match rustix::process::waitid(
+            WaitId::Pid(pid),
+            WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
+        ) {
+            Err(rustix::io::Errno::INTR) => continue,
+            Ok(Some(info)) => {
+                break match (info.exit_status(), info.terminating_signal()) {
+                    (Some(code), _) => ChildExit::Code(code),
+                    (None, Some(signal)) => ChildExit::Signal(signal),
+                    (None, None) => ChildExit::Code(-1),
+                };
+            }
+            _ => break ChildExit::Code(-1),
+        }
+    };
+    let (shared, cvar) = &*state;
+    let mut guard = lock(shared);
+    guard.exit = Some(exit);
+    guard.reap |= !whole_tree;
+    cvar.notify_all();
+    let mut guard = cvar
+        .wait_while(guard, |s| !s.reap)
+        .unwrap_or_else(PoisonError::into_inner);
+    let status = child.wait().map(ChildExit::from_status).unwrap_or(exit);
+    guard.exit = Some(status);
+    guard.reaped = true;
     cvar.notify_all();
 }
 
@@ -389,14 +572,61 @@ fn drain(
     output.mark_closed();
 }
 
-/// An exit status in words: "exit code 1" or "signal 9 (SIGKILL)".
-pub(crate) fn describe_status(status: ExitStatus) -> String {
-    if let Some(code) = status.code() {
-        return format!("exit code {code}");
-    }
-    match status.signal() {
-        Some(sig) => format!("signal {sig} ({})", signal_name(sig)),
-        None => format!("{status}"),
+/// Every pid in /proc.
+fn proc_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// The state letter and process group of `pid`, from `/proc/PID/stat`.
+fn stat_state_and_group(pid: u32) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: the fields start after the last ')'.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let _ppid = fields.next()?;
+    let pgrp = fields.next()?.parse().ok()?;
+    Some((state, pgrp))
+}
+
+fn process_state(pid: u32) -> Option<char> {
+    stat_state_and_group(pid).map(|(state, _)| state)
+}
+
+/// Whether `/proc/PID/environ` holds `TREE_MARKER=marker`.
+fn has_marker(pid: u32, marker: &str) -> bool {
+    let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    let wanted = format!("{TREE_MARKER}={marker}");
+    environ
+        .split(|b| *b == 0)
+        .any(|entry| entry == wanted.as_bytes())
+}
+
+/// The live processes whose environment carries `marker`.
+fn marked_processes(marker: &str) -> Vec<u32> {
+    proc_pids()
+        .into_iter()
+        .filter(|pid| has_marker(*pid, marker))
+        .collect()
+}
+
+/// Signals `pid` through a pidfd opened *before* its marker is checked, so that a pid recycled in
+/// between is never hit: the pidfd keeps naming the process it was opened for.
+fn signal_if_marked(pid: u32, marker: &str, signal: Signal) {
+    let Some(pid_value) = Pid::from_raw(pid as i32) else {
+        return;
+    };
+    let Ok(pidfd) = rustix::process::pidfd_open(pid_value, rustix::process::PidfdFlags::empty())
+    else {
+        return;
+    };
+    if has_marker(pid, marker) {
+        let _ = rustix::process::pidfd_send_signal(&pidfd, signal);
     }
 }
 
@@ -432,12 +662,24 @@ mod tests {
     }
 
     #[test]
+    fn exits_print_as_the_engine_always_wrote_them() {
+        assert_eq!(ChildExit::Code(1).to_string(), "exit code 1");
+        assert_eq!(ChildExit::Signal(6).to_string(), "signal 6 (SIGABRT)");
+        assert!(ChildExit::Code(0).success());
+        assert!(!ChildExit::Signal(15).success());
+    }
+
+    #[test]
     fn exit_of_child_is_noticed_and_reaped() {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo out; echo err >&2; exit 3"]);
-        let child = SupervisedChild::spawn(cmd, None).unwrap();
-        let status = child.wait();
-        assert_eq!(status.code(), Some(3));
+        let child = SupervisedChild::spawn(cmd, None, true).unwrap();
+        assert_eq!(
+            child.wait_timeout(Duration::from_secs(10)),
+            Some(ChildExit::Code(3))
+        );
+        let stopped = child.stop(Duration::from_secs(1));
+        assert_eq!(stopped.escalation, Escalation::AlreadyExited);
         let pid = child.pid;
         drop(child);
         // Reaped: no zombie, no process.
@@ -451,13 +693,37 @@ mod tests {
             "-c",
             "trap '' TERM; echo ready; while :; do sleep 0.01; done",
         ]);
-        let child = SupervisedChild::spawn(cmd, None).unwrap();
+        let child = SupervisedChild::spawn(cmd, None, true).unwrap();
         // Wait until the trap is installed (the shell printed after setting it).
         wait_for_output(&child, "ready");
-        let (status, escalation) = child.stop(Duration::from_millis(200));
-        assert_eq!(escalation, Escalation::Kill);
-        assert_eq!(status.signal(), Some(9));
-        assert_eq!(describe_status(status), "signal 9 (SIGKILL)");
+        let stopped = child.stop(Duration::from_millis(200));
+        assert_eq!(stopped.escalation, Escalation::Kill);
+        assert_eq!(stopped.exit, Some(ChildExit::Signal(9)));
+        assert!(stopped.left_running.is_empty(), "{stopped:?}");
+    }
+
+    #[test]
+    fn a_grandchild_that_left_the_group_is_stopped_with_the_tree() {
+        // The shell starts a grandchild in a new session (out of our process group), prints its pid
+        // and exits: only the marker still ties the grandchild to us.
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "setsid sh -c 'trap \"\" TERM; while :; do sleep 0.01; done' & echo $!; exit 0",
+        ]);
+        let child = SupervisedChild::spawn(cmd, None, true).unwrap();
+        wait_for_output(&child, "\n");
+        let grandchild: u32 = lock(&child.output.stdout).text().trim().parse().unwrap();
+        let stopped = child.stop(Duration::from_millis(200));
+        assert!(stopped.left_running.is_empty(), "{stopped:?}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while process_state(grandchild).is_some_and(|s| s != 'Z') {
+            assert!(
+                Instant::now() < deadline,
+                "grandchild {grandchild} outlived the stop"
+            );
+            thread::yield_now();
+        }
     }
 
     /// Waits (bounded) until the child has printed `needle` on stdout: the child's own signal that it
@@ -474,8 +740,8 @@ mod tests {
     fn output_tail_holds_the_last_lines() {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "for i in 1 2 3 4 5; do echo line$i >&2; done"]);
-        let child = SupervisedChild::spawn(cmd, None).unwrap();
-        child.wait();
+        let child = SupervisedChild::spawn(cmd, None, false).unwrap();
+        child.wait_timeout(Duration::from_secs(10)).unwrap();
         assert!(child.output().wait_closed(Duration::from_secs(5)));
         assert_eq!(child.output().tail(2), "line4\nline5");
     }

@@ -1,40 +1,210 @@
-//! The free-VRAM pre-check: ask nvidia-smi, parse one line per GPU, select the configured GPU.
+//! Free VRAM: the nvidia-smi probe ([`NvidiaSmi`]), its parsed rows ([`GpuRow`]), the choice of GPU
+//! ([`select`], a pure function that honours `CUDA_VISIBLE_DEVICES`), and the wait for VRAM to come
+//! back after a server stopped ([`wait_for_recovery`]).
+//!
+//! Nothing here knows the engine's configuration: the probe is a value holding only the program and
+//! its timeout, and everything else is a function over its rows.
 
+use std::fmt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use crate::config::EngineConfig;
-use crate::error::{VramError, truncate};
-use crate::process::{SupervisedChild, describe_status};
+use crate::error::VramError;
+use crate::process::SupervisedChild;
+use crate::sync::lock;
+use crate::text::truncate;
 
 /// The least free VRAM (MiB) the engine starts with by default: LLaVA 1.5-7B Q4 plus its context.
 pub const VRAM_MINIMUM_MIB: u64 = 6144;
 
-/// The arguments the engine passes to nvidia-smi (the seed's query).
-pub const NVIDIA_SMI_QUERY: [&str; 2] =
-    ["--query-gpu=memory.free", "--format=csv,noheader,nounits"];
+/// The arguments the engine passes to nvidia-smi: the seed's `memory.free` query, with each GPU's
+/// index and UUID so that a GPU can be named either way and `CUDA_VISIBLE_DEVICES` can be mapped.
+pub const NVIDIA_SMI_QUERY: [&str; 2] = [
+    "--query-gpu=index,uuid,memory.free",
+    "--format=csv,noheader,nounits",
+];
 
 /// The largest free-memory value taken as real (16 TiB): anything above is a broken reading.
 pub const MAX_PLAUSIBLE_MIB: u64 = 16 * 1024 * 1024;
 
-/// A VRAM reading of one GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a GPU is named: an index or a UUID (`GPU-…`, as nvidia-smi and `CUDA_VISIBLE_DEVICES` write it).
+///
+/// An index counts the GPUs this process may use: with `CUDA_VISIBLE_DEVICES` set (by a scheduler,
+/// say), index 0 is the first GPU it lists, as for every CUDA program; without it, the nvidia-smi index.
+///
+/// ```
+/// use engine_core::GpuId;
+/// assert_eq!("1".parse::<GpuId>().unwrap(), GpuId::Index(1));
+/// assert_eq!("GPU-5eed".parse::<GpuId>().unwrap(), GpuId::Uuid("GPU-5eed".into()));
+/// assert!("first".parse::<GpuId>().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum GpuId {
+    /// The n-th GPU this process may use.
+    Index(u32),
+    /// The GPU with this UUID.
+    Uuid(String),
+}
+
+impl From<u32> for GpuId {
+    fn from(index: u32) -> Self {
+        GpuId::Index(index)
+    }
+}
+
+impl FromStr for GpuId {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if let Ok(index) = text.parse::<u32>() {
+            return Ok(GpuId::Index(index));
+        }
+        if text.starts_with("GPU-") || text.starts_with("MIG-") {
+            return Ok(GpuId::Uuid(text.to_string()));
+        }
+        Err(format!(
+            "{text:?} is not a GPU: give an index (0, 1, …) or a UUID (GPU-…, see `nvidia-smi -L`)"
+        ))
+    }
+}
+
+impl fmt::Display for GpuId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GpuId::Index(i) => write!(f, "{i}"),
+            GpuId::Uuid(u) => f.write_str(u),
+        }
+    }
+}
+
+/// One GPU line of nvidia-smi's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuRow {
+    /// The nvidia-smi index (the line's position when the line is unreadable).
+    pub index: u32,
+    /// The GPU's UUID (empty when the line is unreadable).
+    pub uuid: String,
+    /// Free memory in MiB, or why it could not be read.
+    pub free_mib: Result<u64, String>,
+}
+
+/// A chosen GPU and its free VRAM.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VramReading {
-    /// The GPU index (nvidia-smi order).
+    /// The nvidia-smi index: the GPU lock is taken on it.
     pub gpu: u32,
+    /// The UUID: the server is shown only this GPU (`CUDA_VISIBLE_DEVICES`).
+    pub uuid: String,
     /// Free memory in MiB.
     pub free_mib: u64,
 }
 
-/// Parses one line of `memory.free` output (`nounits`): a plain decimal number of MiB.
+/// The nvidia-smi program and how long it may take: the VRAM probe.
+///
+/// ```no_run
+/// use engine_core::vram::NvidiaSmi;
+/// for row in NvidiaSmi::from_env().query()? {
+///     println!("GPU {} ({}): {:?} MiB free", row.index, row.uuid, row.free_mib);
+/// }
+/// # Ok::<(), engine_core::VramError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NvidiaSmi {
+    program: PathBuf,
+    timeout: Duration,
+}
+
+impl NvidiaSmi {
+    /// The seed's timeout for one query.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// A probe that runs `program`, killing it after `timeout`.
+    pub fn new(program: impl Into<PathBuf>, timeout: Duration) -> Self {
+        NvidiaSmi {
+            program: program.into(),
+            timeout,
+        }
+    }
+
+    /// `$NVIDIA_SMI` if set, else `nvidia-smi` on PATH, with the seed's 10 s timeout.
+    pub fn from_env() -> Self {
+        let program = std::env::var_os("NVIDIA_SMI")
+            .filter(|v| !v.is_empty())
+            .map_or_else(|| PathBuf::from("nvidia-smi"), PathBuf::from);
+        NvidiaSmi::new(program, Self::DEFAULT_TIMEOUT)
+    }
+
+    /// The program run.
+    pub fn program(&self) -> &Path {
+        &self.program
+    }
+
+    /// How long one query may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Runs nvidia-smi with [`NVIDIA_SMI_QUERY`] and returns one row per GPU. A hung nvidia-smi is
+    /// killed and reaped when the timeout ends.
+    pub fn query(&self) -> Result<Vec<GpuRow>, VramError> {
+        let program = &self.program;
+        let started = Instant::now();
+        let mut command = Command::new(program);
+        command.args(NVIDIA_SMI_QUERY);
+        let child = SupervisedChild::spawn(command, None, false).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                VramError::NotInstalled {
+                    program: program.clone(),
+                }
+            } else {
+                VramError::Spawn {
+                    program: program.clone(),
+                    source,
+                }
+            }
+        })?;
+        let Some(status) = child.wait_timeout(self.timeout) else {
+            child.kill_and_wait(self.timeout);
+            return Err(VramError::Timeout {
+                program: program.clone(),
+                timeout: self.timeout,
+            });
+        };
+        // The drains finish right after the exit; a grandchild holding the pipe must not stall us.
+        child.output().wait_closed(self.timeout);
+        let stdout = lock(&child.output().stdout);
+        tracing::debug!(elapsed = ?started.elapsed(), %status, "nvidia-smi answered");
+        if !status.success() {
+            let stderr = lock(&child.output().stderr).text();
+            let message = format!("{} {}", stdout.text().trim(), stderr.trim());
+            return Err(VramError::Failed {
+                program: program.clone(),
+                status,
+                message: truncate(message.trim(), 500),
+            });
+        }
+        if stdout.truncated() {
+            return Err(VramError::Unparsable {
+                text: truncate(&stdout.text(), 200),
+                reason: "output larger than 64 KiB".into(),
+            });
+        }
+        parse_rows(&stdout.text())
+    }
+}
+
+/// Parses one `memory.free` value (`nounits`): a plain decimal number of MiB.
 ///
 /// ```
-/// use engine_core::parse_free_mib_line;
-/// assert_eq!(parse_free_mib_line(" 24564 "), Ok(24564));
-/// assert!(parse_free_mib_line("[N/A]").unwrap_err().contains("N/A"));
+/// use engine_core::vram::parse_free_mib;
+/// assert_eq!(parse_free_mib(" 24564 "), Ok(24564));
+/// assert!(parse_free_mib("[N/A]").unwrap_err().contains("N/A"));
 /// ```
-pub fn parse_free_mib_line(line: &str) -> Result<u64, String> {
-    let value = line.trim();
+pub fn parse_free_mib(value: &str) -> Result<u64, String> {
+    let value = value.trim();
     if value.is_empty() {
         return Err("empty value".into());
     }
@@ -64,110 +234,192 @@ pub fn parse_free_mib_line(line: &str) -> Result<u64, String> {
     }
 }
 
-/// Parses nvidia-smi's whole output: one result per GPU line, in index order. Blank lines are
-/// skipped; output with no GPU line at all is an error.
-pub fn parse_free_mib(text: &str) -> Result<Vec<Result<u64, String>>, VramError> {
-    let per_gpu: Vec<Result<u64, String>> = text
+/// Parses nvidia-smi's answer to [`NVIDIA_SMI_QUERY`]: one `index, uuid, free` line per GPU, in index
+/// order. Blank lines are skipped; a line of another shape is kept as a row whose `free_mib` says
+/// what is wrong (it matters only if that GPU is chosen); no GPU line at all is an error.
+pub fn parse_rows(text: &str) -> Result<Vec<GpuRow>, VramError> {
+    let rows: Vec<GpuRow> = text
         .lines()
         .filter(|line| !line.trim().is_empty())
-        .map(parse_free_mib_line)
+        .enumerate()
+        .map(|(position, line)| parse_row(position as u32, line))
         .collect();
-    if per_gpu.is_empty() {
+    if rows.is_empty() {
         return Err(VramError::Unparsable {
             text: truncate(text, 200),
             reason: "nvidia-smi printed no GPU line".into(),
         });
     }
-    Ok(per_gpu)
+    Ok(rows)
 }
 
-/// Runs nvidia-smi (the configured program) with the seed's query and the configured timeout, and
-/// returns one result per GPU. A hung nvidia-smi is killed and reaped.
-pub fn query_free_mib(config: &EngineConfig) -> Result<Vec<Result<u64, String>>, VramError> {
-    let program = config.resolved_nvidia_smi();
-    let started = Instant::now();
-    let mut command = Command::new(&program);
-    command.args(NVIDIA_SMI_QUERY);
-    let child = SupervisedChild::spawn(command, None).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::NotFound {
-            VramError::NotInstalled {
-                program: program.clone(),
-            }
-        } else {
-            VramError::Spawn {
-                program: program.clone(),
-                source,
-            }
+fn parse_row(position: u32, line: &str) -> GpuRow {
+    let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+    match fields[..] {
+        [index, uuid, free] => GpuRow {
+            index: index.parse().unwrap_or(position),
+            uuid: uuid.to_string(),
+            free_mib: parse_free_mib(free),
+        },
+        _ => GpuRow {
+            index: position,
+            uuid: String::new(),
+            free_mib: Err(format!(
+                "line {:?} is not `index, uuid, memory.free`",
+                truncate(line.trim(), 120)
+            )),
+        },
+    }
+}
+
+/// The GPUs this process may use: `CUDA_VISIBLE_DEVICES` as CUDA reads it, or all of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Visible {
+    /// `CUDA_VISIBLE_DEVICES` is not set: every GPU nvidia-smi lists, by nvidia-smi index.
+    All,
+    /// `CUDA_VISIBLE_DEVICES` lists these entries (indices or UUIDs, in order), up to the first one
+    /// that is not a device, as CUDA stops there too.
+    Listed(Vec<String>),
+}
+
+impl Visible {
+    /// This process's `CUDA_VISIBLE_DEVICES`.
+    pub fn from_env() -> Visible {
+        Visible::parse(std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref())
+    }
+
+    /// Reads a `CUDA_VISIBLE_DEVICES` value (`None`: unset).
+    ///
+    /// ```
+    /// use engine_core::vram::Visible;
+    /// assert_eq!(Visible::parse(None), Visible::All);
+    /// assert_eq!(Visible::parse(Some("2, GPU-ab,-1,3")), Visible::Listed(vec!["2".into(), "GPU-ab".into()]));
+    /// ```
+    pub fn parse(value: Option<&str>) -> Visible {
+        let Some(value) = value else {
+            return Visible::All;
+        };
+        let entries = value
+            .split(',')
+            .map(str::trim)
+            .take_while(|e| {
+                e.parse::<u32>().is_ok() || e.starts_with("GPU-") || e.starts_with("MIG-")
+            })
+            .map(String::from)
+            .collect();
+        Visible::Listed(entries)
+    }
+}
+
+impl fmt::Display for Visible {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Visible::All => f.write_str("all GPUs"),
+            Visible::Listed(list) => write!(f, "CUDA_VISIBLE_DEVICES={}", list.join(",")),
         }
-    })?;
-    let Some(status) = child.wait_timeout(config.vram_query_timeout) else {
-        child.kill_and_wait();
-        return Err(VramError::Timeout {
-            program,
-            timeout: config.vram_query_timeout,
-        });
-    };
-    // The drains finish right after the exit; a grandchild holding the pipe must not stall us.
-    child.output().wait_closed(config.vram_query_timeout);
-    let stdout = crate::process::lock(&child.output().stdout);
-    tracing::debug!(elapsed = ?started.elapsed(), %status, "nvidia-smi answered");
-    if !status.success() {
-        let stderr = crate::process::lock(&child.output().stderr).text();
-        let message = format!("{} {}", stdout.text().trim(), stderr.trim());
-        return Err(VramError::Failed {
-            program,
-            status: describe_status(status),
-            message: truncate(message.trim(), 500),
-        });
     }
-    if stdout.truncated() {
-        return Err(VramError::Unparsable {
-            text: truncate(&stdout.text(), 200),
-            reason: "output larger than 64 KiB".into(),
-        });
-    }
-    parse_free_mib(&stdout.text())
 }
 
-/// Free VRAM of the configured GPU, in MiB (the seed's `check_vram_free_mib`).
-pub fn check_vram_free_mib(config: &EngineConfig) -> Result<u64, VramError> {
-    let per_gpu = query_free_mib(config)?;
-    let count = per_gpu.len();
-    match per_gpu.into_iter().nth(config.gpu as usize) {
-        None => Err(VramError::NoSuchGpu {
-            gpu: config.gpu,
-            count,
-        }),
-        Some(Ok(mib)) => Ok(mib),
-        Some(Err(reason)) => Err(VramError::Unparsable {
-            text: format!("line {} of nvidia-smi output", config.gpu + 1),
+/// Whether row `row` is the device a `CUDA_VISIBLE_DEVICES` entry names (an index, or a UUID or a
+/// unique prefix of one, as CUDA accepts).
+fn names(entry: &str, row: &GpuRow) -> bool {
+    match entry.parse::<u32>() {
+        Ok(index) => row.index == index,
+        Err(_) => !row.uuid.is_empty() && row.uuid.starts_with(entry),
+    }
+}
+
+/// Chooses GPU `gpu` among nvidia-smi's `rows` as this process may see them (`visible`), and checks
+/// that it has at least `min_mib` free. The engine and `cinecut-infer check` both decide with it.
+///
+/// ```
+/// use engine_core::vram::{GpuRow, Visible, select};
+/// use engine_core::GpuId;
+/// let rows = vec![
+///     GpuRow { index: 0, uuid: "GPU-a".into(), free_mib: Ok(500) },
+///     GpuRow { index: 1, uuid: "GPU-b".into(), free_mib: Ok(70000) },
+/// ];
+/// assert_eq!(select(&rows, &GpuId::Index(1), &Visible::All, 6144).unwrap().uuid, "GPU-b");
+/// // A scheduler gave this process GPU 1 only: index 0 is that GPU.
+/// let given = Visible::parse(Some("1"));
+/// assert_eq!(select(&rows, &GpuId::Index(0), &given, 6144).unwrap().gpu, 1);
+/// assert!(select(&rows, &GpuId::Index(0), &Visible::All, 6144).is_err()); // only 500 MiB free
+/// ```
+pub fn select(
+    rows: &[GpuRow],
+    gpu: &GpuId,
+    visible: &Visible,
+    min_mib: u64,
+) -> Result<VramReading, VramError> {
+    let row = find(rows, gpu, visible)?;
+    let free_mib = row
+        .free_mib
+        .clone()
+        .map_err(|reason| VramError::Unparsable {
+            text: format!("GPU {} in nvidia-smi's answer", row.index),
             reason,
-        }),
-    }
-}
-
-/// Checks that the configured GPU has at least the configured minimum free (the seed's
-/// `assert_vram_available`), returning the reading.
-pub fn assert_vram_available(config: &EngineConfig) -> Result<VramReading, VramError> {
-    let free_mib = check_vram_free_mib(config)?;
-    if free_mib < config.min_vram_mib {
+        })?;
+    if free_mib < min_mib {
         return Err(VramError::Insufficient {
-            gpu: config.gpu,
+            gpu: row.index,
             free_mib,
-            min_mib: config.min_vram_mib,
+            min_mib,
         });
     }
     Ok(VramReading {
-        gpu: config.gpu,
+        gpu: row.index,
+        uuid: row.uuid.clone(),
         free_mib,
     })
+}
+
+fn find<'a>(rows: &'a [GpuRow], gpu: &GpuId, visible: &Visible) -> Result<&'a GpuRow, VramError> {
+    let no_such = || VramError::NoSuchGpu {
+        gpu: gpu.clone(),
+        count: rows.len(),
+        visible: visible.clone(),
+    };
+    match (visible, gpu) {
+        (Visible::All, GpuId::Index(i)) => rows.iter().find(|r| r.index == *i).ok_or_else(no_such),
+        (Visible::All, GpuId::Uuid(uuid)) => {
+            rows.iter().find(|r| names(uuid, r)).ok_or_else(no_such)
+        }
+        (Visible::Listed(entries), GpuId::Index(i)) => {
+            let entry = entries.get(*i as usize).ok_or_else(no_such)?;
+            rows.iter().find(|r| names(entry, r)).ok_or_else(no_such)
+        }
+        (Visible::Listed(entries), GpuId::Uuid(uuid)) => {
+            let row = rows.iter().find(|r| names(uuid, r)).ok_or_else(no_such)?;
+            if entries.iter().any(|e| names(e, row)) {
+                Ok(row)
+            } else {
+                Err(no_such())
+            }
+        }
+    }
+}
+
+/// Free VRAM of GPU `gpu` in MiB (the seed's `check_vram_free_mib`).
+pub fn check_vram_free_mib(probe: &NvidiaSmi, gpu: impl Into<GpuId>) -> Result<u64, VramError> {
+    let rows = probe.query()?;
+    select(&rows, &gpu.into(), &Visible::from_env(), 0).map(|r| r.free_mib)
+}
+
+/// Checks that GPU `gpu` has at least `min_mib` free (the seed's `assert_vram_available`).
+pub fn assert_vram_available(
+    probe: &NvidiaSmi,
+    gpu: impl Into<GpuId>,
+    min_mib: u64,
+) -> Result<VramReading, VramError> {
+    let rows = probe.query()?;
+    select(&rows, &gpu.into(), &Visible::from_env(), min_mib)
 }
 
 /// Whether free VRAM came back after the server stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum VramRecovery {
-    /// Free VRAM was back within 5 % of the reading before start after `waited`.
+    /// Free VRAM was back within 5 % of the baseline after `waited`.
     Recovered {
         /// The last reading.
         free_mib: u64,
@@ -176,7 +428,7 @@ pub enum VramRecovery {
     },
     /// It was still lower when the recovery timeout ran out.
     NotRecovered {
-        /// The reading before start.
+        /// The baseline: the reading taken under the lock, before start.
         before_mib: u64,
         /// The last reading.
         free_mib: u64,
@@ -187,16 +439,25 @@ pub enum VramRecovery {
     Skipped,
 }
 
-/// Polls free VRAM until it is back within 5 % of `before` or `config.vram_recovery_timeout` ends.
-pub(crate) fn wait_for_recovery(config: &EngineConfig, before: VramReading) -> VramRecovery {
-    if config.vram_recovery_timeout.is_zero() {
+/// Polls `probe` until GPU `before.gpu` has its free VRAM back within 5 % of `before`, or `timeout`
+/// ends (zero: no wait).
+pub fn wait_for_recovery(
+    probe: &NvidiaSmi,
+    before: &VramReading,
+    timeout: Duration,
+) -> VramRecovery {
+    if timeout.is_zero() {
         return VramRecovery::Skipped;
     }
     let started = Instant::now();
     let target = before.free_mib - before.free_mib / 20;
+    let gpu = GpuId::Index(before.gpu);
     loop {
-        let free_mib = match check_vram_free_mib(config) {
-            Ok(free) => free,
+        let free_mib = match probe
+            .query()
+            .and_then(|rows| select(&rows, &gpu, &Visible::All, 0))
+        {
+            Ok(reading) => reading.free_mib,
             Err(e) => return VramRecovery::Unknown(e.to_string()),
         };
         if free_mib >= target {
@@ -205,7 +466,7 @@ pub(crate) fn wait_for_recovery(config: &EngineConfig, before: VramReading) -> V
                 waited: started.elapsed(),
             };
         }
-        if started.elapsed() >= config.vram_recovery_timeout {
+        if started.elapsed() >= timeout {
             tracing::warn!(
                 gpu = before.gpu,
                 before_mib = before.free_mib,
@@ -217,7 +478,7 @@ pub(crate) fn wait_for_recovery(config: &EngineConfig, before: VramReading) -> V
                 free_mib,
             };
         }
-        std::thread::sleep(Duration::from_millis(50).min(config.vram_recovery_timeout));
+        std::thread::sleep(Duration::from_millis(50).min(timeout));
     }
 }
 
@@ -226,9 +487,17 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn row(index: u32, uuid: &str, free: u64) -> GpuRow {
+        GpuRow {
+            index,
+            uuid: uuid.into(),
+            free_mib: Ok(free),
+        }
+    }
+
     #[test]
-    fn each_failure_line_has_its_reason() {
-        for (line, needle) in [
+    fn each_failure_value_has_its_reason() {
+        for (value, needle) in [
             ("[N/A]", "MIG"),
             ("[Insufficient Permissions]", "allowed"),
             ("", "empty"),
@@ -239,49 +508,109 @@ mod tests {
             ("12.5", "whole number"),
             ("abc", "whole number"),
         ] {
-            let err = parse_free_mib_line(line).unwrap_err();
-            assert!(err.contains(needle), "{line:?} gave {err:?}");
+            let err = parse_free_mib(value).unwrap_err();
+            assert!(err.contains(needle), "{value:?} gave {err:?}");
         }
     }
 
     #[test]
-    fn several_gpus_give_one_value_each_in_order() {
-        let per_gpu = parse_free_mib("80000\n[N/A]\n 12 \n").unwrap();
-        assert_eq!(per_gpu.len(), 3);
-        assert_eq!(per_gpu[0], Ok(80000));
-        assert!(per_gpu[1].is_err());
-        assert_eq!(per_gpu[2], Ok(12));
+    fn several_gpus_give_one_row_each_in_order() {
+        let rows = parse_rows("0, GPU-a, 80000\n1, GPU-b, [N/A]\n2, GPU-c,  12 \n").unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0], row(0, "GPU-a", 80000));
+        assert!(rows[1].free_mib.is_err());
+        assert_eq!(rows[2], row(2, "GPU-c", 12));
     }
 
     #[test]
-    fn no_gpu_line_is_an_error() {
+    fn a_line_of_another_shape_is_a_row_that_says_so() {
+        let rows = parse_rows("Segmentation fault\n").unwrap();
+        assert!(
+            rows[0]
+                .free_mib
+                .as_ref()
+                .unwrap_err()
+                .contains("Segmentation fault")
+        );
         for text in ["", "\n", "  \n \n"] {
             assert!(matches!(
-                parse_free_mib(text),
+                parse_rows(text),
                 Err(VramError::Unparsable { .. })
             ));
         }
     }
 
+    #[test]
+    fn visible_devices_choose_and_renumber_the_gpus() {
+        let rows = vec![
+            row(0, "GPU-aa", 1),
+            row(1, "GPU-bb", 2),
+            row(2, "GPU-cc", 3),
+        ];
+        let pick = |gpu: GpuId, visible: Option<&str>| {
+            select(&rows, &gpu, &Visible::parse(visible), 0).map(|r| r.gpu)
+        };
+        assert_eq!(pick(GpuId::Index(2), None).unwrap(), 2);
+        assert_eq!(pick(GpuId::Uuid("GPU-bb".into()), None).unwrap(), 1);
+        assert_eq!(pick(GpuId::Index(0), Some("2,0")).unwrap(), 2);
+        assert_eq!(pick(GpuId::Index(1), Some("2,0")).unwrap(), 0);
+        assert_eq!(pick(GpuId::Index(0), Some("GPU-b")).unwrap(), 1);
+        assert_eq!(pick(GpuId::Uuid("GPU-cc".into()), Some("2")).unwrap(), 2);
+        for (gpu, visible) in [
+            (GpuId::Index(3), None),
+            (GpuId::Index(1), Some("2")),
+            (GpuId::Index(0), Some("")),
+            (GpuId::Index(0), Some("7")),
+            (GpuId::Uuid("GPU-aa".into()), Some("2")),
+            (GpuId::Uuid("GPU-zz".into()), None),
+        ] {
+            let err = pick(gpu.clone(), visible).unwrap_err();
+            assert!(
+                matches!(err, VramError::NoSuchGpu { .. }),
+                "{gpu} {visible:?}: {err}"
+            );
+            assert!(err.to_string().contains(&format!("GPU {gpu} ")), "{err}");
+        }
+    }
+
+    #[test]
+    fn too_little_vram_names_the_reading_and_the_minimum() {
+        let err = select(
+            &[row(0, "GPU-a", 4000)],
+            &GpuId::Index(0),
+            &Visible::All,
+            6144,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("Only 4000 MiB free VRAM, need at least 6144 MiB"),
+            "{err}"
+        );
+    }
+
     proptest! {
         #[test]
         fn parser_never_panics(text in any::<String>()) {
-            let _ = parse_free_mib(&text);
-        }
-
-        #[test]
-        fn parser_never_panics_on_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let _ = parse_free_mib(&String::from_utf8_lossy(&bytes));
+            let _ = parse_rows(&text);
         }
 
         #[test]
         fn every_valid_line_is_accepted(values in proptest::collection::vec(0..=MAX_PLAUSIBLE_MIB, 1..9),
                                         pad in "[ \t]{0,3}", crlf in any::<bool>()) {
             let eol = if crlf { "\r\n" } else { "\n" };
-            let text: String = values.iter().map(|v| format!("{pad}{v}{pad}{eol}")).collect();
-            let parsed = parse_free_mib(&text).unwrap();
-            let expected: Vec<Result<u64, String>> = values.iter().map(|v| Ok(*v)).collect();
-            prop_assert_eq!(parsed, expected);
+            let text: String = values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| format!("{pad}{i},{pad}GPU-{i}{pad},{pad}{v}{pad}{eol}"))
+                .collect();
+            let rows = parse_rows(&text).unwrap();
+            let expected: Vec<GpuRow> = values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| row(i as u32, &format!("GPU-{i}"), *v))
+                .collect();
+            prop_assert_eq!(rows, expected);
         }
     }
 }

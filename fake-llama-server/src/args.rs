@@ -60,7 +60,8 @@ Flags (as llama-server):
   --mmproj PATH               vision projector GGUF (must exist)
   --host HOST                 address to listen on (default 127.0.0.1)
   --port N                    port (default 8080)
-  -c, --ctx-size N            context size (reported by /props)
+  -c, --ctx-size N            context size, divided among the slots as the real server does
+                              (an answer that does not fit its slot's share is cut: \"length\")
   -ngl, --gpu-layers N        accepted, no effect
   -np, --parallel N           slots: requests served at once (default 1)
   --log-disable               print nothing (a failed start then gives no reason, as the real one)
@@ -83,7 +84,11 @@ Knobs (environment variables):
   FAKE_LLAMA_SLOTS=N               requests served at once (default: -np)
   FAKE_LLAMA_PROPS_MODEL=PATH      /props and /v1/models name PATH instead of -m (another model)
   FAKE_LLAMA_FOREIGN_KEY=1         require a key of its own, not LLAMA_API_KEY (another server)
-  FAKE_LLAMA_EVENTS=PATH           append JSON lines {event, t_unix_ns, pid, ...}: spawned,
+  FAKE_LLAMA_NO_KEY=1              enforce no key at all (a squatter that answers anyone)
+  FAKE_LLAMA_LEAVE_GROUP=1         move into the parent's process group at start (a child that
+                                   leaves its group: signals to the old group reach nobody)
+  FAKE_LLAMA_EVENTS=PATH           append JSON lines {event, t_unix_ns, pid, ...}: spawned (with
+                                   cuda_visible_devices and pgid),
                                    listening, ready, request_start, request_end, sigterm, exit
   LLAMA_MEDIA_MARKER=TEXT          the /completion media marker (default: random per process)
 ";

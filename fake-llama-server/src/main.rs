@@ -183,6 +183,9 @@ fn main() {
     let slots = knobs.slots.unwrap_or(args.parallel).max(1);
     let api_key = if env("FAKE_LLAMA_FOREIGN_KEY").is_some() {
         Some("another-servers-key".to_string())
+    } else if env("FAKE_LLAMA_NO_KEY").is_some() {
+        // A squatter that enforces no key at all.
+        None
     } else {
         args.api_key.clone().or_else(|| env("LLAMA_API_KEY"))
     };
@@ -212,7 +215,20 @@ fn main() {
         idle_lock: Mutex::new(()),
         events,
     });
-    event(&fake, "spawned", json!({}));
+    if env("FAKE_LLAMA_LEAVE_GROUP").is_some() {
+        // Move into our parent's process group: a signal to the group we were started in reaches
+        // nobody now (the shape of a child that leaves its group).
+        let parent_group = rustix::process::getpgid(rustix::process::getppid());
+        if let Ok(group) = parent_group {
+            let _ = rustix::process::setpgid(None, Some(group));
+        }
+    }
+    event(
+        &fake,
+        "spawned",
+        json!({"cuda_visible_devices": std::env::var("CUDA_VISIBLE_DEVICES").ok(),
+               "pgid": rustix::process::getpgrp().as_raw_nonzero().get()}),
+    );
     run(fake);
 }
 

@@ -142,6 +142,14 @@ fn has_schema(body: &Value, kind: Kind) -> bool {
         || body["json_schema"].is_object()
 }
 
+/// Tokens a request's prompt takes (the instruction and the image's embeddings).
+const PROMPT_TOKENS: u32 = 200;
+
+/// Each slot's share of `-c`, as the real server divides it.
+fn slot_context(fake: &Fake) -> u32 {
+    fake.args.ctx_size / fake.args.parallel.max(1)
+}
+
 fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
     let started = Instant::now();
     let number = fake.completions.fetch_add(1, Ordering::AcqRel);
@@ -203,11 +211,34 @@ fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
                 "server_error",
             ),
         ),
-        Some((text, cut)) => {
+        Some(_) if PROMPT_TOKENS >= slot_context(fake) => json_reply(
+            400,
+            error_body(
+                400,
+                "the request exceeds the available context size, try increasing it",
+                "exceed_context_size_error",
+            ),
+        ),
+        Some((mut text, cut)) => {
+            // Four characters a token. A `length` answer stopped at max_tokens; and as the real
+            // server divides -c among its slots, generation also stops at the slot's share.
+            let mut generated = if cut {
+                body["max_tokens"].as_u64().unwrap_or(512) as usize
+            } else {
+                text.len() / 4
+            };
+            let room = (slot_context(fake) - PROMPT_TOKENS) as usize;
+            let cut = if generated > room {
+                text.truncate((room * 4).min(text.len()));
+                generated = room;
+                true
+            } else {
+                cut
+            };
             let finish = if cut { "length" } else { "stop" };
             let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-            let timings = json!({"prompt_n": 64, "prompt_ms": elapsed_ms / 2.0,
-                "predicted_n": text.len() / 4, "predicted_ms": elapsed_ms / 2.0});
+            let timings = json!({"prompt_n": PROMPT_TOKENS, "prompt_ms": elapsed_ms / 2.0,
+                "predicted_n": generated, "predicted_ms": elapsed_ms / 2.0});
             let body = match kind {
                 Kind::Chat => json!({
                     "choices": [{"finish_reason": finish, "index": 0,
@@ -216,15 +247,15 @@ fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
                     "model": fake.args.model,
                     "system_fingerprint": "fake-llama-server",
                     "object": "chat.completion",
-                    "usage": {"completion_tokens": text.len() / 4, "prompt_tokens": 64,
-                              "total_tokens": 64 + text.len() / 4},
+                    "usage": {"completion_tokens": generated, "prompt_tokens": PROMPT_TOKENS,
+                              "total_tokens": PROMPT_TOKENS as usize + generated},
                     "id": format!("chatcmpl-fake{number}"),
                     "timings": timings,
                 }),
                 Kind::Raw => json!({
                     "content": text, "stop": true,
                     "stop_type": if cut { "limit" } else { "eos" },
-                    "tokens_predicted": text.len() / 4, "timings": timings,
+                    "tokens_predicted": generated, "timings": timings,
                     "model": fake.args.model,
                 }),
             };

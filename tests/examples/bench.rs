@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use engine_core::{Engine, EngineConfig, KeyframeRecord, check_vram_free_mib};
+use engine_core::vram::NvidiaSmi;
+use engine_core::{Engine, EngineConfigBuilder, KeyframeRecord, check_vram_free_mib};
 use tests::Harness;
 
 fn unix_ns() -> u64 {
@@ -65,7 +66,7 @@ impl Report {
     }
 }
 
-fn config(h: &Harness) -> EngineConfig {
+fn config(h: &Harness) -> EngineConfigBuilder {
     h.config().vram_recovery_timeout(Duration::ZERO)
 }
 
@@ -76,7 +77,7 @@ fn readiness(r: &mut Report, runs: usize) {
     let mut lags = Vec::new();
     let mut cpu = Vec::new();
     for _ in 0..runs {
-        let locked = Engine::new(cfg.clone())
+        let locked = Engine::new(cfg.clone().build().unwrap())
             .check_vram()
             .unwrap()
             .lock()
@@ -171,7 +172,7 @@ fn stop_latency(r: &mut Report, runs: usize) {
     let cfg = config(&h).env("FAKE_LLAMA_LOAD_MS", "0");
     let mut over = Vec::new();
     for _ in 0..runs {
-        let engine = Engine::launch(cfg.clone()).unwrap();
+        let engine = Engine::launch(cfg.clone().build().unwrap()).unwrap();
         engine.shutdown().unwrap();
         let reaped = unix_ns();
         over.push(reaped.saturating_sub(last_event(&h, "exit")) as f64);
@@ -184,7 +185,7 @@ fn stop_latency(r: &mut Report, runs: usize) {
         .stop_grace(grace);
     let mut kill = Vec::new();
     for _ in 0..runs.min(10) {
-        let engine = Engine::launch(cfg.clone()).unwrap();
+        let engine = Engine::launch(cfg.clone().build().unwrap()).unwrap();
         let started = Instant::now();
         engine.shutdown().unwrap();
         kill.push(started.elapsed().as_nanos() as f64);
@@ -230,11 +231,12 @@ fn frame_1080p(h: &Harness) -> PathBuf {
 fn per_frame(r: &mut Report, runs: usize) {
     let h = Harness::new();
     let frame = frame_1080p(&h);
-    let engine = Engine::launch(config(&h).env("FAKE_LLAMA_LOAD_MS", "0")).unwrap();
+    let engine =
+        Engine::launch(config(&h).env("FAKE_LLAMA_LOAD_MS", "0").build().unwrap()).unwrap();
     let record = KeyframeRecord::new(&frame, 0.0, "bench");
 
     // The bare loop: the same server, the same prepared bytes, plain ureq.
-    let body = engine.config().describe.request_body(&frame).unwrap();
+    let body = engine.config().describe().request_body(&frame).unwrap();
     let agent: ureq::Agent = ureq::Agent::config_builder().proxy(None).build().into();
     let url = format!("{}/v1/chat/completions", engine.base_url());
     let bearer = format!("Bearer {}", engine.api_key());
@@ -332,7 +334,9 @@ fn slot_scaling(r: &mut Report) {
             config(&h)
                 .slots(slots)
                 .env("FAKE_LLAMA_LOAD_MS", "0")
-                .env("FAKE_LLAMA_LATENCY_MS", latency.to_string()),
+                .env("FAKE_LLAMA_LATENCY_MS", latency.to_string())
+                .build()
+                .unwrap(),
         )
         .unwrap();
         let t = Instant::now();
@@ -357,11 +361,11 @@ fn slot_scaling(r: &mut Report) {
 
 fn vram_probe(r: &mut Report, runs: usize) {
     let h = Harness::new();
-    let cfg = EngineConfig::new(&h.model, &h.mmproj).nvidia_smi(tests::nvsmi_shim());
+    let probe = NvidiaSmi::new(tests::nvsmi_shim(), NvidiaSmi::DEFAULT_TIMEOUT);
     let mut times = Vec::new();
     for _ in 0..runs {
         let t = Instant::now();
-        check_vram_free_mib(&cfg).unwrap();
+        check_vram_free_mib(&probe, h.gpu).unwrap();
         times.push(t.elapsed().as_nanos() as f64);
     }
     r.line("## VRAM probe");

@@ -1,7 +1,7 @@
 //! The engine's full lifecycle against the built-in fake llama-server and nvidia-smi shim, printing
 //! each step: `cargo run -p tests --example lifecycle`.
 //!
-//! With a real GPU and llama-server, the same steps run with `EngineConfig::new(model, mmproj)` and
+//! With a real GPU and llama-server, the same steps run with `EngineConfig::builder(model, mmproj)` and
 //! nothing else: the engine then finds `llama-server` and `nvidia-smi` on PATH.
 
 use std::time::Instant;
@@ -16,17 +16,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("nvidia-smi shim:   {}", tests::nvsmi_shim().display());
 
     let t = Instant::now();
-    let engine = Engine::new(config);
+    let engine = Engine::new(config.build().unwrap());
     println!(
         "Engine<Unchecked>  configured (GPU {})",
-        engine.config().gpu
+        engine.config().gpu()
     );
     let engine = engine.check_vram()?;
     println!(
         "Engine<VramOk>     {} MiB free on GPU {} (need {})     [{:?}]",
         engine.vram().free_mib,
         engine.vram().gpu,
-        engine.config().min_vram_mib,
+        engine.config().min_vram_mib(),
         t.elapsed()
     );
     let engine = engine.lock()?;
@@ -73,7 +73,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let report = engine.shutdown()?;
     println!(
         "shutdown           pid {} {} after {:?} ({:?})",
-        report.pid, report.status, report.took, report.escalation
+        report.pid,
+        report
+            .status
+            .map_or_else(|| "still running".to_string(), |s| s.to_string()),
+        report.took,
+        report.escalation
     );
     println!(
         "process gone: {}, GPU lock free: {}",

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use engine_core::EngineConfig;
+use engine_core::{EngineConfig, EngineConfigBuilder};
 
 /// How many GPUs the default shim reports; harnesses take indices from 1 up.
 pub const SHIM_GPUS: u32 = 200;
@@ -85,11 +85,21 @@ impl Harness {
         }
     }
 
-    /// Writes an executable wrapper that runs the shim with `knobs` set, and returns its path.
+    /// Writes an executable wrapper that runs the shim with `knobs` set, and returns its path. The
+    /// shim reports [`SHIM_GPUS`] GPUs (so this harness's index exists) unless the knobs say how many
+    /// (`NVSMI_GPU_COUNT`, or a list in `NVSMI_GPUS`).
     pub fn shim(&self, knobs: &[(&str, &str)]) -> PathBuf {
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!("nvidia-smi-{}", N.fetch_add(1, Ordering::Relaxed));
-        self.wrapper(&name, nvsmi_shim(), knobs)
+        let counted = knobs
+            .iter()
+            .any(|(k, v)| *k == "NVSMI_GPU_COUNT" || (*k == "NVSMI_GPUS" && v.contains(',')));
+        let count = SHIM_GPUS.to_string();
+        let mut all = knobs.to_vec();
+        if !counted {
+            all.push(("NVSMI_GPU_COUNT", &count));
+        }
+        self.wrapper(&name, nvsmi_shim(), &all)
     }
 
     /// Writes an executable wrapper that runs `program` with `knobs` set in its environment.
@@ -113,15 +123,13 @@ impl Harness {
 
     /// A config for the fake server and a healthy shim, on this harness's GPU, port 0, with short
     /// timeouts so failures show quickly, and the fake's events file on.
-    pub fn config(&self) -> EngineConfig {
-        let count = SHIM_GPUS.to_string();
+    pub fn config(&self) -> EngineConfigBuilder {
         let log = self.shim_log();
         let shim = self.shim(&[
             ("NVSMI_GPUS", "79000"),
-            ("NVSMI_GPU_COUNT", &count),
             ("NVSMI_LOG", log.to_str().unwrap()),
         ]);
-        EngineConfig::new(&self.model, &self.mmproj)
+        EngineConfig::builder(&self.model, &self.mmproj)
             .port(0)
             .server_bin(fake_server())
             .nvidia_smi(shim)
@@ -184,6 +192,15 @@ impl Harness {
         }
         assert_lock_free(self.gpu);
     }
+}
+
+/// The UUID the shim reports for GPU `index` (as nvidia-smi's `uuid` field).
+pub fn shim_uuid(index: u32) -> String {
+    format!(
+        "GPU-{:08x}-5eed-4c1e-8a11-{:012x}",
+        0xc1ec0000u32 + index,
+        index
+    )
 }
 
 /// Whether `pid` names a process, zombies included: the engine reaps its children, so a zombie child

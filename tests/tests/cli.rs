@@ -305,19 +305,36 @@ fn check_prints_every_gpu_and_decides_for_the_chosen_one() {
     let out = check("0");
     assert!(out.status.success());
     let stdout = String::from_utf8(out.stdout).unwrap();
+    let uuid = tests::shim_uuid;
     assert!(
-        stdout.contains("GPU 0 (chosen): 79000 MiB free, 6144 MiB required: would start"),
+        stdout.contains(&format!(
+            "GPU 0 {} (chosen): 79000 MiB free, 6144 MiB required: would start",
+            uuid(0)
+        )),
         "{stdout}"
     );
     assert!(
-        stdout.contains("GPU 1: 1000 MiB free, 6144 MiB required: too little free VRAM"),
+        stdout.contains(&format!(
+            "GPU 1 {}: 1000 MiB free, 6144 MiB required: too little free VRAM",
+            uuid(1)
+        )),
         "{stdout}"
     );
     assert!(
-        stdout.contains("GPU 2: cannot read free VRAM: nvidia-smi printed [N/A]"),
+        stdout.contains(&format!(
+            "GPU 2 {}: cannot read free VRAM: nvidia-smi printed [N/A]",
+            uuid(2)
+        )),
         "{stdout}"
     );
-    check("1").assert().code(1);
+    // The verdict is the engine's own, message and all.
+    let out = check("1");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("Only 1000 MiB free VRAM, need at least 6144 MiB (GPU 1)")
+    );
+    check(&uuid(0)).assert().code(0);
     check("2").assert().code(1);
     let out = check("3");
     assert_eq!(out.status.code(), Some(1));

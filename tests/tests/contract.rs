@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use engine_core::{Engine, EngineConfig, Escalation, InferenceError, KeyframeRecord};
+use engine_core::process::{ChildExit, Escalation};
+use engine_core::{Engine, EngineConfigBuilder, InferenceError, KeyframeRecord};
 use serde_json::{Value, json};
 use tests::Harness;
 
@@ -38,13 +39,13 @@ fn target(h: &Harness) -> Target {
     }
 }
 
-fn engine_config(h: &Harness, t: &Target) -> EngineConfig {
+fn engine_config(h: &Harness, t: &Target) -> EngineConfigBuilder {
     let mut config = h
         .config()
         .server_bin(&t.server)
         .startup_timeout(Duration::from_secs(60));
-    config.model = t.model.clone();
-    config.mmproj = t.mmproj.clone();
+    config = config.model(&t.model);
+    config = config.mmproj(&t.mmproj);
     config
 }
 
@@ -248,7 +249,7 @@ fn chat_completion_has_the_shape_the_engine_parses() {
     assert!(answer["choices"][0]["finish_reason"].is_string());
     assert!(answer["usage"].is_object());
     assert!(answer["timings"].is_object());
-    let parsed = engine_core::parse_chat_response(&answer.to_string());
+    let parsed = engine_core::describe::parse_chat_response(&answer.to_string());
     assert!(parsed.is_ok(), "{content:?}: {parsed:?}");
 
     // An image that does not decode.
@@ -316,7 +317,7 @@ fn sigterm_on_an_idle_server_exits_0() {
 fn the_whole_lifecycle_through_the_engine() {
     let h = Harness::new();
     let t = target(&h);
-    let engine = Engine::launch(engine_config(&h, &t)).unwrap();
+    let engine = Engine::launch(engine_config(&h, &t).build().unwrap()).unwrap();
     let pid = engine.pid();
     for (i, rgb) in [[250, 20, 20], [20, 250, 20], [20, 20, 250]]
         .into_iter()
@@ -329,7 +330,7 @@ fn the_whole_lifecycle_through_the_engine() {
     }
     let report = engine.shutdown().unwrap();
     assert_eq!(report.escalation, Escalation::Term);
-    assert_eq!(report.status, "exit code 0");
+    assert_eq!(report.status, Some(ChildExit::Code(0)));
     assert!(!tests::alive(pid));
     tests::assert_lock_free(h.gpu);
 }
@@ -340,15 +341,15 @@ fn the_engine_reports_a_taken_port_and_a_missing_model() {
     let t = target(&h);
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let err = Engine::launch(engine_config(&h, &t).port(port)).unwrap_err();
+    let err = Engine::launch(engine_config(&h, &t).port(port).build().unwrap()).unwrap_err();
     assert!(
         err.to_string()
             .contains(&format!("port {port} is served by another process")),
         "{err}"
     );
     let mut config = engine_config(&h, &t);
-    config.mmproj = h.dir.path().join("nope.gguf");
-    let err = Engine::launch(config).unwrap_err();
+    config = config.mmproj(h.dir.path().join("nope.gguf"));
+    let err = Engine::launch(config.build().unwrap()).unwrap_err();
     assert!(matches!(
         err,
         engine_core::EngineError::Inference(InferenceError::ModelNotFound { what: "mmproj", .. })

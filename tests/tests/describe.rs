@@ -7,11 +7,13 @@ use std::ops::ControlFlow;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use engine_core::{DescribeOptions, Engine, EngineConfig, Healthy, InferenceError, KeyframeRecord};
+use engine_core::process::ChildExit;
+use engine_core::typestate::Healthy;
+use engine_core::{DescribeOptions, Engine, EngineConfigBuilder, InferenceError, KeyframeRecord};
 use tests::{Harness, assert_gone};
 
-fn start(config: EngineConfig) -> Engine<Healthy> {
-    Engine::launch(config).expect("engine starts")
+fn start(config: EngineConfigBuilder) -> Engine<Healthy> {
+    Engine::launch(config.build().unwrap()).expect("engine starts")
 }
 
 fn record(path: std::path::PathBuf) -> KeyframeRecord {
@@ -201,7 +203,7 @@ fn a_crash_mid_request_is_reported_with_the_signal_and_the_engine_reports_itself
             ..
         } => {
             assert_eq!(frame_path, &frame.frame_path);
-            assert_eq!(status, "signal 6 (SIGABRT)");
+            assert_eq!(*status, ChildExit::Signal(6));
             assert!(output_tail.contains("GGML_ASSERT"), "{output_tail}");
         }
         other => panic!("unexpected {other:?}"),

@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use engine_core::{Engine, EngineConfig, KeyframeRecord, VramRecovery, check_vram_free_mib};
+use engine_core::vram::{NvidiaSmi, VramRecovery};
+use engine_core::{Engine, EngineConfig, KeyframeRecord, check_vram_free_mib};
 use tests::Harness;
 
 fn env_path(name: &str) -> PathBuf {
@@ -38,15 +39,16 @@ fn gpu_smoke() {
         .unwrap_or("")
         .to_string();
     // The real nvidia-smi (PATH), GPU 0, a modest minimum: the tiny model needs little.
-    let config = EngineConfig::new(env_path("GPU_SMOKE_MODEL"), env_path("GPU_SMOKE_MMPROJ"))
+    let config = EngineConfig::builder(env_path("GPU_SMOKE_MODEL"), env_path("GPU_SMOKE_MMPROJ"))
         .server_bin(env_path("GPU_SMOKE_SERVER"))
         .port(0)
         .min_vram_mib(1024)
         .startup_timeout(Duration::from_secs(120));
+    let probe = NvidiaSmi::from_env();
     let mut smi = Vec::new();
     for _ in 0..20 {
         let t = Instant::now();
-        check_vram_free_mib(&config).unwrap();
+        check_vram_free_mib(&probe, 0).unwrap();
         smi.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     let frames: Vec<KeyframeRecord> = (0..16)
@@ -60,12 +62,12 @@ fn gpu_smoke() {
         })
         .collect();
 
-    let before = check_vram_free_mib(&config).unwrap();
+    let before = check_vram_free_mib(&probe, 0).unwrap();
     let started = Instant::now();
-    let engine = Engine::launch(config.clone()).expect("the CUDA server starts");
+    let engine = Engine::launch(config.clone().build().unwrap()).expect("the CUDA server starts");
     let cold_start = started.elapsed();
     let pid = engine.pid();
-    let during = check_vram_free_mib(&config).unwrap();
+    let during = check_vram_free_mib(&probe, 0).unwrap();
     let t = Instant::now();
     for frame in &frames[..8] {
         let scene = engine.describe(frame).expect("a schema-valid description");
@@ -73,7 +75,7 @@ fn gpu_smoke() {
     }
     let slot1_rate = 8.0 / t.elapsed().as_secs_f64();
     let report = engine.shutdown().unwrap();
-    let after = check_vram_free_mib(&config).unwrap();
+    let after = check_vram_free_mib(&probe, 0).unwrap();
     assert!(!tests::alive(pid), "the server is gone");
     assert!(
         during < before,
@@ -89,7 +91,7 @@ fn gpu_smoke() {
         report.vram
     );
 
-    let engine = Engine::launch(config.clone().slots(4)).unwrap();
+    let engine = Engine::launch(config.clone().slots(4).build().unwrap()).unwrap();
     let t = Instant::now();
     let results = engine.describe_many(&frames, 4, |_, _| ControlFlow::Continue(()));
     let slot4_rate = frames.len() as f64 / t.elapsed().as_secs_f64();

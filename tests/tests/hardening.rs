@@ -5,7 +5,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use engine_core::{Engine, InferenceError, VramRecovery};
+use engine_core::vram::VramRecovery;
+use engine_core::{Engine, InferenceError};
 use tests::{Harness, SHIM_GPUS};
 
 /// A running `engine-holder` with its stdout lines.
@@ -16,7 +17,16 @@ struct Holder {
 
 impl Holder {
     fn spawn(args: &[&str], env: &[(&str, &str)]) -> Holder {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_engine-holder"))
+        Holder::spawn_without(args, env, &[])
+    }
+
+    /// As `spawn`, with the variables in `unset` removed from the holder's environment.
+    fn spawn_without(args: &[&str], env: &[(&str, &str)], unset: &[&str]) -> Holder {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_engine-holder"));
+        for name in unset {
+            command.env_remove(name);
+        }
+        let mut child = command
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::piped())
@@ -93,7 +103,10 @@ fn two_processes_serialise_on_one_gpu_but_not_on_two() {
     // Another process (this one) cannot take that GPU...
     let err = engine_core::try_gpu_lock_for(h.gpu, Duration::from_millis(100)).unwrap_err();
     assert!(err.to_string().contains("still locked"), "{err}");
-    assert_eq!(engine_core::lock_holder(h.gpu), Some(first.child.id()));
+    assert_eq!(
+        engine_core::lock::lock_holder(h.gpu),
+        Some(first.child.id())
+    );
     // ...but another GPU is free.
     let other = Harness::new();
     drop(engine_core::try_gpu_lock_for(other.gpu, Duration::ZERO).unwrap());
@@ -118,12 +131,13 @@ fn the_lock_folder_must_not_be_a_symlink() {
     );
     let line = holder.line();
     assert!(
-        line.starts_with("error: cannot use the GPU lock file"),
+        line.starts_with("error: refusing the GPU lock folder"),
         "{line}"
     );
-    assert!(line.contains("not a folder"), "{line}");
+    assert!(line.contains("it is a symlink"), "{line}");
     holder.release();
-    // A fresh private folder is created 0700.
+    // A fresh folder of the user's choosing is created private (0700); lock files are 0644 so that
+    // anyone allowed into the folder can flock them.
     let fresh = h.dir.path().join("fresh");
     let mut holder = Holder::spawn(
         &["lock", "0"],
@@ -138,7 +152,77 @@ fn the_lock_folder_must_not_be_a_symlink() {
         .mode()
         & 0o777;
     holder.release();
-    assert_eq!((mode, file_mode), (0o700, 0o600));
+    assert_eq!((mode, file_mode), (0o700, 0o644));
+}
+
+#[test]
+fn unsafe_shared_or_foreign_lock_folders_are_refused_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Harness::new();
+    let shared = h.dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut holder = Holder::spawn(
+        &["lock", "0"],
+        &[("CINECUT_LOCK_DIR", shared.to_str().unwrap())],
+    );
+    let line = holder.line();
+    assert!(
+        line.contains("writable by everyone but not sticky"),
+        "{line}"
+    );
+    assert!(line.contains("chmod +t"), "{line}");
+    holder.release();
+    // Sticky, it is a fine place to meet.
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let mut holder = Holder::spawn(
+        &["lock", "0"],
+        &[("CINECUT_LOCK_DIR", shared.to_str().unwrap())],
+    );
+    assert_eq!(holder.line(), "locked");
+    holder.release();
+    // A private folder of another user is not ours to use (needs root to build).
+    if rustix::process::geteuid().is_root() {
+        let foreign = h.dir.path().join("foreign");
+        std::fs::create_dir(&foreign).unwrap();
+        std::os::unix::fs::chown(&foreign, Some(4242), None).unwrap();
+        let mut holder = Holder::spawn(
+            &["lock", "0"],
+            &[("CINECUT_LOCK_DIR", foreign.to_str().unwrap())],
+        );
+        let line = holder.line();
+        assert!(line.contains("private to uid 4242"), "{line}");
+        holder.release();
+    }
+}
+
+#[test]
+fn by_default_every_process_meets_on_one_machine_wide_lock() {
+    // The case: one run with XDG_RUNTIME_DIR set, one without, no CINECUT_LOCK_DIR. Before,
+    // each took a lock of its own and both started servers on the GPU.
+    let gpu = (1_000_000 + std::process::id()).to_string();
+    let runtime = tempfile::tempdir().unwrap();
+    let unset = ["CINECUT_LOCK_DIR", "XDG_RUNTIME_DIR", "TMPDIR"];
+    let mut first = Holder::spawn_without(
+        &["lock", &gpu],
+        &[("XDG_RUNTIME_DIR", runtime.path().to_str().unwrap())],
+        &unset,
+    );
+    assert_eq!(first.line(), "locked");
+    let mut second = Holder::spawn_without(&["lock", &gpu, "try"], &[], &unset);
+    assert!(second.line().contains("is still locked"));
+    second.release();
+    first.release();
+    let dir = ["/run/lock", "/var/lock", "/tmp"]
+        .iter()
+        .map(std::path::Path::new)
+        .find(|p| p.is_dir())
+        .unwrap()
+        .join("cinecut");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o1777, "{} is shared and sticky", dir.display());
+    let _ = std::fs::remove_file(dir.join(format!("gpu-{gpu}.lock")));
 }
 
 #[test]
@@ -146,7 +230,9 @@ fn a_healthy_answer_for_another_model_is_not_our_server() {
     let h = Harness::new();
     let err = Engine::launch(
         h.config()
-            .env("FAKE_LLAMA_PROPS_MODEL", "/models/someone-elses.gguf"),
+            .env("FAKE_LLAMA_PROPS_MODEL", "/models/someone-elses.gguf")
+            .build()
+            .unwrap(),
     )
     .unwrap_err();
     let text = err.to_string();
@@ -158,7 +244,13 @@ fn a_healthy_answer_for_another_model_is_not_our_server() {
 #[test]
 fn a_server_that_refuses_our_key_is_not_our_server() {
     let h = Harness::new();
-    let err = Engine::launch(h.config().env("FAKE_LLAMA_FOREIGN_KEY", "1")).unwrap_err();
+    let err = Engine::launch(
+        h.config()
+            .env("FAKE_LLAMA_FOREIGN_KEY", "1")
+            .build()
+            .unwrap(),
+    )
+    .unwrap_err();
     assert!(
         matches!(&err, engine_core::EngineError::Inference(InferenceError::PortInUse { detail, .. }) if detail.contains("API key")),
         "{err}"
@@ -190,7 +282,7 @@ fn a_stale_server_on_the_port_is_reported_and_left_alone() {
         assert!(Instant::now() < deadline);
         std::thread::yield_now();
     }
-    let err = Engine::launch(h.config().port(port)).unwrap_err();
+    let err = Engine::launch(h.config().port(port).build().unwrap()).unwrap_err();
     assert!(
         err.to_string()
             .contains(&format!("port {port} is served by another process")),
@@ -219,7 +311,10 @@ fn shutdown_waits_for_vram_to_come_back_and_reports_when_it_does_not() {
         .vram_recovery_timeout(Duration::from_millis(300));
 
     // Memory back at once: recovered.
-    let report = Engine::launch(config.clone()).unwrap().shutdown().unwrap();
+    let report = Engine::launch(config.clone().build().unwrap())
+        .unwrap()
+        .shutdown()
+        .unwrap();
     assert!(
         matches!(
             report.vram,
@@ -234,7 +329,7 @@ fn shutdown_waits_for_vram_to_come_back_and_reports_when_it_does_not() {
 
     // Memory still taken after the stop (another process grabbed it, or the driver is slow): the
     // report says so after the bounded wait, and the lock is released all the same.
-    let engine = Engine::launch(config).unwrap();
+    let engine = Engine::launch(config.build().unwrap()).unwrap();
     std::fs::write(&free_file, gpus("60000")).unwrap();
     let started = Instant::now();
     let report = engine.shutdown().unwrap();
@@ -253,8 +348,8 @@ fn shutdown_waits_for_vram_to_come_back_and_reports_when_it_does_not() {
 fn a_port_of_zero_gives_each_engine_its_own_port() {
     let a = Harness::new();
     let b = Harness::new();
-    let first = Engine::launch(a.config()).unwrap();
-    let second = Engine::launch(b.config()).unwrap();
+    let first = Engine::launch(a.config().build().unwrap()).unwrap();
+    let second = Engine::launch(b.config().build().unwrap()).unwrap();
     assert_ne!(first.port(), second.port());
     drop((first, second));
     a.assert_clean();

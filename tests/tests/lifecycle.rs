@@ -4,11 +4,14 @@
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use engine_core::{Engine, EngineConfig, EngineError, Escalation, InferenceError};
+use engine_core::process::{ChildExit, Escalation};
+use engine_core::{Engine, EngineConfigBuilder, EngineError, InferenceError};
 use tests::{Harness, alive, assert_gone};
 
-fn start(config: EngineConfig) -> Result<Engine<engine_core::Healthy>, InferenceError> {
-    Engine::new(config)
+fn start(
+    config: EngineConfigBuilder,
+) -> Result<Engine<engine_core::typestate::Healthy>, InferenceError> {
+    Engine::new(config.build().unwrap())
         .check_vram()
         .expect("vram")
         .lock()
@@ -19,7 +22,7 @@ fn start(config: EngineConfig) -> Result<Engine<engine_core::Healthy>, Inference
 #[test]
 fn happy_path_runs_every_step_and_cleans_up() {
     let h = Harness::new();
-    let engine = Engine::new(h.config());
+    let engine = Engine::new(h.config().build().unwrap());
     let engine = engine.check_vram().unwrap();
     assert_eq!(engine.vram().free_mib, 79000);
     let engine = engine.lock().unwrap();
@@ -35,7 +38,7 @@ fn happy_path_runs_every_step_and_cleans_up() {
     );
     let report = engine.shutdown().unwrap();
     assert_eq!(report.escalation, Escalation::Term);
-    assert_eq!(report.status, "exit code 0");
+    assert_eq!(report.status, Some(ChildExit::Code(0)));
     assert_gone(pid);
     h.assert_clean();
     let events: Vec<String> = h
@@ -116,7 +119,7 @@ fn a_panic_while_healthy_still_cleans_up() {
 #[test]
 fn launch_runs_all_steps() {
     let h = Harness::new();
-    let engine = Engine::launch(h.config()).unwrap();
+    let engine = Engine::launch(h.config().build().unwrap()).unwrap();
     assert_eq!(engine.gpu(), h.gpu);
     engine.shutdown().unwrap();
     h.assert_clean();
@@ -142,7 +145,7 @@ fn exit_during_load_is_reported_at_once_with_code_and_message() {
             status,
             output_tail,
         } => {
-            assert_eq!(status, "exit code 3");
+            assert_eq!(*status, ChildExit::Code(3));
             assert!(output_tail.contains("out of memory"), "{output_tail}");
         }
         other => panic!("unexpected {other:?}"),
@@ -156,7 +159,7 @@ fn death_by_signal_during_load_names_the_signal() {
     let h = Harness::new();
     let err = start(h.config().env("FAKE_LLAMA_EXIT_DURING_LOAD", "abort")).unwrap_err();
     assert!(
-        matches!(&err, InferenceError::ExitedDuringStartup { status, .. } if status == "signal 6 (SIGABRT)"),
+        matches!(&err, InferenceError::ExitedDuringStartup { status, .. } if *status == ChildExit::Signal(6)),
         "{err}"
     );
     h.assert_clean();
@@ -212,7 +215,7 @@ fn a_server_that_ignores_sigterm_is_killed_at_the_grace_deadline() {
     let pid = engine.pid();
     let report = engine.shutdown().unwrap();
     assert_eq!(report.escalation, Escalation::Kill);
-    assert_eq!(report.status, "signal 9 (SIGKILL)");
+    assert_eq!(report.status, Some(ChildExit::Signal(9)));
     assert!(report.took >= grace);
     assert_gone(pid);
     // The fake saw both SIGTERMs before the SIGKILL.
@@ -258,7 +261,7 @@ fn debug_mode_writes_the_whole_log_beside_the_model() {
         .config()
         .debug(true)
         .env("FAKE_LLAMA_FLOOD_BYTES", flood.to_string());
-    let log = config.debug_log_path();
+    let log = config.clone().build().unwrap().debug_log_path();
     assert_eq!(log, h.dir.path().join("llama-server.log"));
     start(config).unwrap().shutdown().unwrap();
     let text = std::fs::read_to_string(&log).unwrap();
@@ -291,14 +294,14 @@ fn missing_model_or_mmproj_names_the_path_and_spawns_nothing() {
     let h = Harness::new();
     let missing = h.dir.path().join("nope.gguf");
     let mut config = h.config();
-    config.model = missing.clone();
+    config = config.model(&missing);
     let err = start(config).unwrap_err();
     assert!(
         matches!(&err, InferenceError::ModelNotFound { what: "model", path } if *path == missing)
     );
     assert!(err.to_string().contains("nope.gguf"));
     let mut config = h.config();
-    config.mmproj = missing.clone();
+    config = config.mmproj(&missing);
     let err = start(config).unwrap_err();
     assert!(matches!(
         &err,
@@ -319,7 +322,7 @@ fn the_fake_itself_refuses_a_missing_model_like_the_real_server() {
             status,
             output_tail,
         } => {
-            assert_eq!(status, "exit code 1");
+            assert_eq!(*status, ChildExit::Code(1));
             assert!(
                 output_tail.contains("failed to load model"),
                 "{output_tail}"
@@ -353,10 +356,17 @@ fn a_missing_server_binary_says_how_to_fix_it() {
 #[test]
 fn a_bad_config_is_refused_before_anything_runs() {
     let h = Harness::new();
-    let err = start(h.config().health_poll_interval(Duration::from_millis(50))).unwrap_err();
-    assert!(matches!(err, InferenceError::Config(_)), "{err}");
-    let err = start(h.config().slots(0)).unwrap_err();
-    assert!(err.to_string().contains("slots"));
+    let err = h
+        .config()
+        .health_poll_interval(Duration::from_millis(50))
+        .build()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("health_poll_interval is 50ms"),
+        "{err}"
+    );
+    let err = h.config().slots(0).build().unwrap_err();
+    assert!(err.to_string().contains("slots is 0"), "{err}");
     assert!(h.spawned_pids().is_empty());
     h.assert_clean();
 }
@@ -365,7 +375,9 @@ fn a_bad_config_is_refused_before_anything_runs() {
 fn a_second_engine_on_the_same_gpu_waits_for_the_lock() {
     let h = Harness::new();
     let first = start(h.config()).unwrap();
-    let second = Engine::new(h.config()).check_vram().unwrap();
+    let second = Engine::new(h.config().build().unwrap())
+        .check_vram()
+        .unwrap();
     let err = second.try_lock_for(Duration::from_millis(50)).unwrap_err();
     assert!(
         err.to_string()
@@ -380,7 +392,7 @@ fn a_second_engine_on_the_same_gpu_waits_for_the_lock() {
 fn launch_reports_each_kind_of_failure() {
     let h = Harness::new();
     let low = h.shim(&[("NVSMI_GPUS", "100"), ("NVSMI_GPU_COUNT", "200")]);
-    let err = Engine::launch(h.config().nvidia_smi(low)).unwrap_err();
+    let err = Engine::launch(h.config().nvidia_smi(low).build().unwrap()).unwrap_err();
     assert!(matches!(err, EngineError::Vram(_)));
     assert!(
         err.to_string()

@@ -32,11 +32,17 @@ fn start_stop_cycles_leak_nothing() {
     let h = Harness::new();
     let config = h.config().env("FAKE_LLAMA_LOAD_MS", "0");
     // One warm-up cycle, so that lazily created process-wide state is not counted as a leak.
-    Engine::launch(config.clone()).unwrap().shutdown().unwrap();
+    Engine::launch(config.clone().build().unwrap())
+        .unwrap()
+        .shutdown()
+        .unwrap();
     let (fds, thread_count) = (open_fds(), threads());
     let started = Instant::now();
     for _ in 0..cycles {
-        Engine::launch(config.clone()).unwrap().shutdown().unwrap();
+        Engine::launch(config.clone().build().unwrap())
+            .unwrap()
+            .shutdown()
+            .unwrap();
     }
     let per_cycle = started.elapsed() / cycles as u32;
     let pids = h.spawned_pids();

@@ -2,7 +2,7 @@
 use engine_core::{Engine, EngineConfig, KeyframeRecord};
 
 fn main() {
-    let engine = Engine::new(EngineConfig::new("m.gguf", "p.gguf"))
+    let engine = Engine::new(EngineConfig::builder("m.gguf", "p.gguf").build().unwrap())
         .check_vram()
         .unwrap()
         .lock()

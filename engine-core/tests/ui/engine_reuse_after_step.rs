@@ -2,7 +2,7 @@
 use engine_core::{Engine, EngineConfig};
 
 fn main() {
-    let engine = Engine::new(EngineConfig::new("m.gguf", "p.gguf"));
+    let engine = Engine::new(EngineConfig::builder("m.gguf", "p.gguf").build().unwrap());
     let _checked = engine.check_vram();
     let _again = engine.check_vram();
 }

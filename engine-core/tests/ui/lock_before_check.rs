@@ -2,6 +2,6 @@
 use engine_core::{Engine, EngineConfig};
 
 fn main() {
-    let engine = Engine::new(EngineConfig::new("m.gguf", "p.gguf"));
+    let engine = Engine::new(EngineConfig::builder("m.gguf", "p.gguf").build().unwrap());
     let _ = engine.lock();
 }

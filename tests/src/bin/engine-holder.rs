@@ -2,7 +2,8 @@
 //!
 //! - `engine-holder engine GPU SERVER_BIN NVIDIA_SMI MODEL MMPROJ`: starts an engine *from a thread
 //!   that then exits* (PR_SET_PDEATHSIG must not fire on that), prints `server PID`, then `ready`.
-//! - `engine-holder lock GPU`: takes the GPU lock, prints `locked` (or `error: ...`).
+//! - `engine-holder lock GPU [try]`: takes the GPU lock, prints `locked` (or `error: ...`); with
+//!   `try`, gives up after 100 ms.
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
@@ -29,14 +30,14 @@ fn main() {
             let [gpu, server, smi, model, mmproj] = &args[1..] else {
                 panic!("usage: engine GPU SERVER_BIN NVIDIA_SMI MODEL MMPROJ");
             };
-            let config = EngineConfig::new(model, mmproj)
+            let config = EngineConfig::builder(model, mmproj)
                 .port(0)
-                .gpu(gpu.parse().unwrap())
+                .gpu(gpu.parse::<u32>().unwrap())
                 .server_bin(server)
                 .nvidia_smi(smi)
                 .startup_timeout(Duration::from_secs(20));
             // The spawning thread ends here, long before the engine does.
-            let engine = std::thread::spawn(move || Engine::launch(config))
+            let engine = std::thread::spawn(move || Engine::launch(config.build().unwrap()))
                 .join()
                 .unwrap()
                 .expect("engine starts");
@@ -48,7 +49,12 @@ fn main() {
         }
         Some("lock") => {
             let gpu = args[1].parse().unwrap();
-            match engine_core::gpu_lock(gpu) {
+            let guard = if args.get(2).is_some_and(|a| a == "try") {
+                engine_core::try_gpu_lock_for(gpu, Duration::from_millis(100))
+            } else {
+                engine_core::gpu_lock(gpu)
+            };
+            match guard {
                 Ok(guard) => {
                     writeln!(out, "locked").unwrap();
                     out.flush().unwrap();

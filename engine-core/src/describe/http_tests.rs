@@ -55,7 +55,7 @@ async fn describe(
         describe_frame(&client, &options, &frame, &|_| {
             dead.then(|| InferenceError::ServerDied {
                 frame: None,
-                status: "signal 9 (SIGKILL)".into(),
+                status: crate::process::ChildExit::Signal(9),
                 output_tail: String::new(),
             })
         })
@@ -211,7 +211,7 @@ async fn a_refused_connection_from_a_dead_server_says_it_died() {
         let dead = describe_frame(&client, &options, &frame, &|_| {
             Some(InferenceError::ServerDied {
                 frame: None,
-                status: "exit code 1".into(),
+                status: crate::process::ChildExit::Code(1),
                 output_tail: String::new(),
             })
         });

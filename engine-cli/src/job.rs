@@ -1,0 +1,160 @@
+//! Running a planned `describe` job: the engine's lifecycle, every frame in order into the output,
+//! Ctrl-C and SIGTERM honoured from the first moment (while waiting for the GPU lock and while the
+//! model loads too), and the counts for the summary.
+
+use std::ops::ControlFlow;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use engine_core::typestate::Healthy;
+use engine_core::{
+    Engine, EngineConfig, EngineError, InferenceError, KeyframeRecord, LockError, SceneDescription,
+};
+use serde::Serialize;
+
+use crate::output::OrderedLines;
+use crate::plan::{Item, Plan};
+use crate::progress::Progress;
+use crate::summary::Summary;
+
+/// One output line: `{"frame_path","timestamp_s","scene"}` or `{"frame_path","timestamp_s","error"}`.
+#[derive(Serialize)]
+struct Line<'a> {
+    frame_path: &'a str,
+    /// From the record, or from a `_<seconds>s` file name; null when unknown.
+    timestamp_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scene: Option<&'a SceneDescription>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+impl Line<'_> {
+    fn json(&self) -> String {
+        serde_json::to_string(self).expect("a line of strings and numbers serialises")
+    }
+}
+
+/// How the engine could not be brought up.
+pub enum StartError {
+    /// A signal arrived first; everything was cleaned up.
+    Interrupted,
+    Failed(EngineError),
+}
+
+/// Brings the engine up, giving up (cleanly) as soon as `stop` is set.
+pub fn start(config: EngineConfig, stop: &AtomicBool) -> Result<Engine<Healthy>, StartError> {
+    let checked = Engine::new(config)
+        .check_vram()
+        .map_err(|e| StartError::Failed(e.into()))?;
+    let locked = match checked.lock_cancellable(stop) {
+        Ok(locked) => locked,
+        Err(LockError::Cancelled { .. }) => return Err(StartError::Interrupted),
+        Err(e) => return Err(StartError::Failed(e.into())),
+    };
+    match locked.start_cancellable(stop) {
+        Ok(engine) => Ok(engine),
+        Err(InferenceError::StartCancelled) => Err(StartError::Interrupted),
+        Err(e) => Err(StartError::Failed(e.into())),
+    }
+}
+
+/// Describes every item of `plan` with up to `concurrency` in flight, writes the lines in input order,
+/// stops dispatching when `stop` is set, and shuts the engine down.
+pub fn run(engine: Engine<Healthy>, plan: Plan, concurrency: usize, stop: &AtomicBool) -> Summary {
+    let Plan { items, out, .. } = plan;
+    let lines = OrderedLines::new(out);
+    let progress = Progress::new(items.len());
+    let write_error: Mutex<Option<String>> = Mutex::new(None);
+    let finished = AtomicUsize::new(0);
+    let failed = AtomicUsize::new(0);
+    let put = |index: usize, line: String, ok: bool| {
+        if !ok {
+            failed.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(e) = lines.put(index, line, ok) {
+            let mut first = write_error.lock().unwrap_or_else(|p| p.into_inner());
+            first.get_or_insert_with(|| e.to_string());
+            return ControlFlow::Break(());
+        }
+        let n = finished.fetch_add(1, Ordering::Relaxed) + 1;
+        progress.tick(n, failed.load(Ordering::Relaxed));
+        if stop.load(Ordering::Relaxed) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+
+    // Frames whose names JSON cannot hold get their error line without being described.
+    let mut todo = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        match &item.name {
+            Ok(_) => todo.push(index),
+            Err(reason) => {
+                let line = error_line(item, reason.clone());
+                let _ = put(index, line, false);
+            }
+        }
+    }
+    let records: Vec<KeyframeRecord> = todo
+        .iter()
+        .map(|&i| {
+            let frame = &items[i].frame;
+            KeyframeRecord::new(
+                &frame.path,
+                frame.timestamp_s.unwrap_or(f64::NAN),
+                frame.source.clone(),
+            )
+        })
+        .collect();
+    let results = engine.describe_many(&records, concurrency, |k, result| {
+        let item = &items[todo[k]];
+        let name = item.name.as_deref().unwrap_or_default();
+        let line = Line {
+            frame_path: name,
+            timestamp_s: item.frame.timestamp_s,
+            scene: result.as_ref().ok(),
+            error: result.as_ref().err().map(|e| e.to_string()),
+        };
+        put(todo[k], line.json(), result.is_ok())
+    });
+    progress.finish();
+    let dead = results
+        .iter()
+        .any(|r| matches!(r, Err(InferenceError::ServerDied { .. })));
+    match engine.shutdown() {
+        Err(e) if !dead => eprintln!("cinecut-infer: {e}"),
+        Ok(report) if !report.left_running.is_empty() => {
+            let left: Vec<String> = report.left_running.iter().map(|l| l.to_string()).collect();
+            eprintln!(
+                "cinecut-infer: warning: processes of the server could not be stopped: {}",
+                left.join(", ")
+            );
+        }
+        _ => {}
+    }
+    let not_attempted = results
+        .iter()
+        .filter(|r| matches!(r, Err(InferenceError::Cancelled { .. })))
+        .count();
+    let written = lines.written();
+    Summary {
+        total: items.len(),
+        described: written.ok,
+        failed: written.failed,
+        not_attempted,
+        write_error: write_error.into_inner().unwrap_or_else(|p| p.into_inner()),
+        interrupted: stop.load(Ordering::Relaxed),
+    }
+}
+
+fn error_line(item: &Item, reason: String) -> String {
+    Line {
+        frame_path: &item.frame.path.to_string_lossy(),
+        timestamp_s: item.frame.timestamp_s,
+        scene: None,
+        error: Some(reason),
+    }
+    .json()
+}

@@ -1,0 +1,78 @@
+//! The end of a run: what happened to each frame, said in one line, and the exit code that goes with it.
+
+use std::process::ExitCode;
+
+/// Exit code for bad input or a setup failure (nothing described).
+pub const EXIT_SETUP: u8 = 2;
+/// Exit code when some frames failed (or were not attempted, or their lines not written).
+pub const EXIT_FRAMES_FAILED: u8 = 1;
+/// Exit code after SIGINT/SIGTERM (128 + SIGINT, as shells report it).
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// The counts of one run. Only lines actually written count as described or failed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub total: usize,
+    pub described: usize,
+    pub failed: usize,
+    pub not_attempted: usize,
+    /// The first write error, if the output could not be written.
+    pub write_error: Option<String>,
+    pub interrupted: bool,
+}
+
+impl Summary {
+    /// The summary line for stderr.
+    pub fn line(&self) -> String {
+        let unwritten = self.total - self.described - self.failed - self.not_attempted;
+        let mut line = format!(
+            "{} described, {} failed, {} not attempted, of {} frames",
+            self.described, self.failed, self.not_attempted, self.total
+        );
+        if unwritten > 0 {
+            line.push_str(&format!(" ({unwritten} finished but not written)"));
+        }
+        line
+    }
+
+    /// 130 when interrupted; 1 when any frame failed, was not attempted, or its line not written;
+    /// else 0.
+    pub fn exit_code(&self) -> ExitCode {
+        if self.interrupted {
+            ExitCode::from(EXIT_INTERRUPTED)
+        } else if self.write_error.is_some() || self.described < self.total {
+            ExitCode::from(EXIT_FRAMES_FAILED)
+        } else {
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_whose_line_was_not_written_is_not_described() {
+        let summary = Summary {
+            total: 1,
+            write_error: Some("No space left on device".into()),
+            ..Summary::default()
+        };
+        assert_eq!(
+            summary.line(),
+            "0 described, 0 failed, 0 not attempted, of 1 frames (1 finished but not written)"
+        );
+        assert_eq!(summary.exit_code(), ExitCode::from(EXIT_FRAMES_FAILED));
+    }
+
+    #[test]
+    fn all_described_is_success() {
+        let summary = Summary {
+            total: 2,
+            described: 2,
+            ..Summary::default()
+        };
+        assert_eq!(summary.exit_code(), ExitCode::SUCCESS);
+    }
+}
