@@ -26,6 +26,7 @@ pub mod describe;
 mod engine;
 mod error;
 mod gpu_lock;
+mod keeper;
 pub mod process;
 mod random;
 mod scene;

@@ -220,7 +220,10 @@ type Shared = Arc<(Mutex<LeaderState>, Condvar)>;
 /// A running (or finished) child process under supervision.
 #[derive(Debug)]
 pub(crate) struct SupervisedChild {
+    /// Our direct child: the command itself, or its keeper.
     pid: Pid,
+    /// The process that runs the command (the keeper's child), or `pid`.
+    command_pid: u32,
     /// The value of [`TREE_MARKER`] in the tree's environment; `None`: only the leader matters.
     marker: Option<String>,
     state: Shared,
@@ -230,9 +233,10 @@ pub(crate) struct SupervisedChild {
 
 impl SupervisedChild {
     /// Spawns `command` in its own process group with piped output drained into `output` rings (and
-    /// copied to `log` when given). Stdin is closed. With `whole_tree`, every process the child starts
-    /// is marked and stopped with it; without, the child is reaped as soon as it exits (for a probe
-    /// such as nvidia-smi, which starts nothing that outlives it).
+    /// copied to `log` when given). Stdin is closed. With `whole_tree`, the command runs under a
+    /// keeper (our direct child, see keeper.rs) that takes its whole tree down with us, and every
+    /// process of the tree is marked and stopped with it; without, the child is reaped as soon as it
+    /// exits (for a probe such as nvidia-smi, which starts nothing that outlives it).
     pub(crate) fn spawn(
         mut command: Command,
         log: Option<File>,
@@ -248,17 +252,24 @@ impl SupervisedChild {
             .stderr(Stdio::piped())
             .process_group(0);
         let parent = rustix::process::getpid();
-        // SAFETY: the closure only makes two async-signal-safe syscalls (prctl, getppid) and builds an
-        // io::Error on the failure path, as std's own pre_exec users do.
-        unsafe {
-            command.pre_exec(move || {
-                rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
-                // If we died between fork and prctl, the death signal will never come: give up now.
-                if rustix::process::getppid() != Some(parent) {
-                    return Err(io::Error::other("parent exited during spawn"));
-                }
-                Ok(())
-            });
+        if whole_tree {
+            // SAFETY: `split` makes only async-signal-safe calls on stack memory (see keeper.rs).
+            unsafe {
+                command.pre_exec(move || crate::keeper::split(parent));
+            }
+        } else {
+            // SAFETY: the closure only makes two async-signal-safe syscalls (prctl, getppid) and
+            // builds an io::Error on the failure path, as std's own pre_exec users do.
+            unsafe {
+                command.pre_exec(move || {
+                    rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+                    // If we died between fork and prctl, the death signal will never come.
+                    if rustix::process::getppid() != Some(parent) {
+                        return Err(io::Error::other("parent exited during spawn"));
+                    }
+                    Ok(())
+                });
+            }
         }
 
         let state: Shared = Arc::new((Mutex::new(LeaderState::default()), Condvar::new()));
@@ -284,8 +295,16 @@ impl SupervisedChild {
 
         let output = Arc::new(Output::default());
         let log = log.map(|f| Arc::new(Mutex::new(f)));
+        let command_pid = if whole_tree {
+            // The keeper forked the command before our spawn returned (see keeper.rs).
+            first_child(pid.as_raw_nonzero().get() as u32)
+                .unwrap_or(pid.as_raw_nonzero().get() as u32)
+        } else {
+            pid.as_raw_nonzero().get() as u32
+        };
         let mut child = SupervisedChild {
             pid,
+            command_pid,
             marker,
             state,
             output,
@@ -310,9 +329,14 @@ impl SupervisedChild {
         Ok(child)
     }
 
-    /// The child's pid (also its process group id).
+    /// The child's pid (also its process group id): the keeper's, for a whole tree.
     pub(crate) fn pid(&self) -> u32 {
         self.pid.as_raw_nonzero().get() as u32
+    }
+
+    /// The pid of the process that runs the command (under the keeper, for a whole tree).
+    pub(crate) fn command_pid(&self) -> u32 {
+        self.command_pid
     }
 
     /// The captured output.
@@ -338,20 +362,36 @@ impl SupervisedChild {
     /// Sends `signal` to the leader (by pid: it may have left its group), its process group, and
     /// every marked process of its tree, unless the leader has been reaped.
     fn signal_tree(&self, signal: Signal) {
+        let leader = self.pid();
         {
             let guard = lock(&self.state.0);
             if guard.reaped {
                 return;
             }
             // Holding the lock keeps the supervisor from reaping, so the pid and group id are ours.
-            if guard.exit.is_none() {
-                let _ = rustix::process::kill_process(self.pid, signal);
+            if signal != Signal::KILL || self.marker.is_none() {
+                if guard.exit.is_none() {
+                    let _ = rustix::process::kill_process(self.pid, signal);
+                }
+                let _ = rustix::process::kill_process_group(self.pid, signal);
+            } else {
+                // SIGKILL spares the keeper: it reaps the tree as it dies (orphan zombies would
+                // otherwise wait for init), then exits by itself. Each member is signalled through a
+                // pidfd, after its group is checked again.
+                for pid in proc_pids() {
+                    if pid != leader && in_group(pid, leader) {
+                        signal_checked(pid, signal, |p| in_group(p, leader));
+                    }
+                }
             }
-            let _ = rustix::process::kill_process_group(self.pid, signal);
         }
+        // Marked processes that left the group; those in it were signalled once already.
         if let Some(marker) = &self.marker {
+            let escaped = |p: u32| has_marker(p, marker) && !in_group(p, leader);
             for pid in marked_processes(marker) {
-                signal_if_marked(pid, marker, signal);
+                if escaped(pid) {
+                    signal_checked(pid, signal, escaped);
+                }
             }
         }
     }
@@ -404,8 +444,19 @@ impl SupervisedChild {
 
     /// SIGKILLs the tree and waits (at most `wait`) for it to go.
     pub(crate) fn kill_and_wait(&self, wait: Duration) -> Stopped {
+        let deadline = Instant::now() + wait;
         self.signal_tree(Signal::KILL);
-        let gone = self.wait_tree_until(Instant::now() + wait);
+        let mut gone = self.wait_tree_until(Instant::now() + wait / 2);
+        if !gone {
+            // A keeper that did not follow its tree (or a tree that kept growing): no more sparing.
+            let guard = lock(&self.state.0);
+            if !guard.reaped {
+                let _ = rustix::process::kill_process(self.pid, Signal::KILL);
+                let _ = rustix::process::kill_process_group(self.pid, Signal::KILL);
+            }
+            drop(guard);
+            gone = self.wait_tree_until(deadline);
+        }
         self.finish(Escalation::Kill, gone)
     }
 
@@ -572,6 +623,12 @@ fn drain(
     output.mark_closed();
 }
 
+/// The first child of `pid` (from `/proc/PID/task/PID/children`).
+fn first_child(pid: u32) -> Option<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    children.split_whitespace().next()?.parse().ok()
+}
+
 /// Every pid in /proc.
 fn proc_pids() -> Vec<u32> {
     std::fs::read_dir("/proc")
@@ -615,9 +672,14 @@ fn marked_processes(marker: &str) -> Vec<u32> {
         .collect()
 }
 
-/// Signals `pid` through a pidfd opened *before* its marker is checked, so that a pid recycled in
+/// Whether `pid` is in process group `group` (and not a zombie).
+fn in_group(pid: u32, group: u32) -> bool {
+    stat_state_and_group(pid).is_some_and(|(state, pgrp)| pgrp == group && state != 'Z')
+}
+
+/// Signals `pid` through a pidfd opened *before* `still_ours` is checked, so that a pid recycled in
 /// between is never hit: the pidfd keeps naming the process it was opened for.
-fn signal_if_marked(pid: u32, marker: &str, signal: Signal) {
+fn signal_checked(pid: u32, signal: Signal, still_ours: impl Fn(u32) -> bool) {
     let Some(pid_value) = Pid::from_raw(pid as i32) else {
         return;
     };
@@ -625,7 +687,7 @@ fn signal_if_marked(pid: u32, marker: &str, signal: Signal) {
     else {
         return;
     };
-    if has_marker(pid, marker) {
+    if still_ours(pid) {
         let _ = rustix::process::pidfd_send_signal(&pidfd, signal);
     }
 }

@@ -102,7 +102,7 @@ impl Server {
                 }
             }
         })?;
-        tracing::info!(pid = child.pid(), port, program = %program.display(), "llama-server spawned");
+        tracing::info!(pid = child.command_pid(), keeper = child.pid(), port, program = %program.display(), "llama-server spawned");
         let server = Server {
             child,
             client: Client::new(port, &api_key, config.slots()),
@@ -245,8 +245,9 @@ impl Server {
         &self.api_key
     }
 
+    /// The server's pid (the keeper's child).
     pub(crate) fn pid(&self) -> u32 {
-        self.child.pid()
+        self.child.command_pid()
     }
 
     /// If the child has exited (waiting up to `wait` for an exit under way), the error that says so;

@@ -116,6 +116,17 @@ impl Harness {
         path
     }
 
+    /// A `/bin/sh` wrapper that runs the fake server *without* `exec` (as package managers' and
+    /// users' scripts often do): the server is then the shell's child, not ours.
+    pub fn wrapper_without_exec(&self) -> PathBuf {
+        let path = self.dir.path().join("llama-server-wrapper");
+        let script = format!("#!/bin/sh\n'{}' \"$@\"\n", fake_server().display());
+        std::fs::write(&path, script).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
     /// The shim's call log (knob NVSMI_LOG) path.
     pub fn shim_log(&self) -> PathBuf {
         self.dir.path().join("nvsmi.log")
@@ -208,6 +219,26 @@ pub fn shim_uuid(index: u32) -> String {
 pub fn alive(pid: u32) -> bool {
     rustix::process::Pid::from_raw(pid as i32)
         .is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok())
+}
+
+/// Whether `pid` is running: a zombie (dead, waiting for its parent to collect it) holds nothing.
+pub fn running(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')')
+        .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+}
+
+/// Waits (at most 5 s) until `pid` no longer runs. For processes that are not our children (a
+/// server under a wrapper): once dead, their zombie is their parent's or init's to collect.
+pub fn wait_not_running(pid: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while running(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} is still running"
+        );
+        std::thread::yield_now();
+    }
 }
 
 /// Asserts that `pid` is gone.

