@@ -135,7 +135,7 @@ impl State for Healthy {}
 /// ```no_run
 /// use engine_core::{Engine, EngineConfig, KeyframeRecord};
 ///
-/// let config = EngineConfig::new("llava.gguf", "mmproj.gguf");
+/// let config = EngineConfig::builder("llava.gguf", "mmproj.gguf").build()?;
 /// let engine = Engine::new(config)
 ///     .check_vram()?   // Engine<VramOk>
 ///     .lock()?         // Engine<Locked>
@@ -334,7 +334,7 @@ impl Engine<Healthy> {
     ///
     /// ```no_run
     /// # use std::ops::ControlFlow;
-    /// # fn demo(engine: &engine_core::Engine<engine_core::Healthy>, frames: &[engine_core::KeyframeRecord]) {
+    /// # fn demo(engine: &engine_core::Engine<engine_core::typestate::Healthy>, frames: &[engine_core::KeyframeRecord]) {
     /// let results = engine.describe_many(frames, 4, |i, result| {
     ///     eprintln!("frame {i}: {}", if result.is_ok() { "ok" } else { "failed" });
     ///     ControlFlow::Continue(())

@@ -116,6 +116,43 @@ impl Harness {
         path
     }
 
+    /// `cinecut-infer describe` for this harness: the fake server, a healthy shim, this harness's GPU,
+    /// port 0, the fake's events file; `knobs` go into its environment.
+    pub fn describe_command(&self, knobs: &[(&str, &str)]) -> std::process::Command {
+        self.describe_command_on(&self.gpu.to_string(), knobs)
+    }
+
+    /// As [`Harness::describe_command`], with `--gpu gpu`.
+    pub fn describe_command_on(&self, gpu: &str, knobs: &[(&str, &str)]) -> std::process::Command {
+        let log = self.shim_log();
+        let mut cmd = std::process::Command::new(cinecut_infer());
+        cmd.arg("describe")
+            .arg("--model")
+            .arg(&self.model)
+            .arg("--mmproj")
+            .arg(&self.mmproj)
+            .args(["--port", "0", "--gpu", gpu])
+            .env("LLAMA_SERVER", fake_server())
+            .env(
+                "NVIDIA_SMI",
+                self.shim(&[("NVSMI_LOG", log.to_str().unwrap())]),
+            )
+            .env("FAKE_LLAMA_EVENTS", &self.events)
+            .envs(knobs.iter().copied());
+        cmd
+    }
+
+    /// Writes `n` JPEGs named `shot_<i>.<i % 10>0s.jpg` into `frames/` and returns the folder.
+    pub fn frames(&self, n: usize) -> PathBuf {
+        let dir = self.dir.path().join("frames");
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..n {
+            let path = format!("frames/shot_{:03}.{}0s.jpg", i, i % 10);
+            self.jpeg(&path, 32 + i as u32, 24, [40, 40, 200]);
+        }
+        dir
+    }
+
     /// A `/bin/sh` wrapper that runs the fake server *without* `exec` (as package managers' and
     /// users' scripts often do): the server is then the shell's child, not ours.
     pub fn wrapper_without_exec(&self) -> PathBuf {
@@ -212,6 +249,30 @@ pub fn shim_uuid(index: u32) -> String {
         0xc1ec0000u32 + index,
         index
     )
+}
+
+/// Parses JSON lines, failing on any line that is not JSON.
+pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line {l:?}: {e}")))
+        .collect()
+}
+
+/// Waits (at most 30 s, looking every 10 ms) until the file at `path` holds `n` lines.
+pub fn wait_for_lines(path: &Path, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().count() >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never reached {n} lines",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Whether `pid` names a process, zombies included: the engine reaps its children, so a zombie child

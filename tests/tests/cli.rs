@@ -1,48 +1,21 @@
 //! `cinecut-infer` end to end, against the fake server and the shim: the process a user runs.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use assert_cmd::prelude::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tests::{Harness, SHIM_GPUS};
 
-/// `cinecut-infer describe` for this harness: the fake server, a healthy shim, its GPU, port 0.
 fn describe(h: &Harness, knobs: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(tests::cinecut_infer());
-    cmd.arg("describe")
-        .arg("--model")
-        .arg(&h.model)
-        .arg("--mmproj")
-        .arg(&h.mmproj)
-        .args(["--port", "0", "--gpu", &h.gpu.to_string()]);
-    cmd.env("LLAMA_SERVER", tests::fake_server())
-        .env(
-            "NVIDIA_SMI",
-            h.shim(&[("NVSMI_GPU_COUNT", &SHIM_GPUS.to_string())]),
-        )
-        .env("FAKE_LLAMA_EVENTS", &h.events);
-    for (k, v) in knobs {
-        cmd.env(k, v);
-    }
-    cmd
+    h.describe_command(knobs)
 }
 
 fn lines(text: &str) -> Vec<Value> {
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line {l:?}: {e}")))
-        .collect()
+    tests::json_lines(text)
 }
 
 fn frames(h: &Harness, n: usize) -> std::path::PathBuf {
-    let dir = h.dir.path().join("frames");
-    std::fs::create_dir_all(&dir).unwrap();
-    for i in 0..n {
-        let path = format!("frames/shot_{:03}.{}0s.jpg", i, i % 10);
-        h.jpeg(&path, 32 + i as u32, 24, [40, 40, 200]);
-    }
-    dir
+    h.frames(n)
 }
 
 #[test]
@@ -184,18 +157,6 @@ fn bad_input_is_one_line_and_starts_nothing() {
     h.assert_clean();
 }
 
-fn wait_for_lines(path: &Path, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.lines().count() >= n {
-            return;
-        }
-        assert!(Instant::now() < deadline, "output never reached {n} lines");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn sigint_stops_cleanly_and_resume_finishes_the_job() {
     let h = Harness::new();
@@ -210,7 +171,7 @@ fn sigint_stops_cleanly_and_resume_finishes_the_job() {
         .spawn()
         .unwrap();
     // Interrupt once real work is under way (two frames written), as a user's Ctrl-C would.
-    wait_for_lines(&output, 2);
+    tests::wait_for_lines(&output, 2);
     let pid = rustix::process::Pid::from_child(&child);
     rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
     let out = child.wait_with_output().unwrap();
@@ -263,15 +224,13 @@ fn resume_retries_failed_frames_and_drops_a_torn_last_line() {
     let output = h.dir.path().join("out.jsonl");
     let first = dir.join("shot_000.00s.jpg");
     let second = dir.join("shot_001.10s.jpg");
-    std::fs::write(
-        &output,
-        format!(
-            "{{\"frame_path\":{:?},\"timestamp_s\":0.0,\"scene\":{{\"visual_content\":\"v\",\"mood\":\"m\",\"action\":\"a\",\"setting\":\"s\"}}}}\n{{\"frame_path\":{:?},\"error\":\"earlier failure\"}}\n{{\"frame_pa",
-            first.display().to_string(),
-            second.display().to_string()
-        ),
-    )
-    .unwrap();
+    let scene = json!({"visual_content": "v", "mood": "m", "action": "a", "setting": "s"});
+    let earlier = [
+        json!({"frame_path": first, "timestamp_s": 0.0, "scene": scene}),
+        json!({"frame_path": second, "error": "earlier failure"}),
+    ];
+    let text: String = earlier.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&output, text + "{\"frame_pa").unwrap();
     let out = describe(&h, &[])
         .args(["--resume", "--output"])
         .arg(&output)

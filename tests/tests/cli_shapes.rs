@@ -1,0 +1,312 @@
+//! `cinecut-infer` in the shapes users run it in: Ctrl-C at every stage, outputs that are inputs or
+//! shared or full, file names that are not UTF-8, durations out of range, a scheduler's
+//! `CUDA_VISIBLE_DEVICES`, records with relative paths. Each test failed before its fix.
+
+use std::os::unix::ffi::OsStrExt;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal};
+use serde_json::json;
+use tests::{Harness, json_lines};
+
+fn signal(child: &Child, signal: Signal) {
+    rustix::process::kill_process(Pid::from_child(child), signal).unwrap();
+}
+
+/// Waits (bounded) until the fake server wrote `event` to the harness's events file.
+fn wait_for_event(h: &Harness, event: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !h.server_events().iter().any(|e| e["event"] == event) {
+        assert!(
+            Instant::now() < deadline,
+            "the server never reported {event}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn ctrl_c_while_waiting_for_the_gpu_lock_exits_130_and_starts_nothing() {
+    let h = Harness::new();
+    let dir = h.frames(1);
+    let holder = engine_core::gpu_lock(h.gpu).unwrap();
+    let mut child = h
+        .describe_command(&[])
+        .arg(&dir)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The CLI has checked VRAM (the shim ran) and now waits for the lock we hold.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h.shim_pids().is_empty() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The handlers were installed before the check, so the signal is seen whenever it lands.
+    signal(&child, Signal::INT);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(h.spawned_pids().is_empty(), "no server was started");
+    drop(holder);
+    h.assert_clean();
+}
+
+#[test]
+fn ctrl_c_while_the_model_loads_stops_the_server_and_exits_130() {
+    let h = Harness::new();
+    let dir = h.frames(1);
+    let child = h
+        .describe_command(&[("FAKE_LLAMA_LOAD_MS", "60000")])
+        .arg(&dir)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_event(&h, "listening");
+    signal(&child, Signal::TERM);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    // Before, the handlers came after the load: the CLI died by the signal and left the server to
+    // PR_SET_PDEATHSIG, without a stop or a VRAM wait.
+    assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
+    h.assert_clean();
+}
+
+#[test]
+fn a_second_ctrl_c_also_exits_130() {
+    let h = Harness::new();
+    let dir = h.frames(1);
+    let child = h
+        .describe_command(&[
+            ("FAKE_LLAMA_LOAD_MS", "60000"),
+            ("FAKE_LLAMA_SIGTERM", "ignore"),
+        ])
+        .arg(&dir)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_event(&h, "listening");
+    signal(&child, Signal::INT);
+    signal(&child, Signal::INT);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    for pid in h.spawned_pids() {
+        tests::wait_not_running(pid);
+    }
+    tests::assert_lock_free(h.gpu);
+}
+
+#[test]
+fn an_output_that_is_an_input_is_refused_and_left_intact() {
+    let h = Harness::new();
+    let dir = h.frames(2);
+    let records = h.dir.path().join("keyframes.jsonl");
+    let record =
+        json!({"timestamp_s": 1.0, "frame_path": "frames/shot_000.00s.jpg", "source": "cut"});
+    std::fs::write(&records, format!("{record}\n")).unwrap();
+    let image = dir.join("shot_001.10s.jpg");
+    let image_bytes = std::fs::read(&image).unwrap();
+    for (output, input) in [(&records, &records), (&image, &dir)] {
+        let out = h
+            .describe_command(&[])
+            .arg("--output")
+            .arg(output)
+            .arg(input)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("would destroy it"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(&records).unwrap(),
+        format!("{record}\n")
+    );
+    assert_eq!(std::fs::read(&image).unwrap(), image_bytes);
+    assert!(h.spawned_pids().is_empty());
+    h.assert_clean();
+}
+
+#[test]
+fn a_second_writer_of_one_output_is_refused() {
+    let h = Harness::new();
+    let other = Harness::new();
+    let dir = h.frames(6);
+    let output = h.dir.path().join("out.jsonl");
+    let first = h
+        .describe_command(&[("FAKE_LLAMA_LATENCY_MS", "200")])
+        .arg("--output")
+        .arg(&output)
+        .arg(&dir)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    tests::wait_for_lines(&output, 1);
+    // Another run (on another GPU) names the same output while the first writes it.
+    let out = other
+        .describe_command(&[])
+        .arg("--output")
+        .arg(&output)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("being written by another cinecut-infer"));
+    let status = first.wait_with_output().unwrap().status;
+    assert!(status.success());
+    let lines = json_lines(&std::fs::read_to_string(&output).unwrap());
+    assert_eq!(lines.len(), 6, "the first run's output is whole");
+    h.assert_clean();
+    other.assert_clean();
+}
+
+#[test]
+fn a_file_name_that_is_not_utf8_is_an_error_line_not_a_panic() {
+    let h = Harness::new();
+    let dir = h.frames(1);
+    let odd = dir.join(std::ffi::OsStr::from_bytes(b"shot_\xff.jpg"));
+    std::fs::copy(dir.join("shot_000.00s.jpg"), &odd).unwrap();
+    let output = h.dir.path().join("out.jsonl");
+    for resume in [false, true] {
+        let mut cmd = h.describe_command(&[]);
+        if resume {
+            cmd.arg("--resume");
+        }
+        let out = cmd.arg("--output").arg(&output).arg(&dir).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    }
+    let lines = json_lines(&std::fs::read_to_string(&output).unwrap());
+    let odd_line = lines.iter().find(|l| l.get("error").is_some()).unwrap();
+    assert!(odd_line["error"].as_str().unwrap().contains("not UTF-8"));
+    assert_eq!(lines.iter().filter(|l| l["scene"].is_object()).count(), 1);
+    h.assert_clean();
+}
+
+#[test]
+fn durations_out_of_range_are_refused_by_name() {
+    let h = Harness::new();
+    let dir = h.frames(1);
+    for flag in ["--timeout", "--request-timeout"] {
+        for value in ["1e19", "0", "-1", "NaN"] {
+            let out = h
+                .describe_command(&[])
+                .arg(format!("{flag}={value}"))
+                .arg(&dir)
+                .output()
+                .unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{flag} {value}: {}",
+                stderr(&out)
+            );
+            assert!(
+                stderr(&out).contains(&format!("{flag} must be")),
+                "{}",
+                stderr(&out)
+            );
+        }
+    }
+    assert!(h.spawned_pids().is_empty());
+    h.assert_clean();
+}
+
+#[test]
+fn a_full_output_device_is_an_error_and_nothing_is_claimed_described() {
+    let h = Harness::new();
+    let dir = h.frames(1);
+    let out = h
+        .describe_command(&[])
+        .args(["--output", "/dev/full"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(text.contains("0 described"), "{text}");
+    assert!(text.contains("1 finished but not written"), "{text}");
+    assert!(text.contains("writing the output failed"), "{text}");
+    h.assert_clean();
+}
+
+#[test]
+fn a_schedulers_cuda_visible_devices_chooses_the_gpu() {
+    let h = Harness::new();
+    let dir = h.frames(1);
+    // The scheduler gave this job one GPU, named by UUID; `--gpu 0` is the first (only) one it may use.
+    let out = h
+        .describe_command_on("0", &[("CUDA_VISIBLE_DEVICES", &tests::shim_uuid(h.gpu))])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let spawned = &h.server_events()[0];
+    assert_eq!(spawned["cuda_visible_devices"], tests::shim_uuid(h.gpu));
+    // A GPU outside the list is not this job's.
+    let out = h
+        .describe_command_on("1", &[("CUDA_VISIBLE_DEVICES", &h.gpu.to_string())])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("CUDA_VISIBLE_DEVICES="),
+        "{}",
+        stderr(&out)
+    );
+    h.assert_clean();
+}
+
+#[test]
+fn record_paths_are_relative_to_their_file_and_resume_knows_both_spellings() {
+    let h = Harness::new();
+    h.frames(2);
+    let records = h.dir.path().join("keyframes.jsonl");
+    let text: String = ["frames/shot_000.00s.jpg", "./frames//shot_001.10s.jpg"]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            format!(
+                "{}\n",
+                json!({"timestamp_s": i as f64, "frame_path": p, "source": "cut"})
+            )
+        })
+        .collect();
+    std::fs::write(&records, text).unwrap();
+    let output = h.dir.path().join("out.jsonl");
+    // Run from somewhere else: the paths still resolve against the records' folder.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = h
+        .describe_command(&[])
+        .current_dir(elsewhere.path())
+        .arg("--output")
+        .arg(&output)
+        .arg(&records)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The same frames named through the folder instead: nothing left to do.
+    let out = h
+        .describe_command(&[])
+        .current_dir(h.dir.path())
+        .args(["--resume", "--output"])
+        .arg(&output)
+        .arg("./frames/")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("2 of 2 frames already described"),
+        "{}",
+        stderr(&out)
+    );
+    h.assert_clean();
+}
