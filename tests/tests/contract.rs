@@ -356,3 +356,43 @@ fn the_engine_reports_a_taken_port_and_a_missing_model() {
     ));
     tests::assert_lock_free(h.gpu);
 }
+
+#[test]
+fn eight_slots_describe_every_frame() {
+    let h = Harness::new();
+    let t = target(&h);
+    let engine = Engine::launch(engine_config(&h, &t).slots(8).build().unwrap()).unwrap();
+    // The server got the seed's 2048 tokens for each of its 8 slots.
+    let (status, body) = tests::http_get(engine.port(), "/props", Some(engine.api_key()));
+    assert_eq!(status, 200);
+    let props: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(props["total_slots"], 8, "{props}");
+    let frames: Vec<KeyframeRecord> = (0..16)
+        .map(|i| {
+            let rgb = [(i * 15) as u8, 100, 200 - (i * 10) as u8];
+            KeyframeRecord::new(jpeg(&h, &format!("s{i}.jpg"), rgb), f64::from(i), "contract")
+        })
+        .collect();
+    let results = engine.describe_many(&frames, 8, |_, _| std::ops::ControlFlow::Continue(()));
+    for result in &results {
+        assert!(result.is_ok(), "{result:?}");
+    }
+    drop(engine);
+    tests::assert_lock_free(h.gpu);
+}
+
+#[test]
+fn a_request_larger_than_its_slot_is_a_context_error_that_is_not_retried() {
+    let h = Harness::new();
+    let t = target(&h);
+    let engine = Engine::launch(engine_config(&h, &t).ctx_size(64).build().unwrap()).unwrap();
+    let frame = KeyframeRecord::new(jpeg(&h, "big-prompt.jpg", [9, 90, 180]), 0.0, "contract");
+    let err = engine.describe(&frame).unwrap_err();
+    assert!(
+        matches!(err, InferenceError::ContextExhausted { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("raise the context per slot"), "{err}");
+    drop(engine);
+    tests::assert_lock_free(h.gpu);
+}
