@@ -101,9 +101,11 @@ pub fn run(engine: Engine<Healthy>, plan: Plan, concurrency: usize, stop: &Atomi
         .iter()
         .map(|&i| {
             let frame = &items[i].frame;
+            // The engine never reads a record's timestamp; the line takes it from the frame, where
+            // "unknown" stays `None`.
             KeyframeRecord::new(
                 &frame.path,
-                frame.timestamp_s.unwrap_or(f64::NAN),
+                frame.timestamp_s.unwrap_or_default(),
                 frame.source.clone(),
             )
         })

@@ -370,7 +370,11 @@ fn eight_slots_describe_every_frame() {
     let frames: Vec<KeyframeRecord> = (0..16)
         .map(|i| {
             let rgb = [(i * 15) as u8, 100, 200 - (i * 10) as u8];
-            KeyframeRecord::new(jpeg(&h, &format!("s{i}.jpg"), rgb), f64::from(i), "contract")
+            KeyframeRecord::new(
+                jpeg(&h, &format!("s{i}.jpg"), rgb),
+                f64::from(i),
+                "contract",
+            )
         })
         .collect();
     let results = engine.describe_many(&frames, 8, |_, _| std::ops::ControlFlow::Continue(()));
@@ -392,7 +396,10 @@ fn a_request_larger_than_its_slot_is_a_context_error_that_is_not_retried() {
         matches!(err, InferenceError::ContextExhausted { .. }),
         "{err:?}"
     );
-    assert!(err.to_string().contains("raise the context per slot"), "{err}");
+    assert!(
+        err.to_string().contains("raise the context per slot"),
+        "{err}"
+    );
     drop(engine);
     tests::assert_lock_free(h.gpu);
 }
