@@ -145,6 +145,17 @@ fn two_processes_serialise_on_one_gpu_but_not_on_two() {
     tests::assert_lock_free(h.gpu);
 }
 
+/// What a holder process says when it takes the lock for GPU 0 in `dir` (`locked`, or the error).
+fn lock_line(dir: &std::path::Path) -> String {
+    let mut holder = Holder::spawn(
+        &["lock", "0"],
+        &[("CINECUT_LOCK_DIR", dir.to_str().unwrap())],
+    );
+    let line = holder.line();
+    holder.release();
+    line
+}
+
 #[test]
 fn the_lock_folder_must_not_be_a_symlink() {
     let h = Harness::new();
@@ -152,34 +163,22 @@ fn the_lock_folder_must_not_be_a_symlink() {
     std::fs::create_dir(&real).unwrap();
     let link = h.dir.path().join("link");
     std::os::unix::fs::symlink(&real, &link).unwrap();
-    let mut holder = Holder::spawn(
-        &["lock", "0"],
-        &[("CINECUT_LOCK_DIR", link.to_str().unwrap())],
-    );
-    let line = holder.line();
+    let line = lock_line(&link);
     assert!(
         line.starts_with("error: refusing the GPU lock folder"),
         "{line}"
     );
     assert!(line.contains("it is a symlink"), "{line}");
-    holder.release();
     // A fresh folder of the user's choosing is created private (0700); lock files are 0644 so that
     // anyone allowed into the folder can flock them.
     let fresh = h.dir.path().join("fresh");
-    let mut holder = Holder::spawn(
-        &["lock", "0"],
-        &[("CINECUT_LOCK_DIR", fresh.to_str().unwrap())],
-    );
-    assert_eq!(holder.line(), "locked");
+    assert_eq!(lock_line(&fresh), "locked");
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
-    let file_mode = std::fs::metadata(fresh.join("gpu-0.lock"))
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
-    holder.release();
-    assert_eq!((mode, file_mode), (0o700, 0o644));
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        (mode(&fresh), mode(&fresh.join("gpu-0.lock"))),
+        (0o700, 0o644)
+    );
 }
 
 #[test]
@@ -189,37 +188,22 @@ fn unsafe_shared_or_foreign_lock_folders_are_refused_with_the_fix() {
     let shared = h.dir.path().join("shared");
     std::fs::create_dir(&shared).unwrap();
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let mut holder = Holder::spawn(
-        &["lock", "0"],
-        &[("CINECUT_LOCK_DIR", shared.to_str().unwrap())],
-    );
-    let line = holder.line();
+    let line = lock_line(&shared);
     assert!(
         line.contains("writable by everyone but not sticky"),
         "{line}"
     );
     assert!(line.contains("chmod +t"), "{line}");
-    holder.release();
     // Sticky, it is a fine place to meet.
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
-    let mut holder = Holder::spawn(
-        &["lock", "0"],
-        &[("CINECUT_LOCK_DIR", shared.to_str().unwrap())],
-    );
-    assert_eq!(holder.line(), "locked");
-    holder.release();
+    assert_eq!(lock_line(&shared), "locked");
     // A private folder of another user is not ours to use (needs root to build).
     if rustix::process::geteuid().is_root() {
         let foreign = h.dir.path().join("foreign");
         std::fs::create_dir(&foreign).unwrap();
         std::os::unix::fs::chown(&foreign, Some(4242), None).unwrap();
-        let mut holder = Holder::spawn(
-            &["lock", "0"],
-            &[("CINECUT_LOCK_DIR", foreign.to_str().unwrap())],
-        );
-        let line = holder.line();
+        let line = lock_line(&foreign);
         assert!(line.contains("private to uid 4242"), "{line}");
-        holder.release();
     }
 }
 

