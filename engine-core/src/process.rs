@@ -788,6 +788,47 @@ mod tests {
         }
     }
 
+    #[test]
+    fn what_even_sigkill_does_not_end_is_reported_not_waited_for() {
+        // A spawner outside the group and without the marker keeps starting marked processes: each
+        // sweep kills the ones it finds, new ones keep coming. The stop must still end, and say so.
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "M=$CINECUT_ENGINE_TREE; setsid env -i M=$M /bin/sh -c \
+             'echo spawner $$; while :; do env CINECUT_ENGINE_TREE=$M sleep 30 & sleep 0.02; done' & \
+             exec sleep 30",
+        ]);
+        let child = SupervisedChild::spawn(cmd, None, true).unwrap();
+        // The spawner speaks once it has left the group (before, a stop could catch it still inside).
+        wait_for_output(&child, "\n");
+        let said = lock(&child.output.stdout).text();
+        let spawner: u32 = said
+            .trim()
+            .strip_prefix("spawner ")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let started = Instant::now();
+        let stopped = child.stop(Duration::from_millis(100));
+        let took = started.elapsed();
+        // Kill the spawner and what it left ourselves before asserting, so nothing stays behind.
+        let _ = rustix::process::kill_process(Pid::from_raw(spawner as i32).unwrap(), Signal::KILL);
+        let marker = child.marker.clone().unwrap();
+        for pid in marked_processes(&marker) {
+            signal_checked(pid, Signal::KILL, |p| has_marker(p, &marker));
+        }
+        assert!(took < Duration::from_secs(10), "the stop took {took:?}");
+        assert_eq!(stopped.escalation, Escalation::Kill);
+        assert!(!stopped.left_running.is_empty(), "{stopped:?}");
+        assert!(
+            stopped
+                .left_running
+                .iter()
+                .all(|l| l.to_string().contains("state"))
+        );
+    }
+
     /// Waits (bounded) until the child has printed `needle` on stdout: the child's own signal that it
     /// reached a point, not a guess at how long that takes.
     fn wait_for_output(child: &SupervisedChild, needle: &str) {
