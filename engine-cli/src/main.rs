@@ -12,21 +12,25 @@ mod plan;
 mod progress;
 mod summary;
 
+use std::io;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use engine_core::{DescribeOptions, EngineConfig, GpuId, VRAM_MINIMUM_MIB};
 
 use summary::{EXIT_INTERRUPTED, EXIT_SETUP};
 
+/// `--version`: the crate's version and the commit it was built from.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("CINECUT_COMMIT"), ")");
+
 #[derive(Debug, Parser)]
 #[command(
     name = "cinecut-infer",
-    version,
+    version = VERSION,
     about = "Describe film keyframes with a local LLaVA llama-server"
 )]
 struct Cli {
@@ -40,6 +44,14 @@ enum Command {
     Describe(DescribeArgs),
     /// Run only the VRAM check: print each GPU's free memory and whether the engine would start.
     Check(CheckArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout; `cargo xtask dist` writes it to target/dist.
+    #[command(hide = true)]
+    Manpage,
 }
 
 #[derive(Debug, Args)]
@@ -117,6 +129,19 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Describe(args) => describe(args),
         Command::Check(args) => check::check(&args.gpu, args.min_vram),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "cinecut-infer",
+                &mut io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Manpage => match clap_mangen::Man::new(Cli::command()).render(&mut io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(format!("cannot write the man page: {e}")),
+        },
     }
 }
 
