@@ -254,7 +254,7 @@ impl Engine<Locked> {
         } else {
             reading.uuid.clone()
         };
-        let server = match Server::start(&self.config, &visible, cancel) {
+        let server = match Server::start(&self.config, &visible, guard.raw_fd(), cancel) {
             Ok(server) => server,
             Err(e) => {
                 // A start that died of "CUDA error: out of memory" may still hold VRAM a moment.

@@ -1,18 +1,9 @@
 //! The GPU lock: one lock per GPU for all GPU work, within this process and across every process of
-//! every user on the machine.
+//! every user on the machine. The protocol is documented on the public [`crate::lock`] module.
 //!
 //! Within the process a GPU is held by at most one [`GpuGuard`] at a time (the seed's `GPU_LOCK`, made
-//! per GPU). Across processes the holder keeps an exclusive `flock(2)` on `gpu-<index>.lock` (the
-//! nvidia-smi index) in one folder that everyone meets in: `$CINECUT_LOCK_DIR` if set, else the
-//! first of `/run/lock`, `/var/lock`, `/tmp` that exists, with `cinecut/` below it, created sticky and
-//! world-writable (`1777`, as `/tmp` is) so that any user can add a lock file and nobody can remove
-//! another's. Lock files are `0644`: anyone can open them to `flock`. A shell stage takes the same
-//! lock with `flock /run/lock/cinecut/gpu-0.lock CMD`. The kernel drops a `flock` when its holder
-//! dies, so a crashed process never leaves a GPU locked.
-//!
-//! A folder that is not safe to meet in is refused: a symlink (it could lead anywhere), a shared
-//! (world-writable) folder without the sticky bit (anyone could swap the lock files), or a private
-//! folder owned by someone else.
+//! per GPU), so that only one thread per GPU ever waits on the file. Across processes the holder keeps
+//! an exclusive `flock(2)` on the GPU's lock file.
 
 use std::collections::BTreeSet;
 use std::fs::{self, DirBuilder, File, OpenOptions, TryLockError};
@@ -52,6 +43,12 @@ impl GpuGuard {
     /// The lock file this guard holds.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The lock file's descriptor, for the server's keeper to hold until the server's tree is gone.
+    pub(crate) fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.file.as_ref().map(|f| f.as_raw_fd())
     }
 }
 
@@ -130,7 +127,7 @@ impl Wait<'_> {
 
 fn acquire(gpu: u32, wait: Wait<'_>) -> Result<GpuGuard, LockError> {
     let started = Instant::now();
-    let path = lock_dir().map(|dir| dir.join(format!("gpu-{gpu}.lock")));
+    let path = lock_file_path(gpu);
     let gave_up = |path: PathBuf| match wait {
         Wait::Cancellable(_) => LockError::Cancelled {
             gpu,
@@ -168,30 +165,37 @@ fn acquire(gpu: u32, wait: Wait<'_>) -> Result<GpuGuard, LockError> {
     };
     let path = path?;
     guard.path = path.clone();
-    let (file, writable) = open_lock_file(&path)?;
-    if let Wait::Forever = wait {
-        file.lock().map_err(|source| LockError::File {
-            path: path.clone(),
-            source,
-        })?;
-    } else {
-        let mut pause = Duration::from_micros(200);
-        loop {
-            match file.try_lock() {
-                Ok(()) => break,
-                Err(TryLockError::WouldBlock) => {}
-                Err(TryLockError::Error(source)) => {
-                    return Err(LockError::File { path, source });
+    let (file, writable) = loop {
+        let (file, writable) = open_lock_file(&path)?;
+        if let Wait::Forever = wait {
+            file.lock().map_err(|source| LockError::File {
+                path: path.clone(),
+                source,
+            })?;
+        } else {
+            let mut pause = Duration::from_micros(200);
+            loop {
+                match file.try_lock() {
+                    Ok(()) => break,
+                    Err(TryLockError::WouldBlock) => {}
+                    Err(TryLockError::Error(source)) => {
+                        return Err(LockError::File { path, source });
+                    }
                 }
+                let Some(slice) = wait.next_slice() else {
+                    return Err(gave_up(path));
+                };
+                // Another process holds it; flock has no timed wait, so retry with a capped backoff.
+                std::thread::sleep(pause.min(slice));
+                pause = (pause * 2).min(Duration::from_millis(20));
             }
-            let Some(slice) = wait.next_slice() else {
-                return Err(gave_up(path));
-            };
-            // Another process holds it; flock has no timed wait, so retry with a capped backoff.
-            std::thread::sleep(pause.min(slice));
-            pause = (pause * 2).min(Duration::from_millis(20));
         }
-    }
+        // The file we locked must still be the one at the path: if it was removed or replaced
+        // meanwhile (a cleaner of old files, say), another process may lock the new one. Start over.
+        if still_at(&file, &path) {
+            break (file, writable);
+        }
+    };
     if writable {
         record_holder(&file);
     }
@@ -209,13 +213,30 @@ fn record_holder(mut file: &File) {
 
 /// The pid recorded in a lock file, if any (diagnostics only).
 pub fn lock_holder(gpu: u32) -> Option<u32> {
-    let path = lock_dir().ok()?.join(format!("gpu-{gpu}.lock"));
     let mut text = String::new();
-    File::open(path).ok()?.read_to_string(&mut text).ok()?;
+    File::open(lock_file_path(gpu).ok()?)
+        .ok()?
+        .read_to_string(&mut text)
+        .ok()?;
     text.trim().parse().ok()
 }
 
-/// Opens (creating `0644`) a lock file, never through a symlink. Another user's lock file opens
+/// `cinecut-gpu-<index>.lock` in the lock folder: the file every GPU user on the machine meets on.
+pub fn lock_file_path(gpu: u32) -> Result<PathBuf, LockError> {
+    lock_dir().map(|dir| dir.join(format!("cinecut-gpu-{gpu}.lock")))
+}
+
+/// Whether `file` is still the file at `path` (same device and inode).
+fn still_at(file: &File, path: &Path) -> bool {
+    match (file.metadata(), fs::symlink_metadata(path)) {
+        (Ok(ours), Ok(there)) => (ours.dev(), ours.ino()) == (there.dev(), there.ino()),
+        _ => false,
+    }
+}
+
+/// Opens (creating `0644`) a lock file: never through a symlink, never blocking (a FIFO in its
+/// place would hang `open`), and only if it is a regular file with one link (the holder truncates
+/// it to write its pid: a hard link would truncate some other file). Another user's lock file opens
 /// read-only, which is all `flock` needs. Returns the file and whether it is writable.
 fn open_lock_file(path: &Path) -> Result<(File, bool), LockError> {
     let open = |write: bool| {
@@ -225,75 +246,70 @@ fn open_lock_file(path: &Path) -> Result<(File, bool), LockError> {
             .create(write)
             .truncate(false)
             .mode(0o644)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .custom_flags(
+                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
+            )
             .open(path)
     };
     let error = |source| LockError::File {
         path: path.to_path_buf(),
         source,
     };
-    match open(true) {
-        Ok(file) => {
-            // A umask of 077 would leave it 0600, and other users could not flock it.
-            if file.metadata().is_ok_and(|m| m.uid() == euid()) {
-                let _ = file.set_permissions(fs::Permissions::from_mode(0o644));
-            }
-            Ok((file, true))
-        }
+    let (file, writable) = match open(true) {
+        Ok(file) => (file, true),
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-            open(false).map(|f| (f, false)).map_err(error)
+            (open(false).map_err(error)?, false)
         }
-        Err(e) => Err(error(e)),
+        Err(e) => return Err(error(e)),
+    };
+    let meta = file.metadata().map_err(error)?;
+    if !meta.is_file() || meta.nlink() != 1 {
+        return Err(LockError::UnsafeDir {
+            path: path.to_path_buf(),
+            reason: if meta.is_file() {
+                format!("the lock file has {} hard links", meta.nlink())
+            } else {
+                "the lock file is not a regular file".into()
+            },
+            fix: format!("remove {} (it is recreated as needed)", path.display()),
+        });
     }
+    // A umask of 077 would leave it 0600, and other users could not open it.
+    if writable && meta.uid() == euid() {
+        let _ = file.set_permissions(fs::Permissions::from_mode(0o644));
+    }
+    Ok((file, writable))
 }
 
 fn euid() -> u32 {
     rustix::process::geteuid().as_raw()
 }
 
-/// The folder that holds the lock files: `$CINECUT_LOCK_DIR`, else `cinecut/` in the first of
-/// `/run/lock`, `/var/lock`, `/tmp` that exists (created `1777`). Refused if unsafe.
+/// The folder that holds the lock files: `$CINECUT_LOCK_DIR` (created `0700` if missing), else the
+/// first of `/run/lock`, `/var/lock`, `/tmp` that exists. Refused if unsafe to meet in.
 pub fn lock_dir() -> Result<PathBuf, LockError> {
-    if let Some(dir) = std::env::var_os("CINECUT_LOCK_DIR").filter(|v| !v.is_empty()) {
-        let dir = PathBuf::from(dir);
-        // A folder of the user's choosing that does not exist yet is theirs alone.
-        create_dir(&dir, 0o700)?;
-        check_dir(&dir)?;
-        return Ok(dir);
-    }
-    let base = ["/run/lock", "/var/lock", "/tmp"]
-        .into_iter()
-        .map(Path::new)
-        .find(|p| p.is_dir())
-        .unwrap_or(Path::new("/tmp"));
-    let dir = base.join("cinecut");
-    if create_dir(&dir, 0o777)? {
-        // mkdir's mode passes through the umask; the sticky bit needs chmod anyway.
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777)).map_err(|source| {
-            LockError::File {
-                path: dir.clone(),
-                source,
-            }
-        })?;
-    }
+    let dir = match std::env::var_os("CINECUT_LOCK_DIR").filter(|v| !v.is_empty()) {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            // A folder of the user's choosing that does not exist yet is theirs alone.
+            create_dir(&dir)?;
+            dir
+        }
+        None => ["/run/lock", "/var/lock", "/tmp"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_dir())
+            .unwrap_or_else(|| PathBuf::from("/tmp")),
+    };
     check_dir(&dir)?;
     Ok(dir)
 }
 
-/// Creates `dir` (and its parents) with `mode`; returns whether this call created it.
-fn create_dir(dir: &Path, mode: u32) -> Result<bool, LockError> {
-    match DirBuilder::new().mode(mode).create(dir) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => DirBuilder::new()
-            .recursive(true)
-            .mode(mode)
-            .create(dir)
-            .map(|()| true)
-            .map_err(|source| LockError::File {
-                path: dir.to_path_buf(),
-                source,
-            }),
+/// Creates `dir` (and its parents) private (`0700`) if it is missing.
+fn create_dir(dir: &Path) -> Result<(), LockError> {
+    match DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         Err(source) => Err(LockError::File {
             path: dir.to_path_buf(),
             source,
@@ -301,12 +317,14 @@ fn create_dir(dir: &Path, mode: u32) -> Result<bool, LockError> {
     }
 }
 
-/// Refuses a lock folder that is not safe to meet in.
+/// Refuses a lock folder that is not safe to meet in. A shared folder (writable by group or others)
+/// must be sticky, so that nobody can remove another's lock file, and owned by root or by us, since
+/// a sticky folder's owner may remove any file in it.
 fn check_dir(dir: &Path) -> Result<(), LockError> {
-    let unsafe_dir = |reason: String, fix: &str| LockError::UnsafeDir {
+    let unsafe_dir = |reason: String, fix: String| LockError::UnsafeDir {
         path: dir.to_path_buf(),
         reason,
-        fix: fix.to_string(),
+        fix,
     };
     let meta = fs::symlink_metadata(dir).map_err(|source| LockError::File {
         path: dir.to_path_buf(),
@@ -315,37 +333,44 @@ fn check_dir(dir: &Path) -> Result<(), LockError> {
     if meta.file_type().is_symlink() {
         return Err(unsafe_dir(
             "it is a symlink, which could lead anywhere".into(),
-            "point CINECUT_LOCK_DIR at the real folder",
+            "point CINECUT_LOCK_DIR at the real folder".into(),
         ));
     }
     if !meta.is_dir() {
         return Err(unsafe_dir(
             "it is not a folder".into(),
-            "remove what is in the way, or set CINECUT_LOCK_DIR to a folder",
+            "remove what is in the way, or set CINECUT_LOCK_DIR to a folder".into(),
         ));
     }
     let mode = meta.mode();
-    let shared = mode & 0o002 != 0;
-    if shared && mode & 0o1000 == 0 {
+    let owner = meta.uid();
+    let trusted_owner = owner == 0 || owner == euid();
+    if mode & 0o022 != 0 {
+        if mode & 0o1000 == 0 {
+            return Err(unsafe_dir(
+                format!(
+                    "others can write to it but it is not sticky (mode {:o})",
+                    mode & 0o7777
+                ),
+                format!(
+                    "run `chmod +t {}` so nobody can remove another's lock files",
+                    dir.display()
+                ),
+            ));
+        }
+        if !trusted_owner {
+            return Err(unsafe_dir(
+                format!(
+                    "it is shared but owned by uid {owner}, who could remove anyone's lock files"
+                ),
+                "use a shared folder owned by root (as /run/lock and /tmp are), or one of your own"
+                    .into(),
+            ));
+        }
+    } else if !trusted_owner {
         return Err(unsafe_dir(
-            format!(
-                "it is writable by everyone but not sticky (mode {:o})",
-                mode & 0o7777
-            ),
-            &format!(
-                "run `chmod +t {}` so nobody can remove another's lock files",
-                dir.display()
-            ),
-        ));
-    }
-    if !shared && meta.uid() != euid() && meta.uid() != 0 {
-        return Err(unsafe_dir(
-            format!(
-                "it is private to uid {}, not to us (uid {})",
-                meta.uid(),
-                euid()
-            ),
-            "use a folder of your own, or a shared sticky one (chmod 1777)",
+            format!("it is private to uid {owner}, not to us (uid {})", euid()),
+            "use a folder of your own, or a shared sticky one owned by root".into(),
         ));
     }
     Ok(())

@@ -11,37 +11,56 @@
 //!
 //! It runs between fork and exec of a multi-threaded process: only async-signal-safe system calls,
 //! no allocation, no locks. The keeper ignores SIGTERM/SIGINT/SIGHUP (a stop's SIGTERM to the group is
-//! for the server); the server gets default dispositions back before its exec.
+//! for the server), blocks and waits for its two signals whatever mask it inherited, and writes no
+//! core file; the server gets default dispositions and an empty signal mask back before its exec.
 
 use std::io;
+use std::os::fd::RawFd;
 
 use rustix::process::Pid;
 
-/// The keeper's parent-death signal: it only interrupts the keeper's wait.
+/// The keeper's parent-death signal. Blocked and collected with `sigtimedwait`, with SIGCHLD, so that
+/// neither can be lost between a check and the wait.
 const PARENT_DIED: libc::c_int = libc::SIGUSR2;
 
-extern "C" fn wake(_: libc::c_int) {}
+/// How long the keeper waits before it looks again anyway (a safety net: nothing is polled for).
+const RECHECK: libc::timespec = libc::timespec {
+    tv_sec: 1,
+    tv_nsec: 0,
+};
+
+/// An error that needs no allocation (between fork and exec, none is allowed).
+fn os_error(code: libc::c_int) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+fn last_error() -> io::Error {
+    io::Error::last_os_error()
+}
 
 /// Called in the forked child before exec. Returns in the process that goes on to exec the server;
-/// in the keeper it never returns.
+/// in the keeper it never returns. `keep_fd` (the GPU lock's file, say) stays open in the keeper, so
+/// that what it holds is released only when the keeper has ended the tree.
 ///
 /// # Safety
 /// Only between fork and exec (std's `pre_exec`), where the child has one thread.
-pub(crate) unsafe fn split(parent: Pid) -> io::Result<()> {
+pub(crate) unsafe fn split(parent: Pid, keep_fd: Option<RawFd>) -> io::Result<()> {
     // SAFETY (whole function): raw libc calls that are async-signal-safe; every buffer is on the stack.
     unsafe {
         if libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0 {
-            return Err(io::Error::last_os_error());
+            return Err(last_error());
         }
         for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
             libc::signal(signal, libc::SIG_IGN);
         }
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = wake as extern "C" fn(libc::c_int) as usize;
-        // No SA_RESTART: the signal must end the keeper's wait.
-        action.sa_flags = 0;
-        libc::sigemptyset(&mut action.sa_mask);
-        libc::sigaction(PARENT_DIED, &action, std::ptr::null_mut());
+        // Whatever mask we inherited, the keeper's two signals are blocked and collected by
+        // sigtimedwait; everything else is as it was.
+        let mut waited: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut waited);
+        libc::sigaddset(&mut waited, PARENT_DIED);
+        libc::sigaddset(&mut waited, libc::SIGCHLD);
+        let mut inherited: libc::sigset_t = std::mem::zeroed();
+        libc::sigprocmask(libc::SIG_BLOCK, &waited, &mut inherited);
         if libc::prctl(
             libc::PR_SET_PDEATHSIG,
             PARENT_DIED as libc::c_ulong,
@@ -50,18 +69,21 @@ pub(crate) unsafe fn split(parent: Pid) -> io::Result<()> {
             0,
         ) != 0
         {
-            return Err(io::Error::last_os_error());
+            return Err(last_error());
         }
         let keeper = libc::getpid();
         let server = libc::fork();
         if server < 0 {
-            return Err(io::Error::last_os_error());
+            return Err(last_error());
         }
         if server == 0 {
-            // The server: it dies with the keeper, and gets the default dispositions back.
+            // The server: it dies with the keeper, and gets default dispositions and an empty mask.
             for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, PARENT_DIED] {
                 libc::signal(signal, libc::SIG_DFL);
             }
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             if libc::prctl(
                 libc::PR_SET_PDEATHSIG,
                 libc::SIGKILL as libc::c_ulong,
@@ -70,41 +92,79 @@ pub(crate) unsafe fn split(parent: Pid) -> io::Result<()> {
                 0,
             ) != 0
             {
-                return Err(io::Error::last_os_error());
+                return Err(last_error());
             }
             if libc::getppid() != keeper {
-                return Err(io::Error::other("keeper exited during spawn"));
+                return Err(os_error(libc::ESRCH));
             }
             return Ok(());
         }
-        // The keeper holds a copy of the spawn's exec-status pipe; our spawn waits until every copy
-        // is closed, so close every descriptor it does not need (it needs none beyond 0-2).
-        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
-            for fd in 3..4096 {
-                libc::close(fd);
+        // In `ps` the keeper is a copy of our command line; its name at least says what it is.
+        libc::prctl(libc::PR_SET_NAME, c"cinecut-keeper".as_ptr(), 0, 0, 0);
+        // No core file of ours if the keeper re-raises the server's SIGSEGV or SIGABRT.
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+        close_all_but(keep_fd);
+        keep(parent.as_raw_nonzero().get(), server, &waited)
+    }
+}
+
+/// Closes every descriptor from 3 up except `keep`. The keeper holds a copy of the spawn's
+/// exec-status pipe, and our spawn waits until every copy is closed.
+unsafe fn close_all_but(keep: Option<RawFd>) {
+    // SAFETY: async-signal-safe libc calls only.
+    unsafe {
+        let close_range = |from: u32, to: u32| {
+            if from <= to && libc::syscall(libc::SYS_close_range, from, to, 0u32) != 0 {
+                // Kernels before 5.9: close one by one, up to the descriptor limit.
+                let mut limit: libc::rlimit = std::mem::zeroed();
+                let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                    limit.rlim_cur.min(1 << 20) as u32
+                } else {
+                    65536
+                };
+                for fd in from..=to.min(max) {
+                    libc::close(fd as libc::c_int);
+                }
             }
+        };
+        match keep {
+            Some(fd) if fd >= 3 => {
+                close_range(3, fd as u32 - 1);
+                close_range(fd as u32 + 1, u32::MAX);
+            }
+            _ => close_range(3, u32::MAX),
         }
-        keep(parent.as_raw_nonzero().get(), server)
     }
 }
 
 /// The keeper's life: reap children; when the server's tree is gone, exit as the server did; when
-/// our parent is gone, kill the tree first.
-unsafe fn keep(parent: libc::pid_t, server: libc::pid_t) -> ! {
+/// our parent is gone, kill the tree first. Every wait ends on a signal or after [`RECHECK`].
+unsafe fn keep(parent: libc::pid_t, server: libc::pid_t, waited: &libc::sigset_t) -> ! {
     // SAFETY: async-signal-safe libc calls only (see `split`).
     unsafe {
-        // If our parent died before PR_SET_PDEATHSIG took effect, no signal will come.
-        let mut orphaned = libc::getppid() != parent;
         let mut server_status: Option<libc::c_int> = None;
         loop {
-            let mut status: libc::c_int = 0;
-            if orphaned {
-                // Kill, reap what died, look again: orphans keep arriving while their parents die.
-                kill_children();
+            // Reap whatever has ended.
+            loop {
+                let mut status: libc::c_int = 0;
                 let pid = libc::waitpid(-1, &mut status, libc::WNOHANG);
-                if pid < 0 && *libc::__errno_location() == libc::ECHILD {
-                    libc::_exit(1);
+                if pid == server {
+                    server_status = Some(status);
+                } else if pid == 0 {
+                    break;
+                } else if pid < 0 {
+                    // No children left: the tree is gone.
+                    exit_like(server_status.unwrap_or(0));
                 }
+            }
+            if libc::getppid() != parent {
+                // Our parent died (even before PR_SET_PDEATHSIG took effect): end the tree. Orphans
+                // keep arriving while their parents die, so kill and reap until none are left.
+                kill_children();
                 let pause = libc::timespec {
                     tv_sec: 0,
                     tv_nsec: 1_000_000,
@@ -112,16 +172,7 @@ unsafe fn keep(parent: libc::pid_t, server: libc::pid_t) -> ! {
                 libc::nanosleep(&pause, std::ptr::null_mut());
                 continue;
             }
-            let pid = libc::waitpid(-1, &mut status, 0);
-            if pid == server {
-                server_status = Some(status);
-            } else if pid < 0 {
-                match *libc::__errno_location() {
-                    libc::EINTR => orphaned = libc::getppid() != parent,
-                    // No children left: the tree is gone.
-                    _ => exit_like(server_status.unwrap_or(0)),
-                }
-            }
+            libc::sigtimedwait(waited, std::ptr::null_mut(), &RECHECK);
         }
     }
 }

@@ -17,7 +17,7 @@
 //!
 //! The root holds what a user of the engine needs; the rest lives in named modules:
 //! [`typestate`] (the lifecycle states), [`vram`] (the nvidia-smi probe, its parser, the choice of
-//! GPU), [`lock`] (where the GPU lock files are), [`describe`] (the request and answer parsing),
+//! GPU), [`lock`] (the GPU lock's protocol and files), [`describe`] (the request and answer parsing),
 //! [`process`] (how a child ended and how its stop went).
 
 mod client;
@@ -52,8 +52,25 @@ pub mod typestate {
     pub use crate::engine::{Healthy, Locked, State, Unchecked, VramOk};
 }
 
-/// Where the GPU lock files are, and who holds one: for people and scripts that meet the engine
-/// on the same lock (see [`crate::gpu_lock`] for the protocol).
+/// The GPU lock's protocol, for people and programs that meet the engine on the same lock.
+///
+/// One lock per GPU for all GPU work, in-process and across every process of every user on the
+/// machine: an exclusive `flock(2)` on `cinecut-gpu-<index>.lock` (`index`: the nvidia-smi index, as
+/// [`crate::gpu_lock`] takes it) in the lock folder, held for the whole GPU job. The kernel drops a
+/// `flock` when its holder dies, so a crashed process never leaves a GPU locked; an engine's server
+/// keeper holds it until the server's tree is gone, even when the engine was SIGKILLed.
+///
+/// - The folder ([`lock_dir`]): `$CINECUT_LOCK_DIR` if set (created `0700` if missing), else the first
+///   of `/run/lock`, `/var/lock`, `/tmp` that exists: sticky, world-writable and owned by root, so any
+///   user may add a lock file and nobody may remove another's.
+/// - Refused, with the fix in the error: a symlink; a folder others can write that is not sticky, or
+///   is owned by another user than root or us (a sticky folder's owner may remove any file in it); a
+///   private folder of another user; a lock file that is not a regular file or has hard links.
+/// - Lock files are created `0644`: anyone can open them read-only, which is all `flock` needs. The
+///   holder writes its pid into the file when it can ([`lock_holder`]). A lock taken on a file that
+///   was removed or replaced meanwhile is taken again on the new one.
+///
+/// From a shell: `flock /run/lock/cinecut-gpu-0.lock ffmpeg ...` waits while an engine holds GPU 0.
 pub mod lock {
-    pub use crate::gpu_lock::{lock_dir, lock_holder};
+    pub use crate::gpu_lock::{lock_dir, lock_file_path, lock_holder};
 }

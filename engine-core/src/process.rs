@@ -23,6 +23,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::RawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, mpsc};
@@ -238,9 +239,28 @@ impl SupervisedChild {
     /// process of the tree is marked and stopped with it; without, the child is reaped as soon as it
     /// exits (for a probe such as nvidia-smi, which starts nothing that outlives it).
     pub(crate) fn spawn(
+        command: Command,
+        log: Option<File>,
+        whole_tree: bool,
+    ) -> io::Result<SupervisedChild> {
+        Self::spawn_with(command, log, whole_tree, None)
+    }
+
+    /// As [`SupervisedChild::spawn`] for a whole tree, with `keep_fd` (the GPU lock's file) held open
+    /// by the keeper until the tree is gone: if we are SIGKILLed, the lock outlives the server.
+    pub(crate) fn spawn_tree_keeping(
+        command: Command,
+        log: Option<File>,
+        keep_fd: Option<RawFd>,
+    ) -> io::Result<SupervisedChild> {
+        Self::spawn_with(command, log, true, keep_fd)
+    }
+
+    fn spawn_with(
         mut command: Command,
         log: Option<File>,
         whole_tree: bool,
+        keep_fd: Option<RawFd>,
     ) -> io::Result<SupervisedChild> {
         let marker = whole_tree.then(crate::random::hex128);
         if let Some(marker) = &marker {
@@ -255,17 +275,17 @@ impl SupervisedChild {
         if whole_tree {
             // SAFETY: `split` makes only async-signal-safe calls on stack memory (see keeper.rs).
             unsafe {
-                command.pre_exec(move || crate::keeper::split(parent));
+                command.pre_exec(move || crate::keeper::split(parent, keep_fd));
             }
         } else {
-            // SAFETY: the closure only makes two async-signal-safe syscalls (prctl, getppid) and
-            // builds an io::Error on the failure path, as std's own pre_exec users do.
+            // SAFETY: the closure only makes two async-signal-safe syscalls (prctl, getppid).
             unsafe {
                 command.pre_exec(move || {
                     rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
-                    // If we died between fork and prctl, the death signal will never come.
+                    // If we died between fork and prctl, the death signal will never come. (No
+                    // allocation after fork: a plain OS error.)
                     if rustix::process::getppid() != Some(parent) {
-                        return Err(io::Error::other("parent exited during spawn"));
+                        return Err(io::Error::from_raw_os_error(libc::ESRCH));
                     }
                     Ok(())
                 });
@@ -400,6 +420,10 @@ impl SupervisedChild {
     fn remaining(&self) -> Vec<Leftover> {
         let leader = self.pid();
         let mut left = Vec::new();
+        if lock(&self.state.0).reaped {
+            // The pid may be anyone's now; the marker alone still names our processes.
+            return left;
+        }
         if let Some(state) = process_state(leader)
             && state != 'Z'
         {
@@ -519,6 +543,13 @@ impl Drop for SupervisedChild {
         let reaped = lock(&self.state.0).reaped;
         if !reaped {
             self.kill_and_wait(AFTER_KILL_WAIT);
+        }
+        // A leader that even SIGKILL has not ended yet (stuck in a driver) is reaped by its detached
+        // supervisor whenever it does end, instead of staying a zombie.
+        {
+            let (state, cvar) = &*self.state;
+            lock(state).reap = true;
+            cvar.notify_all();
         }
         // The supervisor ends right after reaping; the drains at EOF. A descendant that escaped could
         // hold a pipe open forever, so the drains get a bounded time and are detached after it. A

@@ -3,6 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::net::TcpListener;
+use std::os::fd::RawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::Command;
@@ -65,12 +66,13 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// Spawns the server, showing it only GPU `visible_gpu` (`CUDA_VISIBLE_DEVICES`), and waits until
-    /// it is ready. On any failure the child's tree is stopped and reaped before the error, complete
+    /// Spawns the server, showing it only GPU `visible_gpu` (`CUDA_VISIBLE_DEVICES`), its keeper
+    /// holding `lock_fd` (the GPU lock) until the tree is gone, and waits until it is ready. On any failure the child's tree is stopped and reaped before the error, complete
     /// with the server's last output lines, is returned.
     pub(crate) fn start(
         config: &EngineConfig,
         visible_gpu: &str,
+        lock_fd: Option<RawFd>,
         cancel: Option<&AtomicBool>,
     ) -> Result<Server, InferenceError> {
         config.check_model_files()?;
@@ -90,18 +92,19 @@ impl Server {
             .env("CUDA_VISIBLE_DEVICES", visible_gpu)
             // The key goes through the environment, never argv (argv is world-readable in /proc).
             .env("LLAMA_API_KEY", &api_key);
-        let child = SupervisedChild::spawn(command, log, true).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                InferenceError::ServerNotFound {
-                    program: program.clone(),
+        let child =
+            SupervisedChild::spawn_tree_keeping(command, log, lock_fd).map_err(|source| {
+                if source.kind() == std::io::ErrorKind::NotFound {
+                    InferenceError::ServerNotFound {
+                        program: program.clone(),
+                    }
+                } else {
+                    InferenceError::Spawn {
+                        program: program.clone(),
+                        source,
+                    }
                 }
-            } else {
-                InferenceError::Spawn {
-                    program: program.clone(),
-                    source,
-                }
-            }
-        })?;
+            })?;
         tracing::info!(pid = child.command_pid(), keeper = child.pid(), port, program = %program.display(), "llama-server spawned");
         let server = Server {
             child,

@@ -307,6 +307,19 @@ pub fn assert_gone(pid: u32) {
     assert!(!alive(pid), "process {pid} is still running");
 }
 
+/// Waits (at most 5 s) until GPU `gpu`'s lock can be taken: for a holder that died, whose server's
+/// keeper lets go only once the server's tree is gone.
+pub fn wait_lock_free(gpu: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while engine_core::try_gpu_lock_for(gpu, Duration::ZERO).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the GPU {gpu} lock was never released"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Asserts that GPU `gpu`'s lock can be taken at once.
 pub fn assert_lock_free(gpu: u32) {
     let guard = engine_core::try_gpu_lock_for(gpu, Duration::ZERO);

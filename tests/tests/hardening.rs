@@ -83,42 +83,71 @@ fn the_server_dies_with_a_sigkilled_owner_even_when_started_from_a_finished_thre
         );
         std::thread::yield_now();
     }
-    // The kernel dropped the dead holder's file lock too.
-    tests::assert_lock_free(h.gpu);
+    // The kernel drops the dead holder's file lock once the keeper, which holds it too, is gone.
+    tests::wait_lock_free(h.gpu);
 }
 
-#[test]
-fn a_sigkilled_owner_takes_a_server_behind_a_wrapper_script_with_it() {
+/// Starts an `engine-holder` on a server behind a wrapper script (optionally through `launcher`,
+/// a program that execs the holder), SIGKILLs it once ready, and checks that the server's tree is
+/// gone before the GPU lock is free: the keeper holds the lock until it has ended the tree.
+fn sigkill_owner_of_wrapped_server(launcher: &[&str]) {
     let h = Harness::new();
     let shim = h.shim(&[]);
     let gpu = h.gpu.to_string();
     let wrapper = h.wrapper_without_exec();
-    let mut holder = Holder::spawn(
-        &[
-            "engine",
-            &gpu,
-            wrapper.to_str().unwrap(),
-            shim.to_str().unwrap(),
-            h.model.to_str().unwrap(),
-            h.mmproj.to_str().unwrap(),
-        ],
-        &[("FAKE_LLAMA_EVENTS", h.events.to_str().unwrap())],
-    );
-    let shell: u32 = holder
-        .line()
-        .strip_prefix("server ")
-        .unwrap()
-        .parse()
+    let holder_args = [
+        "engine",
+        &gpu,
+        wrapper.to_str().unwrap(),
+        shim.to_str().unwrap(),
+        h.model.to_str().unwrap(),
+        h.mmproj.to_str().unwrap(),
+    ];
+    let mut command = match launcher.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(env!("CARGO_BIN_EXE_engine-holder"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_engine-holder")),
+    };
+    let mut child = command
+        .args(holder_args)
+        .env("FAKE_LLAMA_EVENTS", &h.events)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
         .unwrap();
-    assert_eq!(holder.line(), "ready");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let shell: u32 = first.strip_prefix("server ").unwrap().parse().unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
     let server = h.spawned_pids()[0];
     assert_ne!(shell, server, "the server is the wrapper's child");
-    holder.child.kill().unwrap();
-    holder.child.wait().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
     // Before: PR_SET_PDEATHSIG took the shell; the server lived on with ppid 1, /health answering.
-    tests::wait_not_running(server);
-    tests::wait_not_running(shell);
-    tests::assert_lock_free(h.gpu);
+    tests::wait_lock_free(h.gpu);
+    assert!(
+        !running(server),
+        "the lock was free while the server still ran"
+    );
+    assert!(!running(shell));
+}
+
+#[test]
+fn a_sigkilled_owner_takes_a_server_behind_a_wrapper_script_with_it() {
+    sigkill_owner_of_wrapped_server(&[]);
+}
+
+#[test]
+fn the_keeper_works_whatever_signal_mask_the_owner_inherited() {
+    // A launcher that blocks SIGUSR2 (the keeper's parent-death signal) before it execs the owner:
+    // the keeper inherited the mask and never woke.
+    let block_and_exec = "import os, signal, sys\n\
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2])\n\
+        os.execv(sys.argv[1], sys.argv[1:])";
+    sigkill_owner_of_wrapped_server(&["python3", "-c", block_and_exec]);
 }
 
 #[test]
@@ -176,7 +205,7 @@ fn the_lock_folder_must_not_be_a_symlink() {
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(
-        (mode(&fresh), mode(&fresh.join("gpu-0.lock"))),
+        (mode(&fresh), mode(&fresh.join("cinecut-gpu-0.lock"))),
         (0o700, 0o644)
     );
 }
@@ -190,21 +219,95 @@ fn unsafe_shared_or_foreign_lock_folders_are_refused_with_the_fix() {
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
     let line = lock_line(&shared);
     assert!(
-        line.contains("writable by everyone but not sticky"),
+        line.contains("others can write to it but it is not sticky"),
         "{line}"
     );
     assert!(line.contains("chmod +t"), "{line}");
     // Sticky, it is a fine place to meet.
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
     assert_eq!(lock_line(&shared), "locked");
-    // A private folder of another user is not ours to use (needs root to build).
+    // Not a regular file where the lock file goes (a FIFO would hang open(2)), or a hard link.
+    let fifo_dir = h.dir.path().join("fifo");
+    std::fs::create_dir(&fifo_dir).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo_dir.join("cinecut-gpu-0.lock"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    let line = lock_line(&fifo_dir);
+    assert!(line.contains("not a regular file"), "{line}");
+    let linked = h.dir.path().join("linked");
+    std::fs::create_dir(&linked).unwrap();
+    std::fs::write(h.dir.path().join("precious"), "keep").unwrap();
+    std::fs::hard_link(
+        h.dir.path().join("precious"),
+        linked.join("cinecut-gpu-0.lock"),
+    )
+    .unwrap();
+    let line = lock_line(&linked);
+    assert!(line.contains("2 hard links"), "{line}");
+    assert_eq!(
+        std::fs::read_to_string(h.dir.path().join("precious")).unwrap(),
+        "keep"
+    );
+    // Folders of other users (needs root to build).
     if rustix::process::geteuid().is_root() {
         let foreign = h.dir.path().join("foreign");
         std::fs::create_dir(&foreign).unwrap();
         std::os::unix::fs::chown(&foreign, Some(4242), None).unwrap();
         let line = lock_line(&foreign);
         assert!(line.contains("private to uid 4242"), "{line}");
+        // A shared sticky folder owned by another user: its owner could remove our lock files.
+        std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let line = lock_line(&foreign);
+        assert!(line.contains("shared but owned by uid 4242"), "{line}");
     }
+}
+
+#[test]
+fn another_user_meets_on_the_same_lock_file() {
+    // Needs root (to run a holder as `nobody`) and setpriv (util-linux).
+    let setpriv = std::path::Path::new("/usr/bin/setpriv");
+    if !rustix::process::geteuid().is_root() || !setpriv.exists() {
+        eprintln!("skipped: needs root and /usr/bin/setpriv");
+        return;
+    }
+    let h = Harness::new();
+    // A shared folder as /run/lock is: root's, sticky, writable by all (and reachable by nobody).
+    let shared = tempfile::Builder::new()
+        .prefix("cinecut-shared-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let dir = ("CINECUT_LOCK_DIR", shared.path().to_str().unwrap());
+    let mut ours = Holder::spawn(&["lock", "0"], &[dir]);
+    assert_eq!(ours.line(), "locked");
+    let theirs = Command::new(setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_engine-holder"))
+        .args(["lock", "0", "try"])
+        .env(dir.0, dir.1)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&theirs.stdout);
+    assert!(said.contains("is still locked"), "{said}");
+    ours.release();
+    // Once free, the other user takes it through the file root created (read-only is enough).
+    let theirs = Command::new(setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_engine-holder"))
+        .args(["lock", "0", "try"])
+        .env(dir.0, dir.1)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&theirs.stdout).trim(), "locked");
+    drop(h);
 }
 
 #[test]
@@ -228,12 +331,12 @@ fn by_default_every_process_meets_on_one_machine_wide_lock() {
         .iter()
         .map(std::path::Path::new)
         .find(|p| p.is_dir())
-        .unwrap()
-        .join("cinecut");
+        .unwrap();
+    let file = dir.join(format!("cinecut-gpu-{gpu}.lock"));
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o7777;
-    assert_eq!(mode, 0o1777, "{} is shared and sticky", dir.display());
-    let _ = std::fs::remove_file(dir.join(format!("gpu-{gpu}.lock")));
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644, "{} can be opened by everyone", file.display());
+    let _ = std::fs::remove_file(file);
 }
 
 #[test]
