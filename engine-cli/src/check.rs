@@ -17,7 +17,15 @@ pub fn check(gpu: &GpuId, min_mib: u64) -> ExitCode {
     };
     let visible = Visible::from_env();
     let chosen = select(&rows, gpu, &visible, min_mib);
+    let usable: Vec<u32> = visible.rows(&rows).iter().map(|r| r.index).collect();
     for row in &rows {
+        if !usable.contains(&row.index) {
+            println!(
+                "GPU {} {}: not visible to this process ({visible})",
+                row.index, row.uuid
+            );
+            continue;
+        }
         let mark = match &chosen {
             Ok(reading) if reading.gpu == row.index => " (chosen)",
             Err(engine_core::VramError::Insufficient { gpu, .. }) if *gpu == row.index => {

@@ -97,10 +97,13 @@ fn read_records(path: &Path) -> Result<Vec<Frame>, String> {
         .collect()
 }
 
-/// The key two spellings of one frame share (`frames/a.jpg`, `./frames/a.jpg`, `/abs/frames/a.jpg`):
-/// absolute, without `.` components or repeated separators. Symlinks are not followed.
+/// The key every spelling of one frame shares (`frames/a.jpg`, `./frames//a.jpg`,
+/// `frames/../frames/a.jpg`, a symlinked folder): the canonical path of an existing file, else the
+/// absolute path without `.` components or repeated separators.
 pub fn same_frame_key(path: &Path) -> PathBuf {
-    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+    std::fs::canonicalize(path)
+        .or_else(|_| std::path::absolute(path))
+        .unwrap_or_else(|_| path.to_path_buf())
 }
 
 #[cfg(test)]
@@ -162,10 +165,20 @@ mod tests {
     }
 
     #[test]
-    fn two_spellings_of_a_frame_are_one_key() {
+    fn every_spelling_of_a_frame_is_one_key() {
         assert_eq!(
             same_frame_key(Path::new("frames/a.jpg")),
             same_frame_key(Path::new("./frames//a.jpg"))
         );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("frames")).unwrap();
+        std::fs::write(dir.path().join("frames/a.jpg"), b"x").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("frames"), dir.path().join("link")).unwrap();
+        let key = same_frame_key(&dir.path().join("frames/a.jpg"));
+        assert_eq!(
+            same_frame_key(&dir.path().join("frames/../frames/a.jpg")),
+            key
+        );
+        assert_eq!(same_frame_key(&dir.path().join("link/a.jpg")), key);
     }
 }

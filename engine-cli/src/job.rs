@@ -63,40 +63,9 @@ pub fn start(config: EngineConfig, stop: &AtomicBool) -> Result<Engine<Healthy>,
 /// stops dispatching when `stop` is set, and shuts the engine down.
 pub fn run(engine: Engine<Healthy>, plan: Plan, concurrency: usize, stop: &AtomicBool) -> Summary {
     let Plan { items, out, .. } = plan;
-    let lines = OrderedLines::new(out);
-    let progress = Progress::new(items.len());
-    let write_error: Mutex<Option<String>> = Mutex::new(None);
-    let finished = AtomicUsize::new(0);
-    let failed = AtomicUsize::new(0);
-    let put = |index: usize, line: String, ok: bool| {
-        if !ok {
-            failed.fetch_add(1, Ordering::Relaxed);
-        }
-        if let Err(e) = lines.put(index, line, ok) {
-            let mut first = write_error.lock().unwrap_or_else(|p| p.into_inner());
-            first.get_or_insert_with(|| e.to_string());
-            return ControlFlow::Break(());
-        }
-        let n = finished.fetch_add(1, Ordering::Relaxed) + 1;
-        progress.tick(n, failed.load(Ordering::Relaxed));
-        if stop.load(Ordering::Relaxed) {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    };
-
+    let writer = Writer::new(out, items.len(), stop);
     // Frames whose names JSON cannot hold get their error line without being described.
-    let mut todo = Vec::new();
-    for (index, item) in items.iter().enumerate() {
-        match &item.name {
-            Ok(_) => todo.push(index),
-            Err(reason) => {
-                let line = error_line(item, reason.clone());
-                let _ = put(index, line, false);
-            }
-        }
-    }
+    let todo = writer.unsendable(&items);
     let records: Vec<KeyframeRecord> = todo
         .iter()
         .map(|&i| {
@@ -119,9 +88,9 @@ pub fn run(engine: Engine<Healthy>, plan: Plan, concurrency: usize, stop: &Atomi
             scene: result.as_ref().ok(),
             error: result.as_ref().err().map(|e| e.to_string()),
         };
-        put(todo[k], line.json(), result.is_ok())
+        writer.put(todo[k], line.json(), result.is_ok())
     });
-    progress.finish();
+    writer.progress.finish();
     let dead = results
         .iter()
         .any(|r| matches!(r, Err(InferenceError::ServerDied { .. })));
@@ -140,14 +109,86 @@ pub fn run(engine: Engine<Healthy>, plan: Plan, concurrency: usize, stop: &Atomi
         .iter()
         .filter(|r| matches!(r, Err(InferenceError::Cancelled { .. })))
         .count();
-    let written = lines.written();
-    Summary {
-        total: items.len(),
-        described: written.ok,
-        failed: written.failed,
-        not_attempted,
-        write_error: write_error.into_inner().unwrap_or_else(|p| p.into_inner()),
-        interrupted: stop.load(Ordering::Relaxed),
+    writer.summary(items.len(), not_attempted)
+}
+
+/// Writes only the error lines of a plan none of whose frames can be sent (no engine is started).
+pub fn write_unsendable(plan: Plan) -> Summary {
+    let never = AtomicBool::new(false);
+    let writer = Writer::new(plan.out, plan.items.len(), &never);
+    writer.unsendable(&plan.items);
+    writer.progress.finish();
+    writer.summary(plan.items.len(), 0)
+}
+
+/// The output side of a run: lines in order, progress, the first write error.
+struct Writer<'a> {
+    lines: OrderedLines<Box<dyn std::io::Write + Send>>,
+    progress: Progress,
+    finished: AtomicUsize,
+    failed: AtomicUsize,
+    write_error: Mutex<Option<String>>,
+    stop: &'a AtomicBool,
+}
+
+impl<'a> Writer<'a> {
+    fn new(out: Box<dyn std::io::Write + Send>, total: usize, stop: &'a AtomicBool) -> Self {
+        Writer {
+            lines: OrderedLines::new(out),
+            progress: Progress::new(total),
+            finished: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            write_error: Mutex::new(None),
+            stop,
+        }
+    }
+
+    /// Queues line `index`; says whether the batch should go on.
+    fn put(&self, index: usize, line: String, ok: bool) -> ControlFlow<()> {
+        if !ok {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(e) = self.lines.put(index, line, ok) {
+            let mut first = self.write_error.lock().unwrap_or_else(|p| p.into_inner());
+            first.get_or_insert_with(|| e.to_string());
+            return ControlFlow::Break(());
+        }
+        let n = self.finished.fetch_add(1, Ordering::Relaxed) + 1;
+        self.progress.tick(n, self.failed.load(Ordering::Relaxed));
+        if self.stop.load(Ordering::Relaxed) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+
+    /// Writes the error line of every item whose name JSON cannot hold; returns the other indices.
+    fn unsendable(&self, items: &[Item]) -> Vec<usize> {
+        let mut todo = Vec::new();
+        for (index, item) in items.iter().enumerate() {
+            match &item.name {
+                Ok(_) => todo.push(index),
+                Err(reason) => {
+                    let _ = self.put(index, error_line(item, reason.clone()), false);
+                }
+            }
+        }
+        todo
+    }
+
+    fn summary(self, total: usize, not_attempted: usize) -> Summary {
+        let written = self.lines.written();
+        Summary {
+            total,
+            described: written.ok,
+            failed: written.failed,
+            not_attempted,
+            write_error: self
+                .write_error
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner()),
+            interrupted: self.stop.load(Ordering::Relaxed),
+        }
     }
 }
 

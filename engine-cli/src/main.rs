@@ -71,6 +71,9 @@ struct DescribeArgs {
     /// Parallel slots: requests served at once (each gets the whole context per slot).
     #[arg(long, default_value_t = 1)]
     slots: u32,
+    /// Context per slot in tokens (the server gets ctx-size × slots).
+    #[arg(long, default_value_t = 2048)]
+    ctx_size: u32,
     /// Minimum free VRAM in MiB.
     #[arg(long, default_value_t = VRAM_MINIMUM_MIB)]
     min_vram: u64,
@@ -164,6 +167,7 @@ fn config(args: &DescribeArgs) -> Result<EngineConfig, String> {
     let mut builder = EngineConfig::builder(&args.model, &args.mmproj)
         .port(args.port)
         .slots(args.slots)
+        .ctx_size(args.ctx_size)
         .min_vram_mib(args.min_vram)
         .gpu(args.gpu.clone())
         .startup_timeout(startup)
@@ -185,10 +189,16 @@ fn describe(args: DescribeArgs) -> ExitCode {
     if let Err(e) = config.check_model_files() {
         return fail(e);
     }
+    let protected = [
+        config.model().to_path_buf(),
+        config.mmproj().to_path_buf(),
+        config.server_bin(),
+    ];
     let request = plan::Request {
         inputs: &args.frames,
         output: args.output.as_deref(),
         resume: args.resume,
+        protected: &protected,
     };
     let plan = match plan::plan(&request) {
         Ok(plan) => plan,
@@ -204,6 +214,12 @@ fn describe(args: DescribeArgs) -> ExitCode {
     if plan.items.is_empty() {
         eprintln!("cinecut-infer: nothing left to describe");
         return ExitCode::SUCCESS;
+    }
+    if plan.items.iter().all(|item| item.name.is_err()) {
+        // Nothing the engine could send: no GPU, no server, just the error lines.
+        let summary = job::write_unsendable(plan);
+        eprintln!("cinecut-infer: {}", summary.line());
+        return summary.exit_code();
     }
     let engine = match job::start(config, &stop) {
         Ok(engine) => engine,

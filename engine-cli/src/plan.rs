@@ -32,14 +32,27 @@ pub struct Request<'a> {
     pub inputs: &'a [PathBuf],
     pub output: Option<&'a Path>,
     pub resume: bool,
+    /// Files the output must never be (the model, the mmproj, the server program).
+    pub protected: &'a [PathBuf],
 }
 
 pub fn plan(request: &Request) -> Result<Plan, String> {
     let frames = frames::collect(request.inputs)?;
     let (out, done): (Box<dyn Write + Send>, HashSet<PathBuf>) = match request.output {
         None => (Box::new(io::stdout()), HashSet::new()),
+        Some(path) if is_our_stdout(path) => {
+            // `--output /dev/stdout >> log.jsonl`: write where the shell pointed us, emptying nothing.
+            if request.resume {
+                return Err(format!(
+                    "--resume reads --output back, and {} is this program's own stdout — name the file itself",
+                    path.display()
+                ));
+            }
+            (Box::new(io::stdout()), HashSet::new())
+        }
         Some(path) => {
-            refuse_input_as_output(path, request.inputs, &frames)?;
+            let protected = request.inputs.iter().chain(request.protected);
+            refuse_input_as_output(path, protected, &frames)?;
             let (file, done) = open_output(path, request.resume)?;
             (Box::new(file), done)
         }
@@ -67,17 +80,16 @@ pub fn plan(request: &Request) -> Result<Plan, String> {
 
 /// Refuses an `--output` that is one of the inputs (a `.jsonl` of records, or a frame): writing it
 /// would destroy what is being read.
-fn refuse_input_as_output(
+fn refuse_input_as_output<'a>(
     output: &Path,
-    inputs: &[PathBuf],
-    frames: &[Frame],
+    inputs: impl Iterator<Item = &'a PathBuf>,
+    frames: &'a [Frame],
 ) -> Result<(), String> {
     let Ok(out) = std::fs::metadata(output) else {
         return Ok(()); // A new file cannot be an input.
     };
     let id = (out.dev(), out.ino());
     let named = inputs
-        .iter()
         .chain(frames.iter().map(|f| &f.path))
         .find(|p| std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == id));
     match named {
@@ -90,10 +102,42 @@ fn refuse_input_as_output(
     }
 }
 
+/// Whether `path` is the file our stdout already writes to (`/dev/stdout`, `/proc/self/fd/1`, or the
+/// file itself).
+fn is_our_stdout(path: &Path) -> bool {
+    let Ok(stdout) = rustix::fs::fstat(rustix::stdio::stdout()) else {
+        return false;
+    };
+    std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == (stdout.st_dev, stdout.st_ino))
+}
+
+/// The output file, emptied only when the first line is written: a run that fails before any frame
+/// (too little VRAM, Ctrl-C while waiting for the GPU) leaves the old output as it was.
+struct Output {
+    file: File,
+    empty_first: bool,
+}
+
+impl Write for Output {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        if self.empty_first {
+            self.file.set_len(0)?;
+            self.file.seek(io::SeekFrom::Start(0))?;
+            self.empty_first = false;
+        }
+        self.file.write(bytes)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
 /// Opens the output, exclusively: a second writer gets an error instead of interleaving lines.
-/// Without `--resume` it starts empty; with it, the frames already described are returned and a torn
-/// last line (a run killed mid-write, even inside a multi-byte character) is dropped.
-fn open_output(path: &Path, resume: bool) -> Result<(File, HashSet<PathBuf>), String> {
+/// Without `--resume` it starts empty (from its first line on); with it, the frames already described
+/// are returned and a torn last line (a run killed mid-write, even inside a multi-byte character) is
+/// dropped. Only a regular file can be read back to resume.
+fn open_output(path: &Path, resume: bool) -> Result<(Output, HashSet<PathBuf>), String> {
     let shown = path.display();
     let mut file = OpenOptions::new()
         .read(true)
@@ -112,25 +156,32 @@ fn open_output(path: &Path, resume: bool) -> Result<(File, HashSet<PathBuf>), St
         }
         Err(TryLockError::Error(e)) => return Err(format!("cannot lock output {shown}: {e}")),
     }
-    // Only now, with the lock held, may the old content go (a device such as /dev/null has none).
+    // A device such as /dev/null has nothing to empty or read back.
     let regular = file.metadata().is_ok_and(|m| m.is_file());
     if !resume {
-        if regular {
-            file.set_len(0)
-                .map_err(|e| format!("cannot empty output {shown}: {e}"))?;
-        }
-        return Ok((file, HashSet::new()));
+        let output = Output {
+            file,
+            empty_first: regular,
+        };
+        return Ok((output, HashSet::new()));
+    }
+    if !regular {
+        return Err(format!(
+            "--resume reads --output back, and {shown} is not a regular file — name a file"
+        ));
     }
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)
         .map_err(|e| format!("cannot read output {shown} to resume: {e}"))?;
     let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-    if regular {
-        file.set_len(whole as u64)
-            .and_then(|()| file.seek(io::SeekFrom::End(0)).map(|_| ()))
-            .map_err(|e| format!("cannot prepare output {shown}: {e}"))?;
-    }
-    Ok((file, already_described(&bytes[..whole])))
+    file.set_len(whole as u64)
+        .and_then(|()| file.seek(io::SeekFrom::End(0)).map(|_| ()))
+        .map_err(|e| format!("cannot prepare output {shown}: {e}"))?;
+    let output = Output {
+        file,
+        empty_first: false,
+    };
+    Ok((output, already_described(&bytes[..whole])))
 }
 
 /// The frames an earlier run's output describes successfully (keys of [`frames::same_frame_key`]).

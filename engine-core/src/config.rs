@@ -170,8 +170,12 @@ impl EngineConfig {
     pub fn env(&self) -> &[(OsString, OsString)] {
         &self.env
     }
+    /// How long one nvidia-smi query may take (part of [`EngineConfig::nvidia_smi`]).
+    pub fn vram_query_timeout(&self) -> Duration {
+        self.vram_query_timeout
+    }
     /// How descriptions are requested.
-    pub fn describe(&self) -> &DescribeOptions {
+    pub fn describe_options(&self) -> &DescribeOptions {
         &self.describe
     }
 

@@ -107,7 +107,7 @@ impl Drop for Running {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ShutdownReport {
-    /// The server's pid.
+    /// The server's pid (as [`Engine::pid`] gave it).
     pub pid: u32,
     /// Its exit code or signal; `None` if even SIGKILL did not end it (see `left_running`).
     pub status: Option<ChildExit>,
@@ -310,7 +310,8 @@ impl Engine<Healthy> {
         self.state.running.server.api_key()
     }
 
-    /// The server's pid.
+    /// The pid of the program the engine started as the server: llama-server itself, or the wrapper
+    /// script that runs it. (Our direct child is the server's keeper; this is the keeper's child.)
     pub fn pid(&self) -> u32 {
         self.state.running.server.pid()
     }
@@ -322,9 +323,12 @@ impl Engine<Healthy> {
         if let Some(died) = server.death(Duration::ZERO) {
             return Err(died.for_frame(&frame.frame_path));
         }
-        describe_frame(server.client(), self.config.describe(), frame, &|wait| {
-            server.death(wait)
-        })
+        describe_frame(
+            server.client(),
+            self.config.describe_options(),
+            frame,
+            &|wait| server.death(wait),
+        )
     }
 
     /// Describes many frames with up to `concurrency` requests in flight (set `slots` to match), and

@@ -18,7 +18,7 @@ pub enum VramError {
     /// The nvidia-smi program does not exist.
     #[error(
         "nvidia-smi not found at `{program}` — install the NVIDIA driver utilities, or set NVIDIA_SMI \
-         (or EngineConfig::nvidia_smi) to its path"
+         (EngineConfigBuilder::nvidia_smi in the library) to its path"
     )]
     NotInstalled {
         /// The program that was looked for.
@@ -82,7 +82,7 @@ pub enum VramError {
     /// The GPU has less free memory than the configured minimum.
     #[error(
         "Only {free_mib} MiB free VRAM, need at least {min_mib} MiB (GPU {gpu}) — close other GPU \
-         programs or lower the minimum"
+         programs or lower the minimum (--min-vram, min_vram_mib)"
     )]
     Insufficient {
         /// The GPU (nvidia-smi index) that was checked.
@@ -176,7 +176,7 @@ pub enum InferenceError {
     /// The llama-server program does not exist.
     #[error(
         "llama-server not found at `{program}` — install llama.cpp's llama-server, put it on PATH, or \
-         set LLAMA_SERVER (or EngineConfig::server_bin) to its path"
+         set LLAMA_SERVER (--server-bin, EngineConfigBuilder::server_bin) to its path"
     )]
     ServerNotFound {
         /// The program that was looked for.

@@ -262,7 +262,7 @@ impl SupervisedChild {
         whole_tree: bool,
         keep_fd: Option<RawFd>,
     ) -> io::Result<SupervisedChild> {
-        let marker = whole_tree.then(crate::random::hex128);
+        let marker = whole_tree.then(crate::random::hex128).transpose()?;
         if let Some(marker) = &marker {
             command.env(TREE_MARKER, marker);
         }

@@ -1,21 +1,27 @@
 //! Unguessable tokens: the server's API key and the marker of its process tree.
 
-use std::fs::File;
-use std::io::Read;
-
-/// 128 random bits from `/dev/urandom`, as 32 hex digits.
-pub(crate) fn hex128() -> String {
+/// 128 random bits from the kernel (`getrandom(2)`), as 32 hex digits. No weaker fallback: the key
+/// guards the server, so a guessable one would be worse than an error.
+pub(crate) fn hex128() -> std::io::Result<String> {
     let mut bytes = [0u8; 16];
-    let read = File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
-    if read.is_err() {
-        // No /dev/urandom (a strange chroot): fall back to time and pid, still unguessable enough
-        // for a loopback-only server that lives for one run.
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default()
-            ^ u128::from(std::process::id()) << 64;
-        bytes = seed.to_le_bytes();
+    let mut filled = 0;
+    while filled < bytes.len() {
+        match rustix::rand::getrandom(&mut bytes[filled..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(n) => filled += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tokens_are_32_hex_digits_and_differ() {
+        let (a, b) = (super::hex128().unwrap(), super::hex128().unwrap());
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
 }

@@ -77,13 +77,16 @@ impl Server {
     ) -> Result<Server, InferenceError> {
         config.check_model_files()?;
         let port = reserve_port(config.port())?;
-        let api_key = crate::random::hex128();
+        let program = config.server_bin();
+        let api_key = crate::random::hex128().map_err(|source| InferenceError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
         let log = if config.debug() {
             Some(open_log(&config.debug_log_path())?)
         } else {
             None
         };
-        let program = config.server_bin();
         let mut command = Command::new(&program);
         command
             .args(config.server_args(port))

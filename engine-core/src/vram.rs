@@ -311,21 +311,44 @@ impl Visible {
     }
 }
 
+impl Visible {
+    /// The rows this process may use, in CUDA's order: every row, or the listed ones up to the first
+    /// entry that names no GPU (CUDA stops there too; an ambiguous UUID prefix names none).
+    pub fn rows<'a>(&self, rows: &'a [GpuRow]) -> Vec<&'a GpuRow> {
+        match self {
+            Visible::All => rows.iter().collect(),
+            Visible::Listed(entries) => entries
+                .iter()
+                .map_while(|entry| named(entry, rows))
+                .collect(),
+        }
+    }
+}
+
 impl fmt::Display for Visible {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Visible::All => f.write_str("all GPUs"),
+            Visible::Listed(list) if list.is_empty() => f.write_str(
+                "no GPU (CUDA_VISIBLE_DEVICES hides them all: unset it, or list a GPU's index or UUID)",
+            ),
             Visible::Listed(list) => write!(f, "CUDA_VISIBLE_DEVICES={}", list.join(",")),
         }
     }
 }
 
-/// Whether row `row` is the device a `CUDA_VISIBLE_DEVICES` entry names (an index, or a UUID or a
-/// unique prefix of one, as CUDA accepts).
-fn names(entry: &str, row: &GpuRow) -> bool {
-    match entry.parse::<u32>() {
-        Ok(index) => row.index == index,
-        Err(_) => !row.uuid.is_empty() && row.uuid.starts_with(entry),
+/// The row a `CUDA_VISIBLE_DEVICES` entry or a configured UUID names: an index, or a UUID or a
+/// prefix of one that only one GPU has (as CUDA accepts). MIG instances are not rows of their own.
+fn named<'a>(entry: &str, rows: &'a [GpuRow]) -> Option<&'a GpuRow> {
+    if let Ok(index) = entry.parse::<u32>() {
+        return rows.iter().find(|r| r.index == index);
+    }
+    let mut matching = rows
+        .iter()
+        .filter(|r| !r.uuid.is_empty() && r.uuid.starts_with(entry));
+    match (matching.next(), matching.next()) {
+        (Some(row), None) => Some(row),
+        _ => None,
     }
 }
 
@@ -379,24 +402,18 @@ fn find<'a>(rows: &'a [GpuRow], gpu: &GpuId, visible: &Visible) -> Result<&'a Gp
         count: rows.len(),
         visible: visible.clone(),
     };
-    match (visible, gpu) {
-        (Visible::All, GpuId::Index(i)) => rows.iter().find(|r| r.index == *i).ok_or_else(no_such),
-        (Visible::All, GpuId::Uuid(uuid)) => {
-            rows.iter().find(|r| names(uuid, r)).ok_or_else(no_such)
-        }
-        (Visible::Listed(entries), GpuId::Index(i)) => {
-            let entry = entries.get(*i as usize).ok_or_else(no_such)?;
-            rows.iter().find(|r| names(entry, r)).ok_or_else(no_such)
-        }
-        (Visible::Listed(entries), GpuId::Uuid(uuid)) => {
-            let row = rows.iter().find(|r| names(uuid, r)).ok_or_else(no_such)?;
-            if entries.iter().any(|e| names(e, row)) {
-                Ok(row)
-            } else {
-                Err(no_such())
-            }
+    let usable = visible.rows(rows);
+    match gpu {
+        // Without CUDA_VISIBLE_DEVICES an index is nvidia-smi's; with it, a position in its list.
+        GpuId::Index(i) => match visible {
+            Visible::All => rows.iter().find(|r| r.index == *i),
+            Visible::Listed(_) => usable.get(*i as usize).copied(),
+        },
+        GpuId::Uuid(uuid) => {
+            named(uuid, rows).filter(|row| usable.iter().any(|u| u.index == row.index))
         }
     }
+    .ok_or_else(no_such)
 }
 
 /// Free VRAM of GPU `gpu` in MiB (the seed's `check_vram_free_mib`).
@@ -560,9 +577,15 @@ mod tests {
             (GpuId::Index(3), None),
             (GpuId::Index(1), Some("2")),
             (GpuId::Index(0), Some("")),
+            (GpuId::Index(0), Some("-1")),
             (GpuId::Index(0), Some("7")),
+            // CUDA stops at the first entry that names no GPU: 0 is not visible after 7.
+            (GpuId::Index(1), Some("7,0")),
             (GpuId::Uuid("GPU-aa".into()), Some("2")),
             (GpuId::Uuid("GPU-zz".into()), None),
+            // A prefix two GPUs share names neither.
+            (GpuId::Uuid("GPU-".into()), None),
+            (GpuId::Index(0), Some("GPU-")),
         ] {
             let err = pick(gpu.clone(), visible).unwrap_err();
             assert!(
@@ -571,6 +594,8 @@ mod tests {
             );
             assert!(err.to_string().contains(&format!("GPU {gpu} ")), "{err}");
         }
+        let hidden = select(&rows, &GpuId::Index(0), &Visible::parse(Some("-1")), 0).unwrap_err();
+        assert!(hidden.to_string().contains("hides them all"), "{hidden}");
     }
 
     #[test]

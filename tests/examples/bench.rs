@@ -236,7 +236,11 @@ fn per_frame(r: &mut Report, runs: usize) {
     let record = KeyframeRecord::new(&frame, 0.0, "bench");
 
     // The bare loop: the same server, the same prepared bytes, plain ureq.
-    let body = engine.config().describe().request_body(&frame).unwrap();
+    let body = engine
+        .config()
+        .describe_options()
+        .request_body(&frame)
+        .unwrap();
     let agent: ureq::Agent = ureq::Agent::config_builder().proxy(None).build().into();
     let url = format!("{}/v1/chat/completions", engine.base_url());
     let bearer = format!("Bearer {}", engine.api_key());

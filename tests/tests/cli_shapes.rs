@@ -130,6 +130,22 @@ fn an_output_that_is_an_input_is_refused_and_left_intact() {
         format!("{record}\n")
     );
     assert_eq!(std::fs::read(&image).unwrap(), image_bytes);
+    // Nor the model the run needs.
+    let model_bytes = std::fs::read(&h.model).unwrap();
+    let out = h
+        .describe_command(&[])
+        .arg("--output")
+        .arg(&h.model)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("would destroy it"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(&h.model).unwrap(), model_bytes);
     assert!(h.spawned_pids().is_empty());
     h.assert_clean();
 }
@@ -308,5 +324,91 @@ fn record_paths_are_relative_to_their_file_and_resume_knows_both_spellings() {
         "{}",
         stderr(&out)
     );
+    h.assert_clean();
+}
+
+#[test]
+fn the_old_output_is_kept_until_the_first_new_line() {
+    let h = Harness::new();
+    let dir = h.frames(1);
+    let output = h.dir.path().join("out.jsonl");
+    let old = format!(
+        "{}\n",
+        json!({"frame_path": "/old.jpg", "error": "an earlier run"})
+    );
+    std::fs::write(&output, &old).unwrap();
+    // A start that fails before any frame (too little VRAM) leaves it as it was.
+    let out = h
+        .describe_command(&[])
+        .env("NVIDIA_SMI", h.shim(&[("NVSMI_GPUS", "100")]))
+        .arg("--output")
+        .arg(&output)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&output).unwrap(), old);
+    // A run that writes replaces it.
+    let out = h
+        .describe_command(&[])
+        .arg("--output")
+        .arg(&output)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines = json_lines(&std::fs::read_to_string(&output).unwrap());
+    assert_eq!(lines.len(), 1);
+    assert!(lines[0]["scene"].is_object());
+    h.assert_clean();
+}
+
+#[test]
+fn output_to_our_own_stdout_appends_and_resume_needs_a_regular_file() {
+    let h = Harness::new();
+    let dir = h.frames(1);
+    let log = h.dir.path().join("log.jsonl");
+    std::fs::write(&log, "PREVIOUS LINE\n").unwrap();
+    let appended = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    let out = h
+        .describe_command(&[])
+        .args(["--output", "/dev/stdout"])
+        .arg(&dir)
+        .stdout(appended)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.starts_with("PREVIOUS LINE\n"), "{text}");
+    assert_eq!(text.lines().count(), 2);
+    let out = h
+        .describe_command(&[])
+        .args(["--resume", "--output", "/dev/null"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("not a regular file"),
+        "{}",
+        stderr(&out)
+    );
+    h.assert_clean();
+}
+
+#[test]
+fn nothing_sendable_starts_no_server() {
+    let h = Harness::new();
+    let dir = h.dir.path().join("odd");
+    std::fs::create_dir(&dir).unwrap();
+    let frame = h.jpeg("plain.jpg", 16, 16, [1, 2, 3]);
+    std::fs::copy(&frame, dir.join(std::ffi::OsStr::from_bytes(b"\xfe.jpg"))).unwrap();
+    let out = h.describe_command(&[]).arg(&dir).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        h.spawned_pids().is_empty(),
+        "no server for frames that cannot be sent"
+    );
+    assert!(h.shim_pids().is_empty(), "not even a VRAM check");
     h.assert_clean();
 }

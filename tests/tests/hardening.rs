@@ -231,7 +231,7 @@ fn unsafe_shared_or_foreign_lock_folders_are_refused_with_the_fix() {
     std::fs::create_dir(&fifo_dir).unwrap();
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &fifo_dir.join("cinecut-gpu-0.lock"),
+        fifo_dir.join("cinecut-gpu-0.lock"),
         rustix::fs::FileType::Fifo,
         rustix::fs::Mode::from_raw_mode(0o644),
         0,
