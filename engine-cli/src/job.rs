@@ -47,6 +47,10 @@ pub fn start(config: EngineConfig, stop: &AtomicBool) -> Result<Engine<Healthy>,
     let checked = Engine::new(config)
         .check_vram()
         .map_err(|e| StartError::Failed(e.into()))?;
+    let gpu = checked.vram().gpu;
+    if let Some(holder) = engine_core::lock::lock_holder(gpu) {
+        eprintln!("cinecut-infer: waiting for GPU {gpu}: its lock is held by pid {holder}");
+    }
     let locked = match checked.lock_cancellable(stop) {
         Ok(locked) => locked,
         Err(LockError::Cancelled { .. }) => return Err(StartError::Interrupted),

@@ -49,9 +49,13 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff) to stdout; `cargo xtask dist` writes it to target/dist.
+    /// Write the man pages (roff: this program's and each subcommand's) into DIR; `cargo xtask dist`
+    /// runs it.
     #[command(hide = true)]
-    Manpage,
+    Manpages {
+        /// The folder to write `cinecut-infer.1`, `cinecut-infer-describe.1`, … into.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -141,9 +145,12 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Manpage => match clap_mangen::Man::new(Cli::command()).render(&mut io::stdout()) {
+        Command::Manpages { dir } => match clap_mangen::generate_to(Cli::command(), &dir) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(format!("cannot write the man page: {e}")),
+            Err(e) => fail(format!(
+                "cannot write the man pages into {}: {e}",
+                dir.display()
+            )),
         },
     }
 }

@@ -20,6 +20,8 @@
 //! GPU), [`lock`] (the GPU lock's protocol and files), [`describe`] (the request and answer parsing),
 //! [`process`] (how a child ended and how its stop went).
 
+#![warn(missing_docs)]
+
 mod client;
 mod config;
 pub mod describe;

@@ -312,3 +312,38 @@ fn check_prints_every_gpu_and_decides_for_the_chosen_one() {
     );
     h.assert_clean();
 }
+
+#[test]
+fn version_names_the_commit_and_completions_come_from_the_help() {
+    let out = Command::new(tests::cinecut_infer())
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let version = String::from_utf8(out.stdout).unwrap();
+    let commit = version
+        .trim()
+        .strip_prefix(&format!("cinecut-infer {} (", env!("CARGO_PKG_VERSION")))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{version}"));
+    assert!(
+        commit == "unknown"
+            || (commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{version}"
+    );
+    for (shell, needle) in [
+        ("bash", "--min-vram"),
+        ("zsh", "#compdef cinecut-infer"),
+        ("fish", "ctx-size"),
+    ] {
+        let out = Command::new(tests::cinecut_infer())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(needle),
+            "{shell}"
+        );
+    }
+}

@@ -49,8 +49,13 @@ fn ctrl_c_while_waiting_for_the_gpu_lock_exits_130_and_starts_nothing() {
     }
     // The handlers were installed before the check, so the signal is seen whenever it lands.
     signal(&child, Signal::INT);
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    assert!(
+        stderr(&out).contains(&format!("its lock is held by pid {}", std::process::id())),
+        "{}",
+        stderr(&out)
+    );
     assert!(h.spawned_pids().is_empty(), "no server was started");
     drop(holder);
     h.assert_clean();
