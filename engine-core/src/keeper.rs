@@ -53,6 +53,8 @@ pub(crate) unsafe fn split(parent: Pid, keep_fd: Option<RawFd>) -> io::Result<()
         for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
             libc::signal(signal, libc::SIG_IGN);
         }
+        // An inherited SIG_IGN for SIGCHLD would have the kernel reap our children unseen.
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
         // Whatever mask we inherited, the keeper's two signals are blocked and collected by
         // sigtimedwait; everything else is as it was.
         let mut waited: libc::sigset_t = std::mem::zeroed();

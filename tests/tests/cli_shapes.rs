@@ -35,7 +35,7 @@ fn ctrl_c_while_waiting_for_the_gpu_lock_exits_130_and_starts_nothing() {
     let h = Harness::new();
     let dir = h.frames(1);
     let holder = engine_core::gpu_lock(h.gpu).unwrap();
-    let mut child = h
+    let child = h
         .describe_command(&[])
         .arg(&dir)
         .stderr(Stdio::piped())
