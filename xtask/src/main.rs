@@ -130,12 +130,18 @@ fn ci() -> ExitCode {
             ),
         ),
         ("build", cmd!(sh, "{cargo} build --workspace --all-targets")),
-        // The publishable crates, packaged and built on their own (outside the workspace).
+        // The publishable crates, packaged and built on their own (outside the workspace), in a
+        // target folder of their own that starts empty: cargo takes a registry crate of the same
+        // version as unchanged, so an old build of the packaged engine-core would hide a new one.
         (
             "package",
             cmd!(
                 sh,
                 "{cargo} package -p engine-core -p engine-cli --allow-dirty"
+            )
+            .env(
+                "CARGO_TARGET_DIR",
+                fresh_dir(&target_dir().join("package-check")),
             ),
         ),
         ("test", cmd!(sh, "{cargo} test --workspace")),
@@ -329,6 +335,12 @@ fn gpu_smoke(source: Option<PathBuf>) -> ExitCode {
         .env("GPU_SMOKE_OUT", root().join("docs").join("gpu-results.md")),
     );
     steps.report()
+}
+
+/// `dir`, emptied (for a step that must build from nothing).
+fn fresh_dir(dir: &Path) -> PathBuf {
+    let _ = std::fs::remove_dir_all(dir);
+    dir.to_path_buf()
 }
 
 /// Writes the man page and the shell completions of the `cinecut-infer` at `cli` into target/dist:
