@@ -62,14 +62,14 @@ pub mod typestate {
 /// `flock` when its holder dies, so a crashed process never leaves a GPU locked; an engine's server
 /// keeper holds it until the server's tree is gone, even when the engine was SIGKILLed.
 ///
-/// - The folder ([`lock_dir`]): `$CINECUT_LOCK_DIR` if set (created `0700` if missing), else the first
+/// - The folder ([`lock_dir`](crate::lock::lock_dir)): `$CINECUT_LOCK_DIR` if set (created `0700` if missing), else the first
 ///   of `/run/lock`, `/var/lock`, `/tmp` that exists: sticky, world-writable and owned by root, so any
 ///   user may add a lock file and nobody may remove another's.
 /// - Refused, with the fix in the error: a symlink; a folder others can write that is not sticky, or
 ///   is owned by another user than root or us (a sticky folder's owner may remove any file in it); a
 ///   private folder of another user; a lock file that is not a regular file or has hard links.
 /// - Lock files are created `0644`: anyone can open them read-only, which is all `flock` needs. The
-///   holder writes its pid into the file when it can ([`lock_holder`]). A lock taken on a file that
+///   holder writes its pid into the file when it can ([`lock_holder`](crate::lock::lock_holder)). A lock taken on a file that
 ///   was removed or replaced meanwhile is taken again on the new one.
 ///
 /// From a shell: `flock /run/lock/cinecut-gpu-0.lock ffmpeg ...` waits while an engine holds GPU 0.
