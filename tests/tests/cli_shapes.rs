@@ -30,6 +30,13 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Runs `cmd` and asserts that it exits with `code` and says `needle` on stderr.
+fn fails_with(cmd: &mut std::process::Command, code: i32, needle: &str) {
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(code), "{}", stderr(&out));
+    assert!(stderr(&out).contains(needle), "{}", stderr(&out));
+}
+
 #[test]
 fn ctrl_c_while_waiting_for_the_gpu_lock_exits_130_and_starts_nothing() {
     let h = Harness::new();
@@ -137,18 +144,13 @@ fn an_output_that_is_an_input_is_refused_and_left_intact() {
     assert_eq!(std::fs::read(&image).unwrap(), image_bytes);
     // Nor the model the run needs.
     let model_bytes = std::fs::read(&h.model).unwrap();
-    let out = h
-        .describe_command(&[])
-        .arg("--output")
-        .arg(&h.model)
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("would destroy it"),
-        "{}",
-        stderr(&out)
+    fails_with(
+        h.describe_command(&[])
+            .arg("--output")
+            .arg(&h.model)
+            .arg(&dir),
+        2,
+        "would destroy it",
     );
     assert_eq!(std::fs::read(&h.model).unwrap(), model_bytes);
     assert!(h.spawned_pids().is_empty());
@@ -272,16 +274,11 @@ fn a_schedulers_cuda_visible_devices_chooses_the_gpu() {
     let spawned = &h.server_events()[0];
     assert_eq!(spawned["cuda_visible_devices"], tests::shim_uuid(h.gpu));
     // A GPU outside the list is not this job's.
-    let out = h
-        .describe_command_on("1", &[("CUDA_VISIBLE_DEVICES", &h.gpu.to_string())])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("CUDA_VISIBLE_DEVICES="),
-        "{}",
-        stderr(&out)
+    fails_with(
+        h.describe_command_on("1", &[("CUDA_VISIBLE_DEVICES", &h.gpu.to_string())])
+            .arg(&dir),
+        2,
+        "CUDA_VISIBLE_DEVICES=",
     );
     h.assert_clean();
 }
@@ -386,17 +383,12 @@ fn output_to_our_own_stdout_appends_and_resume_needs_a_regular_file() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.starts_with("PREVIOUS LINE\n"), "{text}");
     assert_eq!(text.lines().count(), 2);
-    let out = h
-        .describe_command(&[])
-        .args(["--resume", "--output", "/dev/null"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("not a regular file"),
-        "{}",
-        stderr(&out)
+    fails_with(
+        h.describe_command(&[])
+            .args(["--resume", "--output", "/dev/null"])
+            .arg(&dir),
+        2,
+        "not a regular file",
     );
     h.assert_clean();
 }

@@ -286,27 +286,23 @@ fn another_user_meets_on_the_same_lock_file() {
     let dir = ("CINECUT_LOCK_DIR", shared.path().to_str().unwrap());
     let mut ours = Holder::spawn(&["lock", "0"], &[dir]);
     assert_eq!(ours.line(), "locked");
-    let theirs = Command::new(setpriv)
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(env!("CARGO_BIN_EXE_engine-holder"))
-        .args(["lock", "0", "try"])
-        .env(dir.0, dir.1)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&theirs.stdout);
+    // What a holder running as `nobody` says when it tries the same lock for 100 ms.
+    let as_nobody = || {
+        let out = Command::new(setpriv)
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_engine-holder"))
+            .args(["lock", "0", "try"])
+            .env(dir.0, dir.1)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let said = as_nobody();
     assert!(said.contains("is still locked"), "{said}");
     ours.release();
     // Once free, the other user takes it through the file root created (read-only is enough).
-    let theirs = Command::new(setpriv)
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(env!("CARGO_BIN_EXE_engine-holder"))
-        .args(["lock", "0", "try"])
-        .env(dir.0, dir.1)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&theirs.stdout).trim(), "locked");
+    assert_eq!(as_nobody(), "locked");
     drop(h);
 }
 
