@@ -68,17 +68,24 @@ fn ctrl_c_while_waiting_for_the_gpu_lock_exits_130_and_starts_nothing() {
     h.assert_clean();
 }
 
-#[test]
-fn ctrl_c_while_the_model_loads_stops_the_server_and_exits_130() {
-    let h = Harness::new();
+/// Starts a describe whose server takes a minute to load, and returns once the server listens.
+fn describe_while_loading(h: &Harness, knobs: &[(&str, &str)]) -> Child {
     let dir = h.frames(1);
     let child = h
         .describe_command(&[("FAKE_LLAMA_LOAD_MS", "60000")])
+        .envs(knobs.iter().copied())
         .arg(&dir)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for_event(&h, "listening");
+    wait_for_event(h, "listening");
+    child
+}
+
+#[test]
+fn ctrl_c_while_the_model_loads_stops_the_server_and_exits_130() {
+    let h = Harness::new();
+    let child = describe_while_loading(&h, &[]);
     signal(&child, Signal::TERM);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
@@ -91,17 +98,7 @@ fn ctrl_c_while_the_model_loads_stops_the_server_and_exits_130() {
 #[test]
 fn a_second_ctrl_c_also_exits_130() {
     let h = Harness::new();
-    let dir = h.frames(1);
-    let child = h
-        .describe_command(&[
-            ("FAKE_LLAMA_LOAD_MS", "60000"),
-            ("FAKE_LLAMA_SIGTERM", "ignore"),
-        ])
-        .arg(&dir)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_event(&h, "listening");
+    let child = describe_while_loading(&h, &[("FAKE_LLAMA_SIGTERM", "ignore")]);
     signal(&child, Signal::INT);
     signal(&child, Signal::INT);
     let out = child.wait_with_output().unwrap();
