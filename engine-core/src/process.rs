@@ -421,7 +421,7 @@ impl SupervisedChild {
         let leader = self.pid();
         let mut left = Vec::new();
         if lock(&self.state.0).reaped {
-            // The pid may be anyone's now; the marker alone still names our processes.
+            // Once reaped, the pid and group id may be anyone's: nothing is reported by them.
             return left;
         }
         if let Some(state) = process_state(leader)
