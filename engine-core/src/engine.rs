@@ -23,7 +23,7 @@ use crate::scene::{KeyframeRecord, SceneDescription};
 use crate::server::Server;
 use crate::sync::lock;
 use crate::vram::{
-    GpuId, NvidiaSmi, Visible, VramReading, VramRecovery, select, wait_for_recovery,
+    GpuId, NvidiaSmi, Visible, VramReading, VramRecovery, assert_vram_available, wait_for_recovery,
 };
 
 mod sealed {
@@ -170,7 +170,11 @@ impl Engine<Unchecked> {
     /// Checks that the configured GPU has at least `min_vram_mib` free (fail fast: it is checked
     /// again once the lock is held).
     pub fn check_vram(self) -> Result<Engine<VramOk>, VramError> {
-        let reading = read_vram(&self.config, self.config.gpu(), &Visible::from_env())?;
+        let reading = assert_vram_available(
+            &self.config.nvidia_smi(),
+            self.config.gpu().clone(),
+            self.config.min_vram_mib(),
+        )?;
         tracing::info!(
             gpu = reading.gpu,
             free_mib = reading.free_mib,
@@ -219,8 +223,11 @@ impl Engine<VramOk> {
         // The same physical GPU as the first check, whatever CUDA_VISIBLE_DEVICES says now.
         let gpu = GpuId::Index(self.state.reading.gpu);
         // On error the guard drops here, releasing the lock.
-        let reading =
-            read_vram(&self.config, &gpu, &Visible::All).map_err(LockError::VramUnderLock)?;
+        let reading = self
+            .config
+            .nvidia_smi()
+            .read(&gpu, &Visible::All, self.config.min_vram_mib())
+            .map_err(LockError::VramUnderLock)?;
         Ok(Engine {
             config: self.config,
             state: Locked { reading, guard },
@@ -407,14 +414,4 @@ impl Engine<Healthy> {
             None => Ok(report),
         }
     }
-}
-
-/// Reads the probe the configuration names and chooses `gpu` among the `visible` GPUs.
-fn read_vram(
-    config: &EngineConfig,
-    gpu: &GpuId,
-    visible: &Visible,
-) -> Result<VramReading, VramError> {
-    let rows = config.nvidia_smi().query()?;
-    select(&rows, gpu, visible, config.min_vram_mib())
 }

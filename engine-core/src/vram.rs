@@ -194,6 +194,17 @@ impl NvidiaSmi {
         }
         parse_rows(&stdout.text())
     }
+
+    /// One query, and [`select`] over its rows: GPU `gpu` among the `visible` ones, with at least
+    /// `min_mib` free.
+    pub fn read(
+        &self,
+        gpu: &GpuId,
+        visible: &Visible,
+        min_mib: u64,
+    ) -> Result<VramReading, VramError> {
+        select(&self.query()?, gpu, visible, min_mib)
+    }
 }
 
 /// Parses one `memory.free` value (`nounits`): a plain decimal number of MiB.
@@ -418,8 +429,9 @@ fn find<'a>(rows: &'a [GpuRow], gpu: &GpuId, visible: &Visible) -> Result<&'a Gp
 
 /// Free VRAM of GPU `gpu` in MiB (the seed's `check_vram_free_mib`).
 pub fn check_vram_free_mib(probe: &NvidiaSmi, gpu: impl Into<GpuId>) -> Result<u64, VramError> {
-    let rows = probe.query()?;
-    select(&rows, &gpu.into(), &Visible::from_env(), 0).map(|r| r.free_mib)
+    probe
+        .read(&gpu.into(), &Visible::from_env(), 0)
+        .map(|r| r.free_mib)
 }
 
 /// Checks that GPU `gpu` has at least `min_mib` free (the seed's `assert_vram_available`).
@@ -428,8 +440,7 @@ pub fn assert_vram_available(
     gpu: impl Into<GpuId>,
     min_mib: u64,
 ) -> Result<VramReading, VramError> {
-    let rows = probe.query()?;
-    select(&rows, &gpu.into(), &Visible::from_env(), min_mib)
+    probe.read(&gpu.into(), &Visible::from_env(), min_mib)
 }
 
 /// Whether free VRAM came back after the server stopped.
@@ -470,10 +481,7 @@ pub fn wait_for_recovery(
     let target = before.free_mib - before.free_mib / 20;
     let gpu = GpuId::Index(before.gpu);
     loop {
-        let free_mib = match probe
-            .query()
-            .and_then(|rows| select(&rows, &gpu, &Visible::All, 0))
-        {
+        let free_mib = match probe.read(&gpu, &Visible::All, 0) {
             Ok(reading) => reading.free_mib,
             Err(e) => return VramRecovery::Unknown(e.to_string()),
         };
