@@ -26,7 +26,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::RawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -315,13 +315,12 @@ impl SupervisedChild {
 
         let output = Arc::new(Output::default());
         let log = log.map(|f| Arc::new(Mutex::new(f)));
-        let command_pid = if whole_tree {
-            // The keeper forked the command before our spawn returned (see keeper.rs).
-            first_child(pid.as_raw_nonzero().get() as u32)
-                .unwrap_or(pid.as_raw_nonzero().get() as u32)
-        } else {
-            pid.as_raw_nonzero().get() as u32
-        };
+        let leader = pid.as_raw_nonzero().get() as u32;
+        // The keeper forked the command before our spawn returned (see keeper.rs).
+        let command_pid = whole_tree
+            .then(|| first_child(leader))
+            .flatten()
+            .unwrap_or(leader);
         let mut child = SupervisedChild {
             pid,
             command_pid,
@@ -388,12 +387,8 @@ impl SupervisedChild {
             if guard.reaped {
                 return;
             }
-            // Holding the lock keeps the supervisor from reaping, so the pid and group id are ours.
             if signal != Signal::KILL || self.marker.is_none() {
-                if guard.exit.is_none() {
-                    let _ = rustix::process::kill_process(self.pid, signal);
-                }
-                let _ = rustix::process::kill_process_group(self.pid, signal);
+                self.signal_leader_and_group(&guard, signal);
             } else {
                 // SIGKILL spares the keeper: it reaps the tree as it dies (orphan zombies would
                 // otherwise wait for init), then exits by itself. Each member is signalled through a
@@ -414,6 +409,28 @@ impl SupervisedChild {
                 }
             }
         }
+    }
+
+    /// Sends `signal` to the leader by pid (it may have left its group) and to its process group.
+    /// Takes the state guard: holding it keeps the supervisor from reaping, so the pid and group id
+    /// are still ours.
+    fn signal_leader_and_group(&self, state: &LeaderState, signal: Signal) {
+        if state.reaped {
+            return;
+        }
+        if state.exit.is_none() {
+            let _ = rustix::process::kill_process(self.pid, signal);
+        }
+        let _ = rustix::process::kill_process_group(self.pid, signal);
+    }
+
+    /// Lets the supervisor reap the leader as soon as it has exited (it may have already).
+    fn allow_reap(&self) -> MutexGuard<'_, LeaderState> {
+        let (state, cvar) = &*self.state;
+        let mut guard = lock(state);
+        guard.reap = true;
+        cvar.notify_all();
+        guard
     }
 
     /// The processes of the tree still alive (zombies excluded): the leader's group and the marked ones.
@@ -473,12 +490,7 @@ impl SupervisedChild {
         let mut gone = self.wait_tree_until(Instant::now() + wait / 2);
         if !gone {
             // A keeper that did not follow its tree (or a tree that kept growing): no more sparing.
-            let guard = lock(&self.state.0);
-            if !guard.reaped {
-                let _ = rustix::process::kill_process(self.pid, Signal::KILL);
-                let _ = rustix::process::kill_process_group(self.pid, Signal::KILL);
-            }
-            drop(guard);
+            self.signal_leader_and_group(&lock(&self.state.0), Signal::KILL);
             gone = self.wait_tree_until(deadline);
         }
         self.finish(Escalation::Kill, gone)
@@ -519,14 +531,13 @@ impl SupervisedChild {
             let list: Vec<String> = left_running.iter().map(Leftover::to_string).collect();
             tracing::error!(pid = self.pid(), left = %list.join(", "), "processes of the server's tree could not be stopped");
         }
-        let (state, cvar) = &*self.state;
-        let mut guard = lock(state);
-        let exit = guard.exit;
+        let exit = self.status();
         if exit.is_some() {
-            guard.reap = true;
-            cvar.notify_all();
+            let guard = self.allow_reap();
             // The supervisor reaps at once; wait for it so that no zombie outlives the stop.
-            let (_guard, _) = cvar
+            let _ = self
+                .state
+                .1
                 .wait_timeout_while(guard, Duration::from_secs(1), |s| !s.reaped)
                 .unwrap_or_else(PoisonError::into_inner);
         }
@@ -546,11 +557,7 @@ impl Drop for SupervisedChild {
         }
         // A leader that even SIGKILL has not ended yet (stuck in a driver) is reaped by its detached
         // supervisor whenever it does end, instead of staying a zombie.
-        {
-            let (state, cvar) = &*self.state;
-            lock(state).reap = true;
-            cvar.notify_all();
-        }
+        drop(self.allow_reap());
         // The supervisor ends right after reaping; the drains at EOF. A descendant that escaped could
         // hold a pipe open forever, so the drains get a bounded time and are detached after it. A
         // leader that even SIGKILL did not end is detached with its supervisor.
