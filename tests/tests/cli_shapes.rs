@@ -216,22 +216,12 @@ fn durations_out_of_range_are_refused_by_name() {
     let dir = h.frames(1);
     for flag in ["--timeout", "--request-timeout"] {
         for value in ["1e19", "0", "-1", "NaN"] {
-            let out = h
-                .describe_command(&[])
-                .arg(format!("{flag}={value}"))
-                .arg(&dir)
-                .output()
-                .unwrap();
-            assert_eq!(
-                out.status.code(),
-                Some(2),
-                "{flag} {value}: {}",
-                stderr(&out)
-            );
-            assert!(
-                stderr(&out).contains(&format!("{flag} must be")),
-                "{}",
-                stderr(&out)
+            fails_with(
+                h.describe_command(&[])
+                    .arg(format!("{flag}={value}"))
+                    .arg(&dir),
+                2,
+                &format!("{flag} must be"),
             );
         }
     }
