@@ -10,7 +10,8 @@ const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 pub struct Frame {
     pub path: PathBuf,
     pub timestamp_s: Option<f64>,
-    pub source: String,
+    /// The record's `source`; `None` for frames named on the command line or found in a folder.
+    pub source: Option<String>,
 }
 
 fn is_image(path: &Path) -> bool {
@@ -19,9 +20,16 @@ fn is_image(path: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-/// A timestamp written into a file name as `..._<seconds>s.jpg` (e.g. `shot_83.25s.jpg`).
+/// The timestamp a file name carries: CineCut's keyframe names, `frame_<milliseconds, 10 digits>`
+/// (`frame_0000012500.jpg` is 12.5 s), or a `<seconds>s` ending (`shot_83.25s.jpg`).
 pub fn timestamp_from_name(path: &Path) -> Option<f64> {
     let stem = path.file_stem()?.to_str()?;
+    if let Some(ms) = stem.strip_prefix("frame_")
+        && ms.len() == 10
+        && ms.bytes().all(|b| b.is_ascii_digit())
+    {
+        return ms.parse::<u64>().ok().map(|ms| ms as f64 / 1000.0);
+    }
     let number = stem.strip_suffix('s')?;
     let start = number
         .rfind(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -67,7 +75,7 @@ fn from_name(path: PathBuf) -> Frame {
     Frame {
         timestamp_s: timestamp_from_name(&path),
         path,
-        source: "cinecut-infer".into(),
+        source: None,
     }
 }
 
@@ -91,19 +99,25 @@ fn read_records(path: &Path) -> Result<Vec<Frame>, String> {
             Ok(Frame {
                 path: folder.join(&record.frame_path),
                 timestamp_s: Some(record.timestamp_s).filter(|t| t.is_finite()),
-                source: record.source,
+                source: Some(record.source),
             })
         })
         .collect()
 }
 
-/// The key every spelling of one frame shares (`frames/a.jpg`, `./frames//a.jpg`,
-/// `frames/../frames/a.jpg`, a symlinked folder): the canonical path of an existing file, else the
-/// absolute path without `.` components or repeated separators.
-pub fn same_frame_key(path: &Path) -> PathBuf {
+/// The key under which `--resume` finds a frame: its canonical path (else absolute, else as given),
+/// so that `frames/a.jpg`, `./frames//a.jpg` and a path through a symlink are one frame.
+pub fn key(path: &Path) -> String {
     std::fs::canonicalize(path)
         .or_else(|_| std::path::absolute(path))
         .unwrap_or_else(|_| path.to_path_buf())
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The resume key of an earlier output line of `describe`.
+pub fn key_of_line(line: &serde_json::Value) -> Option<String> {
+    line["frame_path"].as_str().map(|p| key(Path::new(p)))
 }
 
 #[cfg(test)]
@@ -118,6 +132,18 @@ mod tests {
         );
         assert_eq!(timestamp_from_name(Path::new("/a/12s.png")), Some(12.0));
         assert_eq!(timestamp_from_name(Path::new("frame_0001.jpg")), None);
+        assert_eq!(
+            timestamp_from_name(Path::new("/kf/frame_0000012500.jpg")),
+            Some(12.5)
+        );
+        assert_eq!(
+            timestamp_from_name(Path::new("frame_0005025250.png")),
+            Some(5025.25)
+        );
+        assert_eq!(
+            timestamp_from_name(Path::new("frame_00000125000.jpg")),
+            None
+        );
         assert_eq!(timestamp_from_name(Path::new("cuts.jpg")), None);
     }
 
@@ -161,24 +187,21 @@ mod tests {
         assert_eq!(frames[0].path, dir.path().join("frames/a.jpg"));
         assert_eq!(frames[0].timestamp_s, Some(1.5));
         assert_eq!(frames[1].path, Path::new("/abs/b.jpg"));
-        assert_eq!(frames[1].source, "sub");
+        assert_eq!(frames[1].source.as_deref(), Some("sub"));
     }
 
     #[test]
     fn every_spelling_of_a_frame_is_one_key() {
         assert_eq!(
-            same_frame_key(Path::new("frames/a.jpg")),
-            same_frame_key(Path::new("./frames//a.jpg"))
+            key(Path::new("frames/a.jpg")),
+            key(Path::new("./frames//a.jpg"))
         );
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("frames")).unwrap();
         std::fs::write(dir.path().join("frames/a.jpg"), b"x").unwrap();
         std::os::unix::fs::symlink(dir.path().join("frames"), dir.path().join("link")).unwrap();
-        let key = same_frame_key(&dir.path().join("frames/a.jpg"));
-        assert_eq!(
-            same_frame_key(&dir.path().join("frames/../frames/a.jpg")),
-            key
-        );
-        assert_eq!(same_frame_key(&dir.path().join("link/a.jpg")), key);
+        let canonical = key(&dir.path().join("frames/a.jpg"));
+        assert_eq!(key(&dir.path().join("frames/../frames/a.jpg")), canonical);
+        assert_eq!(key(&dir.path().join("link/a.jpg")), canonical);
     }
 }

@@ -1,37 +1,54 @@
-//! Running a planned `describe` job: the engine's lifecycle, every frame in order into the output,
-//! Ctrl-C and SIGTERM honoured from the first moment (while waiting for the GPU lock and while the
-//! model loads too), and the counts for the summary.
+//! Running a planned `describe` or `run` job: the engine's lifecycle, every item in order into the
+//! output, Ctrl-C and SIGTERM honoured from the first moment (while waiting for the GPU lock and while
+//! the model loads too), and the counts for the summary.
 
 use std::ops::ControlFlow;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use engine_core::typestate::Healthy;
-use engine_core::{
-    Engine, EngineConfig, EngineError, InferenceError, KeyframeRecord, LockError, SceneDescription,
-};
+use engine_core::{Engine, EngineConfig, EngineError, InferenceError, LockError, Prompt};
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::output::OrderedLines;
-use crate::plan::{Item, Plan};
-use crate::progress::Progress;
-use crate::summary::Summary;
+use crate::plan::{Head, Item, Plan};
+use crate::progress::{Progress, Style};
+use crate::summary::{Kind, Summary};
 
-/// One output line: `{"frame_path","timestamp_s","scene"}` or `{"frame_path","timestamp_s","error"}`.
+/// One output line: the head, then the answer (`scene` for `describe`, `result` for `run`) or `error`.
 #[derive(Serialize)]
-struct Line<'a> {
-    frame_path: &'a str,
-    /// From the record, or from a `_<seconds>s` file name; null when unknown.
-    timestamp_s: Option<f64>,
+struct Line<'a, T> {
+    #[serde(flatten)]
+    head: &'a Head,
     #[serde(skip_serializing_if = "Option::is_none")]
-    scene: Option<&'a SceneDescription>,
+    scene: Option<&'a T>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<&'a T>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
 
-impl Line<'_> {
+impl<'a, T: Serialize> Line<'a, T> {
+    fn new(kind: Kind, head: &'a Head, answer: Result<&'a T, String>) -> Self {
+        let (ok, error) = match answer {
+            Ok(answer) => (Some(answer), None),
+            Err(e) => (None, Some(e)),
+        };
+        let (scene, result) = match kind {
+            Kind::Frames => (ok, None),
+            Kind::Records => (None, ok),
+        };
+        Line {
+            head,
+            scene,
+            result,
+            error,
+        }
+    }
+
     fn json(&self) -> String {
-        serde_json::to_string(self).expect("a line of strings and numbers serialises")
+        serde_json::to_string(self).expect("a line of strings, numbers and JSON serialises")
     }
 }
 
@@ -63,36 +80,38 @@ pub fn start(config: EngineConfig, stop: &AtomicBool) -> Result<Engine<Healthy>,
     }
 }
 
-/// Describes every item of `plan` with up to `concurrency` in flight, writes the lines in input order,
-/// stops dispatching when `stop` is set, and shuts the engine down.
-pub fn run(engine: Engine<Healthy>, plan: Plan, concurrency: usize, stop: &AtomicBool) -> Summary {
+/// How a job shows itself: what its items are and how progress is drawn.
+#[derive(Debug, Clone, Copy)]
+pub struct Show {
+    pub kind: Kind,
+    pub progress: Style,
+}
+
+/// Answers every item of `plan` as a `T` with up to `concurrency` in flight, writes the lines in
+/// input order, stops dispatching when `stop` is set, and shuts the engine down.
+pub fn run<T>(
+    engine: Engine<Healthy>,
+    plan: Plan,
+    concurrency: usize,
+    stop: &AtomicBool,
+    show: Show,
+) -> Summary
+where
+    T: Serialize + DeserializeOwned + Send,
+{
     let Plan { items, out, .. } = plan;
-    let writer = Writer::new(out, items.len(), stop);
-    // Frames whose names JSON cannot hold get their error line without being described.
+    let writer = Writer::new(out, items.len(), stop, show);
+    // Items that cannot be sent (a file name JSON cannot hold) get their error line at once.
     let todo = writer.unsendable(&items);
-    let records: Vec<KeyframeRecord> = todo
+    let prompts: Vec<Prompt> = todo
         .iter()
-        .map(|&i| {
-            let frame = &items[i].frame;
-            // The engine never reads a record's timestamp; the line takes it from the frame, where
-            // "unknown" stays `None`.
-            KeyframeRecord::new(
-                &frame.path,
-                frame.timestamp_s.unwrap_or_default(),
-                frame.source.clone(),
-            )
-        })
+        .filter_map(|&i| items[i].prompt.as_ref().ok().cloned())
         .collect();
-    let results = engine.describe_many(&records, concurrency, |k, result| {
+    let results = engine.complete_many::<T, _>(&prompts, concurrency, |k, result| {
         let item = &items[todo[k]];
-        let name = item.name.as_deref().unwrap_or_default();
-        let line = Line {
-            frame_path: name,
-            timestamp_s: item.frame.timestamp_s,
-            scene: result.as_ref().ok(),
-            error: result.as_ref().err().map(|e| e.to_string()),
-        };
-        writer.put(todo[k], line.json(), result.is_ok())
+        let answer = result.as_ref().map_err(|e| e.to_string());
+        let line = Line::new(show.kind, &item.head, answer).json();
+        writer.put(todo[k], &item.head, line, result.is_ok())
     });
     writer.progress.finish();
     let dead = results
@@ -116,10 +135,10 @@ pub fn run(engine: Engine<Healthy>, plan: Plan, concurrency: usize, stop: &Atomi
     writer.summary(items.len(), not_attempted)
 }
 
-/// Writes only the error lines of a plan none of whose frames can be sent (no engine is started).
-pub fn write_unsendable(plan: Plan) -> Summary {
+/// Writes only the error lines of a plan none of whose items can be sent (no engine is started).
+pub fn write_unsendable(plan: Plan, show: Show) -> Summary {
     let never = AtomicBool::new(false);
-    let writer = Writer::new(plan.out, plan.items.len(), &never);
+    let writer = Writer::new(plan.out, plan.items.len(), &never, show);
     writer.unsendable(&plan.items);
     writer.progress.finish();
     writer.summary(plan.items.len(), 0)
@@ -133,13 +152,20 @@ struct Writer<'a> {
     failed: AtomicUsize,
     write_error: Mutex<Option<String>>,
     stop: &'a AtomicBool,
+    kind: Kind,
 }
 
 impl<'a> Writer<'a> {
-    fn new(out: Box<dyn std::io::Write + Send>, total: usize, stop: &'a AtomicBool) -> Self {
+    fn new(
+        out: Box<dyn std::io::Write + Send>,
+        total: usize,
+        stop: &'a AtomicBool,
+        show: Show,
+    ) -> Self {
         Writer {
             lines: OrderedLines::new(out),
-            progress: Progress::new(total),
+            progress: Progress::new(total, show.progress, show.kind.noun()),
+            kind: show.kind,
             finished: AtomicUsize::new(0),
             failed: AtomicUsize::new(0),
             write_error: Mutex::new(None),
@@ -148,7 +174,7 @@ impl<'a> Writer<'a> {
     }
 
     /// Queues line `index`; says whether the batch should go on.
-    fn put(&self, index: usize, line: String, ok: bool) -> ControlFlow<()> {
+    fn put(&self, index: usize, head: &Head, line: String, ok: bool) -> ControlFlow<()> {
         if !ok {
             self.failed.fetch_add(1, Ordering::Relaxed);
         }
@@ -158,7 +184,8 @@ impl<'a> Writer<'a> {
             return ControlFlow::Break(());
         }
         let n = self.finished.fetch_add(1, Ordering::Relaxed) + 1;
-        self.progress.tick(n, self.failed.load(Ordering::Relaxed));
+        self.progress
+            .tick(n, self.failed.load(Ordering::Relaxed), head, ok);
         if self.stop.load(Ordering::Relaxed) {
             ControlFlow::Break(())
         } else {
@@ -166,14 +193,15 @@ impl<'a> Writer<'a> {
         }
     }
 
-    /// Writes the error line of every item whose name JSON cannot hold; returns the other indices.
+    /// Writes the error line of every item that cannot be sent; returns the other indices.
     fn unsendable(&self, items: &[Item]) -> Vec<usize> {
         let mut todo = Vec::new();
         for (index, item) in items.iter().enumerate() {
-            match &item.name {
+            match &item.prompt {
                 Ok(_) => todo.push(index),
                 Err(reason) => {
-                    let _ = self.put(index, error_line(item, reason.clone()), false);
+                    let line = Line::<()>::new(self.kind, &item.head, Err(reason.clone())).json();
+                    let _ = self.put(index, &item.head, line, false);
                 }
             }
         }
@@ -183,6 +211,7 @@ impl<'a> Writer<'a> {
     fn summary(self, total: usize, not_attempted: usize) -> Summary {
         let written = self.lines.written();
         Summary {
+            kind: self.kind,
             total,
             described: written.ok,
             failed: written.failed,
@@ -194,14 +223,4 @@ impl<'a> Writer<'a> {
             interrupted: self.stop.load(Ordering::Relaxed),
         }
     }
-}
-
-fn error_line(item: &Item, reason: String) -> String {
-    Line {
-        frame_path: &item.frame.path.to_string_lossy(),
-        timestamp_s: item.frame.timestamp_s,
-        scene: None,
-        error: Some(reason),
-    }
-    .json()
 }

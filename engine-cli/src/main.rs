@@ -10,19 +10,27 @@ mod job;
 mod output;
 mod plan;
 mod progress;
+mod records;
 mod summary;
 
+use std::ffi::OsString;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use engine_core::{DescribeOptions, EngineConfig, GpuId, VRAM_MINIMUM_MIB};
+use engine_core::{
+    DescribeOptions, EngineConfig, GpuId, Prompt, SceneDescription, Schema, VRAM_MINIMUM_MIB,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
-use summary::{EXIT_INTERRUPTED, EXIT_SETUP};
+use plan::{Head, Item};
+use progress::Style;
+use summary::{EXIT_INTERRUPTED, EXIT_SETUP, Kind};
 
 /// `--version`: the crate's version and the commit it was built from.
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("CINECUT_COMMIT"), ")");
@@ -31,7 +39,7 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("CINECUT_COM
 #[command(
     name = "cinecut-infer",
     version = VERSION,
-    about = "Describe film keyframes with a local LLaVA llama-server"
+    about = "Describe film keyframes, or answer any JSON schema, with a local llama-server"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -40,8 +48,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Describe frames into JSON lines: {"frame_path","timestamp_s","scene"} or {"frame_path","error"}.
+    /// Describe frames into JSON lines: {"frame_path","timestamp_s","source"?,"scene"} or {...,"error"}.
     Describe(DescribeArgs),
+    /// Answer records (JSONL of {"id","text","images"}) under any JSON schema, with a text or vision
+    /// model: {"id","source"?,"result"} or {"id","source"?,"error"} per record, in input order.
+    Run(RunArgs),
     /// Run only the VRAM check: print each GPU's free memory and whether the engine would start.
     Check(CheckArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
@@ -58,14 +69,79 @@ enum Command {
     },
 }
 
+/// CineCut's LLaVA file names in its models folder.
+const DEFAULT_MODEL: &str = "ggml-model-q4_k.gguf";
+const DEFAULT_MMPROJ: &str = "mmproj-model-f16.gguf";
+
 #[derive(Debug, Args)]
 struct DescribeArgs {
-    /// The text model GGUF.
+    /// The language model GGUF [default: $CINECUT_MODELS_DIR/ggml-model-q4_k.gguf, else
+    /// ~/models/ggml-model-q4_k.gguf].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The vision projector GGUF [default: $CINECUT_MODELS_DIR/mmproj-model-f16.gguf, else
+    /// ~/models/mmproj-model-f16.gguf].
+    #[arg(long)]
+    mmproj: Option<PathBuf>,
+    #[command(flatten)]
+    ask: AskArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
+    out: OutputArgs,
+    /// Image files, folders of images (*.jpg, *.jpeg, *.png, by name), or .jsonl KeyframeRecords.
+    #[arg(required = true, value_name = "FRAMES")]
+    frames: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The language model GGUF.
     #[arg(long)]
     model: PathBuf,
-    /// The vision projector GGUF.
+    /// The vision projector GGUF; without it the model runs text-only (records carry no images).
     #[arg(long)]
-    mmproj: PathBuf,
+    mmproj: Option<PathBuf>,
+    /// The JSON schema every answer must match (a file; its name is sent with it).
+    #[arg(long, value_name = "SCHEMA.json")]
+    schema: PathBuf,
+    /// The system message.
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    ask: AskArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
+    out: OutputArgs,
+    /// JSONL files of records {"id", "text", "images": [paths relative to the file], "source"}.
+    #[arg(required = true, value_name = "INPUT.jsonl")]
+    inputs: Vec<PathBuf>,
+}
+
+/// What each request asks.
+#[derive(Debug, Args)]
+struct AskArgs {
+    /// The instruction (describe: replaces the built-in one; run: sent before each record's text).
+    #[arg(long, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the instruction from a file.
+    #[arg(long, value_name = "FILE")]
+    prompt_file: Option<PathBuf>,
+    /// Upper bound on generated tokens per answer [default: describe 512, run 128].
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    /// Sampling temperature, 0 to 2.
+    #[arg(long, default_value_t = 0.1)]
+    temperature: f32,
+    /// Further tries after an invalid answer (not JSON, off-schema, cut off).
+    #[arg(long, default_value_t = 2)]
+    retries: u32,
+}
+
+/// How the server runs.
+#[derive(Debug, Args)]
+struct ServerArgs {
     /// The llama-server program (else $LLAMA_SERVER, else llama-server on PATH).
     #[arg(long)]
     server_bin: Option<PathBuf>,
@@ -78,6 +154,13 @@ struct DescribeArgs {
     /// Context per slot in tokens (the server gets ctx-size × slots).
     #[arg(long, default_value_t = 2048)]
     ctx_size: u32,
+    /// Layers offloaded to the GPU (-ngl).
+    #[arg(long, default_value_t = 99)]
+    gpu_layers: u32,
+    /// One more argument for llama-server, passed through as given (repeat for several:
+    /// --server-arg=--flash-attn --server-arg=on).
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    server_arg: Vec<OsString>,
     /// Minimum free VRAM in MiB.
     #[arg(long, default_value_t = VRAM_MINIMUM_MIB)]
     min_vram: u64,
@@ -93,15 +176,21 @@ struct DescribeArgs {
     /// Write the server's whole log to llama-server.log beside the model.
     #[arg(long)]
     debug: bool,
+}
+
+/// Where the lines go and how progress shows.
+#[derive(Debug, Args)]
+struct OutputArgs {
     /// Write JSON lines to FILE instead of stdout (locked against a second writer).
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
-    /// Skip frames already described in --output (frames that failed are tried again).
+    /// Skip items already answered in --output (items that failed are tried again).
     #[arg(long, requires = "output")]
     resume: bool,
-    /// Image files, folders of images (*.jpg, *.jpeg, *.png, by name), or .jsonl KeyframeRecords.
-    #[arg(required = true, value_name = "FRAMES")]
-    frames: Vec<PathBuf>,
+    /// Progress on stderr: auto (a bar on a terminal, a line every 5 s otherwise), json (one JSON
+    /// line per finished item), off.
+    #[arg(long, value_enum, default_value_t = Style::Auto)]
+    progress: Style,
 }
 
 #[derive(Debug, Args)]
@@ -135,6 +224,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Describe(args) => describe(args),
+        Command::Run(args) => run(args),
         Command::Check(args) => check::check(&args.gpu, args.min_vram),
         Command::Completions { shell } => {
             clap_complete::generate(
@@ -168,20 +258,70 @@ fn stop_on_signals() -> Arc<AtomicBool> {
     stop
 }
 
-fn config(args: &DescribeArgs) -> Result<EngineConfig, String> {
-    let startup = seconds(args.timeout, "--timeout")?;
-    let request = seconds(args.request_timeout, "--request-timeout")?;
-    let mut builder = EngineConfig::builder(&args.model, &args.mmproj)
-        .port(args.port)
-        .slots(args.slots)
-        .ctx_size(args.ctx_size)
-        .min_vram_mib(args.min_vram)
-        .gpu(args.gpu.clone())
+/// A model file: the flag's value, else `file` in `$CINECUT_MODELS_DIR` (else `~/models`), which
+/// must exist.
+fn model_path(given: Option<PathBuf>, file: &str, flag: &str) -> Result<PathBuf, String> {
+    if let Some(path) = given {
+        return Ok(path);
+    }
+    let (dir, why) = match std::env::var_os("CINECUT_MODELS_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => (PathBuf::from(dir), "from CINECUT_MODELS_DIR"),
+        None => (
+            std::env::var_os("HOME")
+                .map_or_else(|| PathBuf::from("."), PathBuf::from)
+                .join("models"),
+            "~/models, as CINECUT_MODELS_DIR is not set",
+        ),
+    };
+    let path = dir.join(file);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "no {flag} given, and the default {} ({why}) does not exist — pass {flag}, or set \
+             CINECUT_MODELS_DIR to the folder that holds {file}",
+            path.display()
+        ))
+    }
+}
+
+/// The instruction: `--prompt`, the contents of `--prompt-file`, or `None`.
+fn instruction(ask: &AskArgs) -> Result<Option<String>, String> {
+    match (&ask.prompt, &ask.prompt_file) {
+        (Some(text), _) => Ok(Some(text.clone())),
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .map(|text| Some(text.trim_end().to_string()))
+            .map_err(|e| format!("cannot read --prompt-file {}: {e}", file.display())),
+        (None, None) => Ok(None),
+    }
+}
+
+fn config(
+    model: &Path,
+    mmproj: Option<&Path>,
+    server: &ServerArgs,
+    options: DescribeOptions,
+) -> Result<EngineConfig, String> {
+    let startup = seconds(server.timeout, "--timeout")?;
+    let request = seconds(server.request_timeout, "--request-timeout")?;
+    let mut builder = EngineConfig::text(model)
+        .port(server.port)
+        .slots(server.slots)
+        .ctx_size(server.ctx_size)
+        .gpu_layers(server.gpu_layers)
+        .min_vram_mib(server.min_vram)
+        .gpu(server.gpu.clone())
         .startup_timeout(startup)
-        .debug(args.debug)
-        .describe_options(DescribeOptions::default().request_timeout(request));
-    if let Some(bin) = &args.server_bin {
+        .debug(server.debug)
+        .describe_options(options.request_timeout(request));
+    if let Some(mmproj) = mmproj {
+        builder = builder.mmproj(mmproj);
+    }
+    if let Some(bin) = &server.server_bin {
         builder = builder.server_bin(bin);
+    }
+    for arg in &server.server_arg {
+        builder = builder.arg(arg);
     }
     builder.build().map_err(|e| e.to_string())
 }
@@ -189,54 +329,184 @@ fn config(args: &DescribeArgs) -> Result<EngineConfig, String> {
 fn describe(args: DescribeArgs) -> ExitCode {
     // From the first moment: a signal while waiting for the lock or the model still cleans up.
     let stop = stop_on_signals();
-    let config = match config(&args) {
-        Ok(config) => config,
+    let setup = || -> Result<(EngineConfig, Vec<Item>), String> {
+        let model = model_path(args.model.clone(), DEFAULT_MODEL, "--model")?;
+        let mmproj = model_path(args.mmproj.clone(), DEFAULT_MMPROJ, "--mmproj")?;
+        let mut options = DescribeOptions::default()
+            .temperature(args.ask.temperature)
+            .retries(args.ask.retries)
+            .max_tokens(args.ask.max_tokens.unwrap_or(512));
+        if let Some(prompt) = instruction(&args.ask)? {
+            options = options.prompt(prompt);
+        }
+        let config = config(&model, Some(&mmproj), &args.server, options)?;
+        let items = frames::collect(&args.frames)?
+            .into_iter()
+            .map(|frame| frame_item(frame, config.describe_options()))
+            .collect();
+        Ok((config, items))
+    };
+    let (config, items) = match setup() {
+        Ok(setup) => setup,
         Err(e) => return fail(e),
     };
+    let job = Job {
+        inputs: &args.frames,
+        out: &args.out,
+        extra_protected: args.ask.prompt_file.iter().cloned().collect(),
+        key_of: frames::key_of_line,
+        kind: Kind::Frames,
+    };
+    execute::<SceneDescription>(config, items, job, &stop)
+}
+
+/// A frame as an item: named by its path, resumed by its canonical path.
+fn frame_item(frame: frames::Frame, options: &DescribeOptions) -> Item {
+    let prompt = match frame.path.to_str() {
+        Some(_) => Ok(options.frame_prompt(&frame.path)),
+        None => Err(format!(
+            "file name {:?} is not UTF-8, which a JSON line cannot hold — rename the file",
+            frame.path
+        )),
+    };
+    Item {
+        key: frames::key(&frame.path),
+        head: Head::Frame {
+            frame_path: frame.path.to_string_lossy().into_owned(),
+            timestamp_s: frame.timestamp_s,
+            source: frame.source,
+        },
+        prompt,
+        files: vec![frame.path],
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let stop = stop_on_signals();
+    let setup = || -> Result<(EngineConfig, Vec<Item>), String> {
+        let instruction = instruction(&args.ask)?
+            .ok_or("run needs the instruction: give --prompt TEXT or --prompt-file FILE")?;
+        let schema = Schema::from_file(&args.schema).map_err(|e| e.to_string())?;
+        let options = DescribeOptions::default().retries(args.ask.retries);
+        let config = config(&args.model, args.mmproj.as_deref(), &args.server, options)?;
+        let ask = |record: &records::Record| {
+            let text = match &record.text {
+                Some(text) if !instruction.is_empty() => format!("{instruction}\n\n{text}"),
+                Some(text) => text.clone(),
+                None => instruction.clone(),
+            };
+            let id = match &record.id {
+                serde_json::Value::String(id) => id.clone(),
+                other => other.to_string(),
+            };
+            let mut prompt = Prompt::new(&schema, text)
+                .id(id)
+                .max_tokens(args.ask.max_tokens.unwrap_or(128))
+                .temperature(args.ask.temperature);
+            if let Some(system) = &args.system {
+                prompt = prompt.system(system.clone());
+            }
+            record
+                .images
+                .iter()
+                .fold(prompt, |prompt, image| prompt.image(image))
+        };
+        let items = records::collect(&args.inputs)?
+            .into_iter()
+            .map(|record| Item {
+                key: records::key(&record.id),
+                prompt: Ok(ask(&record)),
+                files: record.images.clone(),
+                head: Head::Record {
+                    id: record.id,
+                    source: record.source,
+                },
+            })
+            .collect();
+        Ok((config, items))
+    };
+    let (config, items) = match setup() {
+        Ok(setup) => setup,
+        Err(e) => return fail(e),
+    };
+    let mut extra_protected = vec![args.schema.clone()];
+    extra_protected.extend(args.ask.prompt_file.iter().cloned());
+    let job = Job {
+        inputs: &args.inputs,
+        out: &args.out,
+        extra_protected,
+        key_of: records::key_of_line,
+        kind: Kind::Records,
+    };
+    execute::<serde_json::Value>(config, items, job, &stop)
+}
+
+/// What `describe` and `run` share past their inputs.
+struct Job<'a> {
+    inputs: &'a [PathBuf],
+    out: &'a OutputArgs,
+    /// Files besides the models and the server that the output must never be.
+    extra_protected: Vec<PathBuf>,
+    key_of: fn(&serde_json::Value) -> Option<String>,
+    kind: Kind,
+}
+
+/// Plans the job (every input error before any wait), starts the engine, answers every item as a
+/// `T`, and ends with the summary and its exit code.
+fn execute<T>(config: EngineConfig, items: Vec<Item>, job: Job, stop: &Arc<AtomicBool>) -> ExitCode
+where
+    T: Serialize + DeserializeOwned + Send,
+{
     if let Err(e) = config.check_model_files() {
         return fail(e);
     }
-    let protected = [
-        config.model().to_path_buf(),
-        config.mmproj().to_path_buf(),
-        config.server_bin(),
-    ];
+    let mut protected = vec![config.model().to_path_buf(), config.server_bin()];
+    protected.extend(config.mmproj().map(Path::to_path_buf));
+    protected.extend(job.extra_protected);
+    let (noun, done) = (job.kind.noun(), job.kind.done());
     let request = plan::Request {
-        inputs: &args.frames,
-        output: args.output.as_deref(),
-        resume: args.resume,
+        items,
+        inputs: job.inputs,
+        output: job.out.output.as_deref(),
+        resume: job.out.resume,
         protected: &protected,
+        key_of: job.key_of,
     };
-    let plan = match plan::plan(&request) {
+    let plan = match plan::plan(request) {
         Ok(plan) => plan,
         Err(e) => return fail(e),
     };
-    if args.resume {
+    if job.out.resume {
         eprintln!(
-            "cinecut-infer: resuming: {} of {} frames already described",
+            "cinecut-infer: resuming: {} of {} {noun} already {done}",
             plan.skipped,
             plan.skipped + plan.items.len()
         );
     }
     if plan.items.is_empty() {
-        eprintln!("cinecut-infer: nothing left to describe");
+        eprintln!("cinecut-infer: nothing left to do");
         return ExitCode::SUCCESS;
     }
-    if plan.items.iter().all(|item| item.name.is_err()) {
+    let show = job::Show {
+        kind: job.kind,
+        progress: job.out.progress,
+    };
+    if plan.items.iter().all(|item| item.prompt.is_err()) {
         // Nothing the engine could send: no GPU, no server, just the error lines.
-        let summary = job::write_unsendable(plan);
+        let summary = job::write_unsendable(plan, show);
         eprintln!("cinecut-infer: {}", summary.line());
         return summary.exit_code();
     }
-    let engine = match job::start(config, &stop) {
+    let slots = config.slots() as usize;
+    let engine = match job::start(config, stop) {
         Ok(engine) => engine,
         Err(job::StartError::Interrupted) => {
-            eprintln!("cinecut-infer: interrupted before any frame was described");
+            eprintln!("cinecut-infer: interrupted before any of the {noun} was {done}");
             return ExitCode::from(EXIT_INTERRUPTED);
         }
         Err(job::StartError::Failed(e)) => return fail(e),
     };
-    let summary = job::run(engine, plan, args.slots as usize, &stop);
+    let summary = job::run::<T>(engine, plan, slots, stop, show);
     eprintln!("cinecut-infer: {}", summary.line());
     if let Some(e) = &summary.write_error {
         eprintln!("cinecut-infer: error: writing the output failed: {e}");

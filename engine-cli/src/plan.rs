@@ -1,6 +1,6 @@
-//! Planning a `describe` job: every input error is found here, before any server starts. The plan
-//! holds the frames still to describe (after `--resume`), the output (locked against a second
-//! writer), and the frames whose names cannot be written as JSON.
+//! Planning a `describe` or `run` job: every input error is found here, before any server starts.
+//! The plan holds the items still to answer (after `--resume`), the output (locked against a second
+//! writer), and the items that cannot be sent (a non-UTF-8 file name).
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions, TryLockError};
@@ -8,37 +8,67 @@ use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::frames::{self, Frame};
+use engine_core::Prompt;
+use serde::Serialize;
+use serde_json::Value;
 
-/// One frame of this run and the name its output line carries.
-#[derive(Debug)]
-pub struct Item {
-    pub frame: Frame,
-    /// The path as JSON can hold it; `Err` says why it cannot (a non-UTF-8 file name).
-    pub name: Result<String, String>,
+/// How an output line names its item: the fields before `scene`/`result`/`error`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Head {
+    /// `describe`: the frame.
+    Frame {
+        frame_path: String,
+        /// From the record, or from the file name; null when unknown.
+        timestamp_s: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        source: Option<String>,
+    },
+    /// `run`: the record.
+    Record {
+        id: Value,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        source: Option<String>,
+    },
 }
 
-/// A planned `describe` job.
+/// One item of this run: its output line's head, its resume key, and what to send.
+#[derive(Debug)]
+pub struct Item {
+    pub head: Head,
+    /// The key `--resume` finds it by in an earlier output (see [`Request::key_of`]).
+    pub key: String,
+    /// The request; `Err` says why it cannot be sent (a non-UTF-8 file name).
+    pub prompt: Result<Prompt, String>,
+    /// The files it reads: never the output.
+    pub files: Vec<PathBuf>,
+}
+
+/// A planned job.
 pub struct Plan {
-    /// The frames to describe this run, in input order.
+    /// The items to answer this run, in input order.
     pub items: Vec<Item>,
-    /// Frames an earlier run already described (`--resume`).
+    /// Items an earlier run already answered (`--resume`).
     pub skipped: usize,
     pub out: Box<dyn Write + Send>,
 }
 
 /// What the command line asked for, as planning needs it.
 pub struct Request<'a> {
+    /// Every item of the input, in order.
+    pub items: Vec<Item>,
+    /// The input arguments (files and folders): never the output.
     pub inputs: &'a [PathBuf],
     pub output: Option<&'a Path>,
     pub resume: bool,
-    /// Files the output must never be (the model, the mmproj, the server program).
+    /// Files the output must never be (the model, the mmproj, the server program, the schema).
     pub protected: &'a [PathBuf],
+    /// The resume key of an earlier output line (the same as [`Item::key`] of its item).
+    pub key_of: fn(&Value) -> Option<String>,
 }
 
-pub fn plan(request: &Request) -> Result<Plan, String> {
-    let frames = frames::collect(request.inputs)?;
-    let (out, done): (Box<dyn Write + Send>, HashSet<PathBuf>) = match request.output {
+pub fn plan(request: Request) -> Result<Plan, String> {
+    let (out, done): (Box<dyn Write + Send>, HashSet<String>) = match request.output {
         None => (Box::new(io::stdout()), HashSet::new()),
         Some(path) if is_our_stdout(path) => {
             // `--output /dev/stdout >> log.jsonl`: write where the shell pointed us, emptying nothing.
@@ -51,25 +81,18 @@ pub fn plan(request: &Request) -> Result<Plan, String> {
             (Box::new(io::stdout()), HashSet::new())
         }
         Some(path) => {
-            let protected = request.inputs.iter().chain(request.protected);
-            refuse_input_as_output(path, protected, &frames)?;
-            let (file, done) = open_output(path, request.resume)?;
+            let files = request.items.iter().flat_map(|item| &item.files);
+            let protected = request.inputs.iter().chain(request.protected).chain(files);
+            refuse_input_as_output(path, protected)?;
+            let (file, done) = open_output(path, request.resume, request.key_of)?;
             (Box::new(file), done)
         }
     };
-    let total = frames.len();
-    let items: Vec<Item> = frames
+    let total = request.items.len();
+    let items: Vec<Item> = request
+        .items
         .into_iter()
-        .filter(|f| !done.contains(&frames::same_frame_key(&f.path)))
-        .map(|frame| {
-            let name = frame.path.to_str().map(str::to_owned).ok_or_else(|| {
-                format!(
-                    "file name {:?} is not UTF-8, which a JSON line cannot hold — rename the file",
-                    frame.path
-                )
-            });
-            Item { frame, name }
-        })
+        .filter(|item| !done.contains(&item.key))
         .collect();
     Ok(Plan {
         skipped: total - items.len(),
@@ -83,14 +106,13 @@ pub fn plan(request: &Request) -> Result<Plan, String> {
 fn refuse_input_as_output<'a>(
     output: &Path,
     inputs: impl Iterator<Item = &'a PathBuf>,
-    frames: &'a [Frame],
 ) -> Result<(), String> {
     let Ok(out) = std::fs::metadata(output) else {
         return Ok(()); // A new file cannot be an input.
     };
     let id = (out.dev(), out.ino());
     let named = inputs
-        .chain(frames.iter().map(|f| &f.path))
+        .into_iter()
         .find(|p| std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == id));
     match named {
         Some(input) => Err(format!(
@@ -137,7 +159,11 @@ impl Write for Output {
 /// Without `--resume` it starts empty (from its first line on); with it, the frames already described
 /// are returned and a torn last line (a run killed mid-write, even inside a multi-byte character) is
 /// dropped. Only a regular file can be read back to resume.
-fn open_output(path: &Path, resume: bool) -> Result<(Output, HashSet<PathBuf>), String> {
+fn open_output(
+    path: &Path,
+    resume: bool,
+    key_of: fn(&Value) -> Option<String>,
+) -> Result<(Output, HashSet<String>), String> {
     let shown = path.display();
     let mut file = OpenOptions::new()
         .read(true)
@@ -181,27 +207,24 @@ fn open_output(path: &Path, resume: bool) -> Result<(Output, HashSet<PathBuf>), 
         file,
         empty_first: false,
     };
-    Ok((output, already_described(&bytes[..whole])))
+    Ok((output, already_answered(&bytes[..whole], key_of)))
 }
 
-/// The frames an earlier run's output describes successfully (keys of [`frames::same_frame_key`]).
-/// Lines that are not JSON, or not UTF-8, are skipped: those frames are tried again.
-pub fn already_described(output: &[u8]) -> HashSet<PathBuf> {
+/// The keys (by `key_of`) of the items an earlier run's output answers successfully. Lines that are
+/// not JSON, or not UTF-8, are skipped: those items are tried again.
+pub fn already_answered(output: &[u8], key_of: fn(&Value) -> Option<String>) -> HashSet<String> {
     output
         .split(|b| *b == b'\n')
-        .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
+        .filter_map(|line| serde_json::from_slice::<Value>(line).ok())
         .filter(|v| v.get("scene").is_some() || v.get("result").is_some())
-        .filter_map(|v| {
-            v["frame_path"]
-                .as_str()
-                .map(|p| frames::same_frame_key(Path::new(p)))
-        })
+        .filter_map(|v| key_of(&v))
         .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frames;
     use serde_json::json;
 
     #[test]
@@ -212,10 +235,14 @@ mod tests {
             "{\"frame_pa".to_string(),
         ]
         .join("\n");
-        let done = already_described(output.as_bytes());
-        assert!(done.contains(&frames::same_frame_key(Path::new("./frames/a.jpg"))));
-        assert!(!done.contains(&frames::same_frame_key(Path::new("/b.jpg"))));
+        let done = already_answered(output.as_bytes(), frames::key_of_line);
+        assert!(done.contains(&frames::key(Path::new("./frames/a.jpg"))));
+        assert!(!done.contains(&frames::key(Path::new("/b.jpg"))));
         assert_eq!(done.len(), 1);
+        let run = json!({"id": 7, "result": {}}).to_string();
+        let done = already_answered(run.as_bytes(), crate::records::key_of_line);
+        assert!(done.contains(&crate::records::key(&json!(7))));
+        assert!(!done.contains(&crate::records::key(&json!("7"))));
     }
 
     #[test]
@@ -228,7 +255,7 @@ mod tests {
         let mut bytes = whole.clone().into_bytes();
         bytes.extend_from_slice(&torn.as_bytes()[..cut]);
         std::fs::write(&path, bytes).unwrap();
-        let (_file, done) = open_output(&path, true).unwrap();
+        let (_file, done) = open_output(&path, true, frames::key_of_line).unwrap();
         assert_eq!(done.len(), 1);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), whole);
     }
@@ -237,8 +264,10 @@ mod tests {
     fn a_second_writer_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.jsonl");
-        let (_first, _) = open_output(&path, false).unwrap();
-        let err = open_output(&path, false).err().unwrap();
+        let (_first, _) = open_output(&path, false, frames::key_of_line).unwrap();
+        let err = open_output(&path, false, frames::key_of_line)
+            .err()
+            .unwrap();
         assert!(err.contains("being written by another"), "{err}");
     }
 }

@@ -1,32 +1,61 @@
-//! Progress on stderr: a bar with count, rate and ETA on a terminal, plain periodic lines otherwise.
+//! Progress on stderr: a bar with count, rate and ETA on a terminal, plain periodic lines otherwise,
+//! or (`--progress json`) one JSON line per finished item for programs that draw their own bar.
 
 use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+
+use crate::plan::Head;
+
+/// `--progress`: how progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Style {
+    /// A bar on a terminal, a line every 5 s otherwise.
+    Auto,
+    /// One JSON line per finished item: {"done","total","failed","frame_path" or "id","ok"}.
+    Json,
+    /// Nothing.
+    Off,
+}
 
 /// How often plain progress lines are printed.
 const PLAIN_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 pub enum Progress {
+    Off,
+    Json {
+        total: usize,
+        /// One line at a time, whole.
+        stderr: Mutex<()>,
+    },
     Bar(ProgressBar),
     Plain {
         total: usize,
         started: Instant,
         last: Mutex<Instant>,
+        noun: String,
     },
 }
 
 impl Progress {
-    pub fn new(total: usize) -> Progress {
-        if std::io::stderr().is_terminal() {
+    pub fn new(total: usize, style: Style, noun: &str) -> Progress {
+        if style == Style::Off {
+            Progress::Off
+        } else if style == Style::Json {
+            Progress::Json {
+                total,
+                stderr: Mutex::new(()),
+            }
+        } else if std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(total as u64);
             bar.set_style(
-                ProgressStyle::with_template(
-                    "{bar:40} {pos}/{len} frames  {per_sec}  ETA {eta}  {msg}",
-                )
+                ProgressStyle::with_template(&format!(
+                    "{{bar:40}} {{pos}}/{{len}} {noun}  {{per_sec}}  ETA {{eta}}  {{msg}}"
+                ))
                 .expect("a valid template"),
             );
             Progress::Bar(bar)
@@ -36,13 +65,21 @@ impl Progress {
                 total,
                 started: now,
                 last: Mutex::new(now),
+                noun: noun.to_string(),
             }
         }
     }
 
     /// One more frame finished; `done` in all, `failed` of them failed.
-    pub fn tick(&self, done: usize, failed: usize) {
+    /// After item `head` finished (`ok` or not): `done` finished so far, `failed` of them failed.
+    pub fn tick(&self, done: usize, failed: usize, head: &Head, ok: bool) {
         match self {
+            Progress::Off => {}
+            Progress::Json { total, stderr } => {
+                let line = json_line(done, *total, failed, head, ok);
+                let _one_at_a_time = stderr.lock().unwrap_or_else(|p| p.into_inner());
+                eprintln!("{line}");
+            }
             Progress::Bar(bar) => {
                 bar.set_position(done as u64);
                 if failed > 0 {
@@ -53,6 +90,7 @@ impl Progress {
                 total,
                 started,
                 last,
+                noun,
             } => {
                 let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
                 if last.elapsed() < PLAIN_EVERY && done < *total {
@@ -63,7 +101,7 @@ impl Progress {
                 let rate = done as f64 / elapsed.max(1e-9);
                 let eta = (*total - done) as f64 / rate.max(1e-9);
                 eprintln!(
-                    "progress: {done}/{total} frames, {failed} failed, {rate:.1} frames/s, ETA {eta:.0}s"
+                    "progress: {done}/{total} {noun}, {failed} failed, {rate:.1} {noun}/s, ETA {eta:.0}s"
                 );
             }
         }
@@ -73,5 +111,38 @@ impl Progress {
         if let Progress::Bar(bar) = self {
             bar.finish();
         }
+    }
+}
+
+/// `{"done","total","failed","frame_path" or "id","ok"}`.
+fn json_line(done: usize, total: usize, failed: usize, head: &Head, ok: bool) -> Value {
+    let mut line = json!({"done": done, "total": total, "failed": failed, "ok": ok});
+    match head {
+        Head::Frame { frame_path, .. } => line["frame_path"] = json!(frame_path),
+        Head::Record { id, .. } => line["id"] = id.clone(),
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_json_line_names_the_item_by_what_its_output_line_uses() {
+        let frame = Head::Frame {
+            frame_path: "kf/a.jpg".into(),
+            timestamp_s: None,
+            source: None,
+        };
+        assert_eq!(
+            json_line(3, 10, 1, &frame, false),
+            json!({"done": 3, "total": 10, "failed": 1, "frame_path": "kf/a.jpg", "ok": false})
+        );
+        let record = Head::Record {
+            id: json!(7),
+            source: None,
+        };
+        assert_eq!(json_line(1, 1, 0, &record, true)["id"], 7);
     }
 }

@@ -9,9 +9,36 @@ pub const EXIT_FRAMES_FAILED: u8 = 1;
 /// Exit code after SIGINT/SIGTERM (128 + SIGINT, as shells report it).
 pub const EXIT_INTERRUPTED: u8 = 130;
 
+/// What a job's items are: frames (`describe`) or records (`run`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    #[default]
+    Frames,
+    Records,
+}
+
+impl Kind {
+    /// The items, in the plural.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Kind::Frames => "frames",
+            Kind::Records => "records",
+        }
+    }
+
+    /// What happened to an item that succeeded.
+    pub fn done(self) -> &'static str {
+        match self {
+            Kind::Frames => "described",
+            Kind::Records => "answered",
+        }
+    }
+}
+
 /// The counts of one run. Only lines actually written count as described or failed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Summary {
+    pub kind: Kind,
     pub total: usize,
     pub described: usize,
     pub failed: usize,
@@ -26,8 +53,13 @@ impl Summary {
     pub fn line(&self) -> String {
         let unwritten = self.total - self.described - self.failed - self.not_attempted;
         let mut line = format!(
-            "{} described, {} failed, {} not attempted, of {} frames",
-            self.described, self.failed, self.not_attempted, self.total
+            "{} {}, {} failed, {} not attempted, of {} {}",
+            self.described,
+            self.kind.done(),
+            self.failed,
+            self.not_attempted,
+            self.total,
+            self.kind.noun()
         );
         if unwritten > 0 {
             line.push_str(&format!(" ({unwritten} finished but not written)"));

@@ -30,7 +30,7 @@ pub const DEFAULT_PORT: u16 = 8089;
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     model: PathBuf,
-    mmproj: PathBuf,
+    mmproj: Option<PathBuf>,
     port: u16,
     server_bin: Option<PathBuf>,
     nvidia_smi: Option<PathBuf>,
@@ -59,12 +59,27 @@ pub struct EngineConfigBuilder {
 }
 
 impl EngineConfig {
-    /// A builder with the seed's defaults for the given model and mmproj.
+    /// A builder with the seed's defaults for a vision model: the language model and its projector.
     pub fn builder(model: impl Into<PathBuf>, mmproj: impl Into<PathBuf>) -> EngineConfigBuilder {
+        EngineConfig::text(model).mmproj(mmproj)
+    }
+
+    /// A builder with the seed's defaults for a text-only model (no `--mmproj`; prompts carry no
+    /// images), such as CineCut's subtitle stage:
+    ///
+    /// ```
+    /// let config = engine_core::EngineConfig::text("mistral-7b-instruct.gguf")
+    ///     .port(8090)
+    ///     .ctx_size(8192)
+    ///     .build()?;
+    /// assert!(config.mmproj().is_none());
+    /// # Ok::<(), engine_core::ConfigError>(())
+    /// ```
+    pub fn text(model: impl Into<PathBuf>) -> EngineConfigBuilder {
         EngineConfigBuilder {
             config: EngineConfig {
                 model: model.into(),
-                mmproj: mmproj.into(),
+                mmproj: None,
                 port: DEFAULT_PORT,
                 server_bin: None,
                 nvidia_smi: None,
@@ -94,13 +109,13 @@ impl EngineConfig {
         }
     }
 
-    /// The text model GGUF (`-m`).
+    /// The language model GGUF (`-m`).
     pub fn model(&self) -> &Path {
         &self.model
     }
-    /// The vision projector GGUF (`--mmproj`).
-    pub fn mmproj(&self) -> &Path {
-        &self.mmproj
+    /// The vision projector GGUF (`--mmproj`); `None` for a text-only model.
+    pub fn mmproj(&self) -> Option<&Path> {
+        self.mmproj.as_deref()
     }
     /// TCP port on 127.0.0.1; 0 picks a free one.
     pub fn port(&self) -> u16 {
@@ -179,16 +194,27 @@ impl EngineConfig {
         &self.describe
     }
 
-    /// Checks that the model files exist (as the engine does before it spawns anything), so that a
-    /// caller can report a wrong path before it waits for VRAM or the GPU lock.
+    /// Checks the model files as the engine does before it spawns anything, so that a caller can
+    /// report a wrong file before it waits for VRAM or the GPU lock: each must exist and be GGUF
+    /// (version 2 or 3); the model must not be a vision projector; the mmproj must be one
+    /// (`general.architecture = clip`) with a `clip.projector_type`.
     pub fn check_model_files(&self) -> Result<(), crate::InferenceError> {
-        for (what, path) in [("model", &self.model), ("mmproj", &self.mmproj)] {
+        let files = std::iter::once(("model", &self.model))
+            .chain(self.mmproj.as_ref().map(|p| ("mmproj", p)));
+        for (what, path) in files {
             if !path.is_file() {
                 return Err(crate::InferenceError::ModelNotFound {
                     what,
                     path: path.clone(),
                 });
             }
+            crate::gguf::check_role(what, path).map_err(|reason| {
+                crate::InferenceError::BadModel {
+                    what,
+                    path: path.clone(),
+                    reason,
+                }
+            })?;
         }
         Ok(())
     }
@@ -213,11 +239,11 @@ impl EngineConfig {
     /// ```
     pub fn server_args(&self, port: u16) -> Vec<OsString> {
         let total_ctx = u64::from(self.ctx_size) * u64::from(self.slots);
-        let mut args: Vec<OsString> = vec![
-            "-m".into(),
-            self.model.clone().into(),
-            "--mmproj".into(),
-            self.mmproj.clone().into(),
+        let mut args: Vec<OsString> = vec!["-m".into(), self.model.clone().into()];
+        if let Some(mmproj) = &self.mmproj {
+            args.extend(["--mmproj".into(), mmproj.clone().into()]);
+        }
+        args.extend([
             "--port".into(),
             port.to_string().into(),
             "--host".into(),
@@ -228,7 +254,7 @@ impl EngineConfig {
             total_ctx.to_string().into(),
             "-np".into(),
             self.slots.to_string().into(),
-        ];
+        ]);
         if self.log_disable {
             args.push("--log-disable".into());
         }
@@ -241,14 +267,19 @@ impl EngineConfig {
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl EngineConfigBuilder {
-    /// Sets the text model GGUF.
+    /// Sets the language model GGUF.
     pub fn model(mut self, path: impl Into<PathBuf>) -> Self {
         self.config.model = path.into();
         self
     }
-    /// Sets the vision projector GGUF.
+    /// Sets the vision projector GGUF (a vision model).
     pub fn mmproj(mut self, path: impl Into<PathBuf>) -> Self {
-        self.config.mmproj = path.into();
+        self.config.mmproj = Some(path.into());
+        self
+    }
+    /// Drops the vision projector: a text-only model.
+    pub fn text_only(mut self) -> Self {
+        self.config.mmproj = None;
         self
     }
     /// Sets the port (0 picks a free one).

@@ -4,7 +4,8 @@
 //! 1. [`Unchecked`]: holds the configuration. [`Engine::check_vram`] →
 //! 2. [`VramOk`]: + the VRAM reading. [`Engine::lock`] / [`Engine::try_lock_for`] →
 //! 3. [`Locked`]: + the GPU guard. [`Engine::start`] →
-//! 4. [`Healthy`]: + the server child and its client. [`Engine::describe`], [`Engine::shutdown`].
+//! 4. [`Healthy`]: + the server child and its client. [`Engine::describe`], [`Engine::complete`],
+//!    [`Engine::swap`] (to the next model, keeping the lock), [`Engine::shutdown`].
 //!
 //! Dropping an engine releases what it holds in reverse order (server stopped and reaped, then the GPU
 //! lock), also while unwinding from a panic and after a failed step.
@@ -14,16 +15,21 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use serde::de::DeserializeOwned;
+
 use crate::config::EngineConfig;
 use crate::describe::describe_frame;
-use crate::error::{EngineError, InferenceError, LockError, VramError};
+use crate::error::{ConfigError, EngineError, InferenceError, LockError, VramError};
 use crate::gpu_lock::{GpuGuard, gpu_lock, gpu_lock_cancellable, try_gpu_lock_for};
 use crate::process::{ChildExit, Escalation, Leftover};
+use crate::prompt::{Prompt, Subject};
+use crate::request::complete;
 use crate::scene::{KeyframeRecord, SceneDescription};
 use crate::server::Server;
 use crate::sync::lock;
 use crate::vram::{
-    GpuId, NvidiaSmi, Visible, VramReading, VramRecovery, assert_vram_available, wait_for_recovery,
+    GpuId, NvidiaSmi, Visible, VramReading, VramRecovery, assert_vram_available, wait_for_free,
+    wait_for_recovery,
 };
 
 mod sealed {
@@ -186,6 +192,23 @@ impl Engine<Unchecked> {
         })
     }
 
+    /// As [`Engine::check_vram`], but waits up to `timeout` for the memory to be free, polling at
+    /// the probe's pace (about every 50 ms): for the moment right after another model stopped. The
+    /// error names the last reading. Errors other than too little memory end the wait at once.
+    pub fn check_vram_within(self, timeout: Duration) -> Result<Engine<VramOk>, VramError> {
+        let reading = wait_for_free(
+            &self.config.nvidia_smi(),
+            self.config.gpu(),
+            &Visible::from_env(),
+            self.config.min_vram_mib(),
+            timeout,
+        )?;
+        Ok(Engine {
+            config: self.config,
+            state: VramOk { reading },
+        })
+    }
+
     /// Runs every step: check VRAM, take the GPU lock (waiting for it), start the server.
     pub fn launch(config: EngineConfig) -> Result<Engine<Healthy>, EngineError> {
         Ok(Engine::new(config).check_vram()?.lock()?.start()?)
@@ -256,38 +279,49 @@ impl Engine<Locked> {
 
     fn start_with(self, cancel: Option<&AtomicBool>) -> Result<Engine<Healthy>, InferenceError> {
         let Locked { reading, guard } = self.state;
-        let visible = if reading.uuid.is_empty() {
-            reading.gpu.to_string()
-        } else {
-            reading.uuid.clone()
-        };
-        let server = match Server::start(&self.config, &visible, guard.raw_fd(), cancel) {
-            Ok(server) => server,
-            Err(e) => {
-                // A start that died of "CUDA error: out of memory" may still hold VRAM a moment.
-                let recovery = wait_for_recovery(
-                    &self.config.nvidia_smi(),
-                    &reading,
-                    self.config.vram_recovery_timeout(),
-                );
-                tracing::debug!(?recovery, "VRAM after the failed start");
-                drop(guard);
-                return Err(e);
-            }
-        };
-        let running = Running {
-            server,
-            baseline: reading,
-            probe: self.config.nvidia_smi(),
-            stop_grace: self.config.stop_grace(),
-            recovery_timeout: self.config.vram_recovery_timeout(),
-            stopped: false,
-        };
-        Ok(Engine {
-            config: self.config,
-            state: Healthy { running, guard },
-        })
+        start_server(self.config, reading, guard, cancel)
     }
+}
+
+/// Starts `config`'s server on the locked GPU of `reading` (the baseline for the VRAM wait after
+/// its stop). On failure: the tree stopped and reaped, VRAM waited for, the lock released.
+fn start_server(
+    config: EngineConfig,
+    reading: VramReading,
+    guard: GpuGuard,
+    cancel: Option<&AtomicBool>,
+) -> Result<Engine<Healthy>, InferenceError> {
+    let visible = if reading.uuid.is_empty() {
+        reading.gpu.to_string()
+    } else {
+        reading.uuid.clone()
+    };
+    let server = match Server::start(&config, &visible, guard.raw_fd(), cancel) {
+        Ok(server) => server,
+        Err(e) => {
+            // A start that died of "CUDA error: out of memory" may still hold VRAM a moment.
+            let recovery = wait_for_recovery(
+                &config.nvidia_smi(),
+                &reading,
+                config.vram_recovery_timeout(),
+            );
+            tracing::debug!(?recovery, "VRAM after the failed start");
+            drop(guard);
+            return Err(e);
+        }
+    };
+    let running = Running {
+        server,
+        baseline: reading,
+        probe: config.nvidia_smi(),
+        stop_grace: config.stop_grace(),
+        recovery_timeout: config.vram_recovery_timeout(),
+        stopped: false,
+    };
+    Ok(Engine {
+        config,
+        state: Healthy { running, guard },
+    })
 }
 
 impl Engine<Healthy> {
@@ -323,12 +357,14 @@ impl Engine<Healthy> {
         self.state.running.server.pid()
     }
 
-    /// Describes one keyframe. The frame is checked before anything is sent; invalid answers are
-    /// retried up to `retries` more times. Safe to call from several threads at once.
+    /// Describes one keyframe: [`Engine::complete`] with the scene preset ([`crate::DescribeOptions`]'s
+    /// prompt and sampling, [`crate::SCENE_DESCRIPTION_SCHEMA`], the frame as the image). The frame
+    /// is checked before anything is sent; invalid answers are retried up to `retries` more times.
+    /// Safe to call from several threads at once.
     pub fn describe(&self, frame: &KeyframeRecord) -> Result<SceneDescription, InferenceError> {
         let server = &self.state.running.server;
         if let Some(died) = server.death(Duration::ZERO) {
-            return Err(died.for_frame(&frame.frame_path));
+            return Err(died.during(&Subject::Frame(frame.frame_path.clone())));
         }
         describe_frame(
             server.client(),
@@ -336,6 +372,121 @@ impl Engine<Healthy> {
             frame,
             &|wait| server.death(wait),
         )
+    }
+
+    /// Sends one schema-constrained request and returns the answer as `T`: images checked before
+    /// sending (and refused for a text-only model), the schema sent as llama-server expects it, a
+    /// Markdown fence stripped, the answer validated against the prompt's [`crate::Schema`] and
+    /// read into `T` (`serde_json::Value` for any answer), invalid answers retried up to `retries`
+    /// more times ([`crate::DescribeOptions`] holds the retries, the request timeout and the image
+    /// size limit). Safe to call from several threads at once.
+    ///
+    /// ```no_run
+    /// use engine_core::{Engine, EngineConfig, Prompt, Schema};
+    /// use serde_json::json;
+    ///
+    /// #[derive(serde::Deserialize)]
+    /// struct Anchors { begin_t: f64, escalation_t: f64, climax_t: f64 }
+    ///
+    /// let schema = Schema::new("structural_anchors", json!({
+    ///     "type": "object",
+    ///     "properties": {"begin_t": {"type": "number"}, "escalation_t": {"type": "number"},
+    ///                    "climax_t": {"type": "number"}},
+    ///     "required": ["begin_t", "escalation_t", "climax_t"], "additionalProperties": false,
+    /// }))?;
+    /// let engine = Engine::launch(EngineConfig::text("mistral.gguf").port(8090).ctx_size(8192).build()?)?;
+    /// let anchors: Anchors = engine.complete(&Prompt::new(&schema, "1\n00:00:01,000 --> ...").max_tokens(128))?;
+    /// println!("climax at {} s", anchors.climax_t);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn complete<T: DeserializeOwned>(&self, prompt: &Prompt) -> Result<T, InferenceError> {
+        let server = &self.state.running.server;
+        if let Some(died) = server.death(Duration::ZERO) {
+            return Err(died.during(&prompt.subject()));
+        }
+        complete(
+            server.client(),
+            self.config.describe_options(),
+            self.config.mmproj().is_some(),
+            prompt,
+            &|wait| server.death(wait),
+        )
+    }
+
+    /// [`Engine::complete`] for many prompts, with up to `concurrency` in flight, results in input
+    /// order; `on_done` as for [`Engine::describe_many`].
+    pub fn complete_many<T, F>(
+        &self,
+        prompts: &[Prompt],
+        concurrency: usize,
+        on_done: F,
+    ) -> Vec<Result<T, InferenceError>>
+    where
+        T: DeserializeOwned + Send,
+        F: Fn(usize, &Result<T, InferenceError>) -> ControlFlow<()> + Sync,
+    {
+        batch(
+            prompts,
+            concurrency,
+            |prompt| self.complete(prompt),
+            Prompt::subject,
+            on_done,
+        )
+    }
+
+    /// Stops this model's server and starts `next` on the same GPU without letting go of the GPU
+    /// lock, so that no other process can take the GPU between the two models: stop (as
+    /// [`Engine::shutdown`], VRAM waited for), wait up to `next`'s `vram_recovery_timeout` for its
+    /// `min_vram_mib` to be free, start `next`'s server. `next` must name the same GPU.
+    ///
+    /// A failed swap leaves nothing running and releases the lock (the error says which step failed);
+    /// a server that had died before is only logged, since it is replaced anyway.
+    ///
+    /// ```no_run
+    /// # use engine_core::{Engine, EngineConfig};
+    /// let vision = Engine::launch(EngineConfig::builder("llava.gguf", "mmproj.gguf").build()?)?;
+    /// // ... describe the keyframes ...
+    /// let text = vision.swap(EngineConfig::text("mistral.gguf").port(8090).ctx_size(8192).build()?)?;
+    /// // ... read the subtitles; the GPU was never unlocked ...
+    /// text.shutdown()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn swap(self, next: EngineConfig) -> Result<Engine<Healthy>, EngineError> {
+        let Healthy { mut running, guard } = self.state;
+        let gpu = guard.gpu();
+        let probe = next.nvidia_smi();
+        // Which GPU `next` means, found before anything stops; a mismatch releases all the same.
+        let target = probe.read(next.gpu(), &Visible::from_env(), 0);
+        if let Some(died) = running.server.death(Duration::ZERO) {
+            tracing::warn!(error = %died, "the server being swapped out had died");
+        }
+        let report = running.stop();
+        drop(running);
+        tracing::info!(gpu, took = ?report.took, vram = ?report.vram, "swap: server stopped");
+        let reading = match target {
+            Ok(target) if target.gpu == gpu => wait_for_free(
+                &probe,
+                &GpuId::Index(gpu),
+                &Visible::All,
+                next.min_vram_mib(),
+                next.vram_recovery_timeout(),
+            )
+            .map_err(EngineError::from),
+            Ok(target) => Err(ConfigError(format!(
+                "swap keeps the GPU it holds (GPU {gpu}), but the next configuration names GPU {} \
+                 — give it the same GPU, or shut down and launch a new engine",
+                target.gpu
+            ))
+            .into()),
+            Err(e) => Err(e.into()),
+        };
+        match reading {
+            Ok(reading) => Ok(start_server(next, reading, guard, None)?),
+            Err(e) => {
+                drop(guard);
+                Err(e)
+            }
+        }
     }
 
     /// Describes many frames with up to `concurrency` requests in flight (set `slots` to match), and
@@ -362,39 +513,13 @@ impl Engine<Healthy> {
     where
         F: Fn(usize, &Result<SceneDescription, InferenceError>) -> ControlFlow<()> + Sync,
     {
-        let next = AtomicUsize::new(0);
-        let stop = AtomicBool::new(false);
-        let slots: Vec<Mutex<Option<Result<SceneDescription, InferenceError>>>> =
-            frames.iter().map(|_| Mutex::new(None)).collect();
-        let workers = concurrency.clamp(1, frames.len().max(1));
-        std::thread::scope(|scope| {
-            for _ in 0..workers {
-                scope.spawn(|| {
-                    while !stop.load(Ordering::Acquire) {
-                        let i = next.fetch_add(1, Ordering::AcqRel);
-                        let Some(frame) = frames.get(i) else { break };
-                        let result = self.describe(frame);
-                        if on_done(i, &result).is_break() {
-                            stop.store(true, Ordering::Release);
-                        }
-                        *lock(&slots[i]) = Some(result);
-                    }
-                });
-            }
-        });
-        slots
-            .into_iter()
-            .zip(frames)
-            .map(|(slot, frame)| {
-                slot.into_inner()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .unwrap_or_else(|| {
-                        Err(InferenceError::Cancelled {
-                            path: frame.frame_path.clone(),
-                        })
-                    })
-            })
-            .collect()
+        batch(
+            frames,
+            concurrency,
+            |frame| self.describe(frame),
+            |frame| Subject::Frame(frame.frame_path.clone()),
+            on_done,
+        )
     }
 
     /// Stops the server's tree (SIGTERM; a second SIGTERM at half the grace period; SIGKILL at its
@@ -414,4 +539,54 @@ impl Engine<Healthy> {
             None => Ok(report),
         }
     }
+}
+
+/// Runs `work` over `items` with up to `concurrency` workers, results in input order; `on_done`
+/// after each, from its worker; a `Break` stops dispatch (items not started come back as
+/// [`InferenceError::Cancelled`], named by `subject`).
+fn batch<I, R, F>(
+    items: &[I],
+    concurrency: usize,
+    work: impl Fn(&I) -> Result<R, InferenceError> + Sync,
+    subject: impl Fn(&I) -> Subject,
+    on_done: F,
+) -> Vec<Result<R, InferenceError>>
+where
+    I: Sync,
+    R: Send,
+    F: Fn(usize, &Result<R, InferenceError>) -> ControlFlow<()> + Sync,
+{
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let slots: Vec<Mutex<Option<Result<R, InferenceError>>>> =
+        items.iter().map(|_| Mutex::new(None)).collect();
+    let workers = concurrency.clamp(1, items.len().max(1));
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                while !stop.load(Ordering::Acquire) {
+                    let i = next.fetch_add(1, Ordering::AcqRel);
+                    let Some(item) = items.get(i) else { break };
+                    let result = work(item);
+                    if on_done(i, &result).is_break() {
+                        stop.store(true, Ordering::Release);
+                    }
+                    *lock(&slots[i]) = Some(result);
+                }
+            });
+        }
+    });
+    slots
+        .into_iter()
+        .zip(items)
+        .map(|(slot, item)| {
+            slot.into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(|| {
+                    Err(InferenceError::Cancelled {
+                        subject: subject(item),
+                    })
+                })
+        })
+        .collect()
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::process::ChildExit;
+use crate::prompt::Subject;
 use crate::vram::{GpuId, Visible};
 
 /// A configuration value the engine cannot run with; built by [`crate::EngineConfigBuilder::build`].
@@ -92,6 +93,33 @@ pub enum VramError {
         /// The configured minimum.
         min_mib: u64,
     },
+    /// Free VRAM stayed below the minimum for the whole bounded wait (the previous model's memory
+    /// did not come back, or another program holds it).
+    #[error(
+        "GPU {gpu} still has only {free_mib} MiB free after waiting {waited:?}, need at least \
+         {min_mib} MiB — check `nvidia-smi` for what holds the memory, or wait longer"
+    )]
+    NotFreed {
+        /// The GPU (nvidia-smi index).
+        gpu: u32,
+        /// Free memory at the last reading.
+        free_mib: u64,
+        /// The configured minimum.
+        min_mib: u64,
+        /// How long we waited.
+        waited: Duration,
+    },
+}
+
+/// Raised by [`crate::Engine::check_vram_within`] and [`crate::Engine::swap`] when free VRAM did not
+/// reach the minimum before the deadline.
+pub(crate) fn not_freed(gpu: u32, free_mib: u64, min_mib: u64, waited: Duration) -> VramError {
+    VramError::NotFreed {
+        gpu,
+        free_mib,
+        min_mib,
+        waited,
+    }
 }
 
 /// The GPU lock could not be taken.
@@ -173,6 +201,17 @@ pub enum InferenceError {
         /// The missing path.
         path: PathBuf,
     },
+    /// The model or mmproj file is not what llama-server can load in that role (not GGUF, a
+    /// projector given as the model, an mmproj without `clip.projector_type`, ...).
+    #[error("{what} file {path}: {reason}")]
+    BadModel {
+        /// "model" or "mmproj".
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it, and what to do.
+        reason: String,
+    },
     /// The llama-server program does not exist.
     #[error(
         "llama-server not found at `{program}` — install llama.cpp's llama-server, put it on PATH, or \
@@ -228,30 +267,39 @@ pub enum InferenceError {
     /// The server process died while the engine was running.
     #[error(
         "llama-server died ({status}){} — the engine is unusable; start a new one{}",
-        frame.as_ref().map(|f| format!(" while describing frame {}", f.display())).unwrap_or_default(),
+        during.as_ref().map(|s| format!(" while answering {s}")).unwrap_or_default(),
         tail_suffix(.output_tail)
     )]
     ServerDied {
-        /// The frame being described when the death was found, if any.
-        frame: Option<PathBuf>,
+        /// The frame or request being answered when the death was found, if any.
+        during: Option<Subject>,
         /// Exit code or signal.
         status: ChildExit,
         /// The last lines the server printed.
         output_tail: String,
     },
-    /// A frame was refused before contacting the server.
+    /// An image (a keyframe) was refused before contacting the server.
     #[error("frame {path}: {reason}")]
-    BadFrame {
-        /// The frame's path.
+    BadImage {
+        /// The image's path.
         path: PathBuf,
         /// What is wrong and what to do.
         reason: String,
     },
+    /// A request was refused before contacting the server: a sampling value out of range, images
+    /// for a text-only model, nothing to send.
+    #[error("{subject}: {reason}")]
+    InvalidPrompt {
+        /// The request.
+        subject: Subject,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// The server answered a request with an HTTP error.
-    #[error("frame {path}: llama-server answered HTTP {status}: {body}")]
+    #[error("{subject}: llama-server answered HTTP {status}: {body}")]
     Http {
-        /// The frame's path.
-        path: PathBuf,
+        /// The frame or request.
+        subject: Subject,
         /// The HTTP status.
         status: u16,
         /// The body (truncated).
@@ -259,51 +307,53 @@ pub enum InferenceError {
     },
     /// The request did not complete within the per-request timeout.
     #[error(
-        "frame {path}: no answer from llama-server within {timeout:?} — raise the request timeout"
+        "{subject}: no answer from llama-server within {timeout:?} — raise the request timeout"
     )]
     RequestTimeout {
-        /// The frame's path.
-        path: PathBuf,
+        /// The frame or request.
+        subject: Subject,
         /// The per-request timeout.
         timeout: Duration,
     },
     /// The request failed at the transport level.
-    #[error("frame {path}: request to llama-server failed: {detail}")]
+    #[error("{subject}: request to llama-server failed: {detail}")]
     Transport {
-        /// The frame's path.
-        path: PathBuf,
+        /// The frame or request.
+        subject: Subject,
         /// What went wrong.
         detail: String,
     },
-    /// Every attempt returned output that is not a valid SceneDescription.
+    /// Every attempt returned output that does not match the schema.
     #[error(
-        "frame {path}: no valid SceneDescription after {} attempt(s): {}",
+        "{subject}: no valid {schema} after {} attempt(s): {}",
         attempts.len(),
         attempts.join("; ")
     )]
     InvalidOutput {
-        /// The frame's path.
-        path: PathBuf,
+        /// The frame or request.
+        subject: Subject,
+        /// The schema's name.
+        schema: String,
         /// Each attempt's reason, with the raw text (truncated).
         attempts: Vec<String>,
     },
     /// The request does not fit the slot's context: the same request would fail the same way, so it
     /// is not retried.
     #[error(
-        "frame {path}: {detail} — raise the context per slot (ctx_size, `--ctx-size`; the server gets \
+        "{subject}: {detail} — raise the context per slot (ctx_size, `--ctx-size`; the server gets \
          ctx_size × slots), or lower max_tokens"
     )]
     ContextExhausted {
-        /// The frame's path.
-        path: PathBuf,
+        /// The frame or request.
+        subject: Subject,
         /// What the server said.
         detail: String,
     },
-    /// The frame was not attempted because the caller stopped the batch.
-    #[error("frame {path}: not described — the batch was stopped before it")]
+    /// The frame or request was not attempted because the caller stopped the batch.
+    #[error("{subject}: not attempted — the batch was stopped before it")]
     Cancelled {
-        /// The frame's path.
-        path: PathBuf,
+        /// The frame or request.
+        subject: Subject,
     },
     /// The log file (debug mode) could not be opened.
     #[error(
@@ -320,15 +370,15 @@ pub enum InferenceError {
 }
 
 impl InferenceError {
-    /// Names `path` in a [`InferenceError::ServerDied`] that has no frame yet.
-    pub(crate) fn for_frame(self, path: &std::path::Path) -> Self {
+    /// Names `subject` in a [`InferenceError::ServerDied`] that names none yet.
+    pub(crate) fn during(self, subject: &Subject) -> Self {
         match self {
             InferenceError::ServerDied {
-                frame: None,
+                during: None,
                 status,
                 output_tail,
             } => InferenceError::ServerDied {
-                frame: Some(path.to_path_buf()),
+                during: Some(subject.clone()),
                 status,
                 output_tail,
             },

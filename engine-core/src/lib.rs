@@ -27,11 +27,15 @@ mod config;
 pub mod describe;
 mod engine;
 mod error;
+mod gguf;
 mod gpu_lock;
 mod keeper;
 pub mod process;
+mod prompt;
 mod random;
+mod request;
 mod scene;
+mod schema;
 mod server;
 mod sync;
 mod text;
@@ -42,10 +46,11 @@ pub use describe::DescribeOptions;
 pub use engine::{Engine, ShutdownReport};
 pub use error::{ConfigError, EngineError, InferenceError, LockError, VramError};
 pub use gpu_lock::{GpuGuard, gpu_lock, gpu_lock_cancellable, try_gpu_lock_for};
+pub use prompt::{Prompt, Subject};
 pub use scene::{
-    KeyframeRecord, SCENE_DESCRIPTION_SCHEMA, SceneDescription, SchemaViolation,
-    validate_scene_description,
+    KeyframeRecord, SCENE_DESCRIPTION_SCHEMA, SceneDescription, validate_scene_description,
 };
+pub use schema::{Schema, SchemaError, SchemaViolation};
 pub use vram::{GpuId, VRAM_MINIMUM_MIB, assert_vram_available, check_vram_free_mib};
 
 /// The lifecycle states of [`Engine`], in order: [`Unchecked`](typestate::Unchecked) →

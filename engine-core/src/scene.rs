@@ -7,6 +7,8 @@ use std::sync::LazyLock;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::schema::{Schema, SchemaViolation};
+
 /// A keyframe's description, as the vision model gives it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,16 +65,14 @@ pub static SCENE_DESCRIPTION_SCHEMA: LazyLock<Value> = LazyLock::new(|| {
     })
 });
 
-static VALIDATOR: LazyLock<jsonschema::Validator> = LazyLock::new(|| {
-    jsonschema::validator_for(&SCENE_DESCRIPTION_SCHEMA).expect("the built-in schema is valid")
+static SCENE_SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
+    Schema::new("SceneDescription", SCENE_DESCRIPTION_SCHEMA.clone())
+        .expect("the built-in schema is valid")
 });
 
-/// A value that does not match [`SCENE_DESCRIPTION_SCHEMA`]; lists every violation.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("not a SceneDescription: {}", violations.join("; "))]
-pub struct SchemaViolation {
-    /// One entry per violation, each naming where it is.
-    pub violations: Vec<String>,
+/// [`SCENE_DESCRIPTION_SCHEMA`], compiled once: what `describe` sends and validates against.
+pub(crate) fn scene_schema() -> &'static Schema {
+    &SCENE_SCHEMA
 }
 
 /// Validates `value` against [`SCENE_DESCRIPTION_SCHEMA`] (compiled once) and converts it.
@@ -89,21 +89,9 @@ pub struct SchemaViolation {
 /// assert!(err.violations.len() >= 3); // wrong type, missing fields, extra field
 /// ```
 pub fn validate_scene_description(value: &Value) -> Result<SceneDescription, SchemaViolation> {
-    let violations: Vec<String> = VALIDATOR
-        .iter_errors(value)
-        .map(|e| {
-            let at = e.instance_path().to_string();
-            if at.is_empty() {
-                e.to_string()
-            } else {
-                format!("{at}: {e}")
-            }
-        })
-        .collect();
-    if !violations.is_empty() {
-        return Err(SchemaViolation { violations });
-    }
+    SCENE_SCHEMA.validate(value)?;
     serde_json::from_value(value.clone()).map_err(|e| SchemaViolation {
+        schema: SCENE_SCHEMA.name().to_string(),
         violations: vec![e.to_string()],
     })
 }

@@ -271,7 +271,7 @@ impl Server {
             });
         }
         died.as_ref().map(|death| InferenceError::ServerDied {
-            frame: None,
+            during: None,
             status: death.status,
             output_tail: death.output_tail.clone(),
         })

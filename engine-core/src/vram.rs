@@ -503,9 +503,41 @@ pub fn wait_for_recovery(
                 free_mib,
             };
         }
-        std::thread::sleep(Duration::from_millis(50).min(timeout));
+        std::thread::sleep(POLL_INTERVAL.min(timeout));
     }
 }
+
+/// Polls `probe` until `gpu` has `min_mib` free, or `timeout` ends: for the moment right after
+/// another model stopped, while its memory is still being freed. Errors other than too little
+/// memory (nvidia-smi failing, no such GPU) end the wait at once.
+pub fn wait_for_free(
+    probe: &NvidiaSmi,
+    gpu: &GpuId,
+    visible: &Visible,
+    min_mib: u64,
+    timeout: Duration,
+) -> Result<VramReading, VramError> {
+    let started = Instant::now();
+    loop {
+        match probe.read(gpu, visible, min_mib) {
+            Err(VramError::Insufficient { gpu, free_mib, .. }) => {
+                if started.elapsed() >= timeout {
+                    return Err(crate::error::not_freed(
+                        gpu,
+                        free_mib,
+                        min_mib,
+                        started.elapsed(),
+                    ));
+                }
+            }
+            other => return other,
+        }
+        std::thread::sleep(POLL_INTERVAL.min(timeout.saturating_sub(started.elapsed())));
+    }
+}
+
+/// How often the VRAM waits ask again: nvidia-smi itself takes about 25 ms.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 #[cfg(test)]
 mod tests {

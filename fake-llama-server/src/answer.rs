@@ -1,5 +1,6 @@
-//! The fake's answers: a schema-valid description that depends on the image, and the ways a real
-//! server's answer goes wrong.
+//! The fake's answers: a schema-valid description that depends on the image, a schema-valid object
+//! for any other schema (derived from the image or the text), and the ways a real server's answer
+//! goes wrong.
 
 use serde_json::{Value, json};
 
@@ -98,6 +99,90 @@ pub fn describe(facts: &ImageFacts) -> Value {
     })
 }
 
+/// Whether `schema` is the engine's SceneDescription schema (answered with [`describe`]).
+pub fn is_scene_schema(schema: &Value) -> bool {
+    ["visual_content", "mood", "action", "setting"]
+        .iter()
+        .all(|k| schema["properties"].get(k).is_some())
+}
+
+/// A value valid under `schema`, derived from `seed`: objects get every property (required or
+/// not), numbers respect `minimum`/`maximum`, strings `minLength`, arrays `minItems`; `enum` and
+/// `const` are honoured; of `anyOf`/`oneOf` the first is taken. What the real server's grammar
+/// would allow, without a model.
+pub fn from_schema(schema: &Value, seed: u64) -> Value {
+    from_schema_at(schema, seed, 0)
+}
+
+fn from_schema_at(schema: &Value, seed: u64, depth: u32) -> Value {
+    if depth > 16 {
+        return Value::Null;
+    }
+    if let Some(value) = schema.get("const") {
+        return value.clone();
+    }
+    if let Some(options) = schema["enum"].as_array().filter(|o| !o.is_empty()) {
+        return options[(seed % options.len() as u64) as usize].clone();
+    }
+    for key in ["anyOf", "oneOf", "allOf"] {
+        if let Some(first) = schema[key].as_array().and_then(|a| a.first()) {
+            return from_schema_at(first, seed, depth + 1);
+        }
+    }
+    let kind = match &schema["type"] {
+        Value::String(t) => t.as_str(),
+        Value::Array(types) => types
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|t| *t != "null")
+            .unwrap_or("null"),
+        _ if schema["properties"].is_object() => "object",
+        _ => "string",
+    };
+    let next = |shift: u64| fnv1a(&(seed ^ shift).to_le_bytes());
+    match kind {
+        "object" => {
+            let mut object = serde_json::Map::new();
+            if let Some(properties) = schema["properties"].as_object() {
+                for (i, (key, sub)) in properties.iter().enumerate() {
+                    object.insert(
+                        key.clone(),
+                        from_schema_at(sub, next(i as u64 + 1), depth + 1),
+                    );
+                }
+            }
+            Value::Object(object)
+        }
+        "array" => {
+            let n = schema["minItems"].as_u64().unwrap_or(1).min(8);
+            (0..n)
+                .map(|i| from_schema_at(&schema["items"], next(i + 100), depth + 1))
+                .collect()
+        }
+        "number" | "integer" => {
+            let low = schema["minimum"].as_f64().unwrap_or(0.0);
+            let high = schema["maximum"].as_f64().unwrap_or(low + 1000.0).max(low);
+            let x = low + (seed % 10_000) as f64 / 10_000.0 * (high - low);
+            if kind == "integer" {
+                json!(x.floor().max(low.ceil()) as i64)
+            } else {
+                json!((x * 10.0).floor() / 10.0)
+            }
+        }
+        "boolean" => json!(seed.is_multiple_of(2)),
+        "null" => Value::Null,
+        _ => {
+            let word = SETTINGS[(seed % SETTINGS.len() as u64) as usize];
+            let min = schema["minLength"].as_u64().unwrap_or(0) as usize;
+            let mut text = word.to_string();
+            while text.chars().count() < min {
+                text.push('.');
+            }
+            json!(text)
+        }
+    }
+}
+
 /// How a completion request is answered (knob `FAKE_LLAMA_RESPONSE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -136,11 +221,28 @@ pub fn content(mode: Mode, description: &Value) -> Option<(String, bool)> {
             "I see a frame from a film, but I cannot say more.".into(),
             false,
         ),
-        Mode::BadSchema => (
+        Mode::BadSchema if description.get("mood").is_some() => (
             json!({"visual_content": description["visual_content"], "mood": 7, "extra": true})
                 .to_string(),
             false,
         ),
+        // Any other schema: each string becomes a number and each other value a string.
+        Mode::BadSchema => {
+            let wrong = |v: &Value| {
+                if v.is_string() {
+                    json!(7)
+                } else {
+                    json!("seven")
+                }
+            };
+            let off = match description {
+                Value::Object(map) => {
+                    Value::Object(map.iter().map(|(k, v)| (k.clone(), wrong(v))).collect())
+                }
+                other => wrong(other),
+            };
+            (off.to_string(), false)
+        }
         Mode::Length => (text[..text.len() / 2].to_string(), true),
         Mode::Peg500 | Mode::Http500 => return None,
     })

@@ -57,7 +57,8 @@ fake-llama-server: a stand-in for llama.cpp's llama-server.
 
 Flags (as llama-server):
   -m, --model PATH            text model GGUF (must exist)
-  --mmproj PATH               vision projector GGUF (must exist)
+  --mmproj PATH               vision projector GGUF (must exist); without it the server is
+                              text-only and refuses image parts with HTTP 500, as the real one
   --host HOST                 address to listen on (default 127.0.0.1)
   --port N                    port (default 8080)
   -c, --ctx-size N            context size, divided among the slots as the real server does

@@ -88,8 +88,9 @@ fn bad_request(message: &str) -> Reply {
     json_reply(400, error_body(400, message, "invalid_request_error"))
 }
 
-/// The image bytes of a chat request: the `image_url` part's data URI. Err: the reply to send.
-fn chat_image(body: &Value) -> Result<Vec<u8>, Reply> {
+/// The image bytes of a chat request: the `image_url` part's data URI; `None` for a text-only
+/// request. Err: the reply to send.
+fn chat_image(fake: &Fake, body: &Value) -> Result<Option<Vec<u8>>, Reply> {
     let parts = body["messages"]
         .as_array()
         .into_iter()
@@ -98,6 +99,17 @@ fn chat_image(body: &Value) -> Result<Vec<u8>, Reply> {
         .flatten();
     for part in parts {
         if part["type"] == "image_url" {
+            if fake.args.mmproj.is_none() {
+                // As the real server (11434.0.0) answers an image without --mmproj.
+                return Err(json_reply(
+                    500,
+                    error_body(
+                        500,
+                        "image input is not supported - hint: if this is unexpected, you may need to provide the mmproj",
+                        "server_error",
+                    ),
+                ));
+            }
             let url = part["image_url"]["url"].as_str().unwrap_or("");
             let Some(data) = url.strip_prefix("data:") else {
                 // The real server would fetch a remote URL; the fake refuses, and says why.
@@ -108,12 +120,27 @@ fn chat_image(body: &Value) -> Result<Vec<u8>, Reply> {
             let b64 = data.split_once("base64,").map(|(_, b)| b).unwrap_or("");
             return base64::engine::general_purpose::STANDARD
                 .decode(b64)
+                .map(Some)
                 .map_err(|_| bad_request("Failed to load image or audio file"));
         }
     }
-    Err(bad_request(
-        "fake-llama-server: the request has no image_url part",
-    ))
+    Ok(None)
+}
+
+/// The text of a chat request's messages, joined: what a text-only answer is derived from.
+fn chat_text(body: &Value) -> String {
+    let mut text = String::new();
+    for message in body["messages"].as_array().into_iter().flatten() {
+        match &message["content"] {
+            Value::String(s) => text.push_str(s),
+            Value::Array(parts) => parts
+                .iter()
+                .filter_map(|p| p["text"].as_str())
+                .for_each(|t| text.push_str(t)),
+            _ => {}
+        }
+    }
+    text
 }
 
 /// The image bytes of a raw `/completion` request (`prompt.multimodal_data`), checking the marker.
@@ -134,16 +161,18 @@ fn raw_image(fake: &Fake, body: &Value) -> Result<Vec<u8>, Reply> {
         .map_err(|_| bad_request("Failed to load image or audio file"))
 }
 
-fn has_schema(body: &Value, kind: Kind) -> bool {
-    let in_format = body["response_format"]["type"] == "json_schema"
-        && body["response_format"]["json_schema"]["schema"].is_object();
-    in_format
-        || (kind == Kind::Chat && body["json_schema"].is_object())
-        || body["json_schema"].is_object()
+/// The request's JSON schema: `response_format.json_schema.schema`, or a top-level `json_schema`.
+fn schema(body: &Value) -> Option<&Value> {
+    let in_format = &body["response_format"]["json_schema"]["schema"];
+    if body["response_format"]["type"] == "json_schema" && in_format.is_object() {
+        Some(in_format)
+    } else {
+        Some(&body["json_schema"]).filter(|s| s.is_object())
+    }
 }
 
-/// Tokens a request's prompt takes (the instruction and the image's embeddings).
-const PROMPT_TOKENS: u32 = 200;
+/// Tokens a request with an image takes (the instruction and the image's embeddings).
+const IMAGE_PROMPT_TOKENS: u32 = 200;
 
 /// Each slot's share of `-c`, as the real server divides it.
 fn slot_context(fake: &Fake) -> u32 {
@@ -171,21 +200,29 @@ fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
         );
     };
     let image = match kind {
-        Kind::Chat => chat_image(&body),
-        Kind::Raw => raw_image(fake, &body),
+        Kind::Chat => chat_image(fake, &body),
+        Kind::Raw => raw_image(fake, &body).map(Some),
     };
     let image = match image {
         Ok(image) => image,
         Err(reply) => return reply,
     };
-    let Some(facts) = answer::inspect(&image) else {
-        return bad_request("Failed to load image or audio file");
+    let facts = match image.as_deref().map(answer::inspect) {
+        Some(None) => return bad_request("Failed to load image or audio file"),
+        Some(Some(facts)) => Some(facts),
+        None => None,
     };
-    if !has_schema(&body, kind) {
+    let Some(schema) = schema(&body) else {
         return bad_request(
             "fake-llama-server: the request has no JSON schema (response_format json_schema)",
         );
-    }
+    };
+    let text = chat_text(&body);
+    // Four characters a token, as for the answer; an image adds its embeddings.
+    let prompt_tokens = match facts {
+        Some(_) => IMAGE_PROMPT_TOKENS,
+        None => 16 + (text.len() / 4) as u32,
+    };
     let _slot = fake.slots.acquire();
     fake.in_flight.fetch_add(1, Ordering::AcqRel);
     event(fake, "request_start", json!({"n": number}));
@@ -193,7 +230,11 @@ fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
         std::thread::sleep(Duration::from_millis(ms));
     }
     let mode = fake.knobs.mode(number);
-    let description = answer::describe(&facts);
+    let description = match facts {
+        Some(facts) if answer::is_scene_schema(schema) => answer::describe(&facts),
+        Some(facts) => answer::from_schema(schema, facts.hash),
+        None => answer::from_schema(schema, answer::fnv1a(text.as_bytes())),
+    };
     let reply = match answer::content(mode, &description) {
         None if mode == Mode::Peg500 => json_reply(
             500,
@@ -211,7 +252,7 @@ fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
                 "server_error",
             ),
         ),
-        Some(_) if PROMPT_TOKENS >= slot_context(fake) => json_reply(
+        Some(_) if prompt_tokens >= slot_context(fake) => json_reply(
             400,
             error_body(
                 400,
@@ -227,7 +268,7 @@ fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
             } else {
                 text.len() / 4
             };
-            let room = (slot_context(fake) - PROMPT_TOKENS) as usize;
+            let room = (slot_context(fake) - prompt_tokens) as usize;
             let cut = if generated > room {
                 text.truncate((room * 4).min(text.len()));
                 generated = room;
@@ -237,7 +278,7 @@ fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
             };
             let finish = if cut { "length" } else { "stop" };
             let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-            let timings = json!({"prompt_n": PROMPT_TOKENS, "prompt_ms": elapsed_ms / 2.0,
+            let timings = json!({"prompt_n": prompt_tokens, "prompt_ms": elapsed_ms / 2.0,
                 "predicted_n": generated, "predicted_ms": elapsed_ms / 2.0});
             let body = match kind {
                 Kind::Chat => json!({
@@ -247,8 +288,8 @@ fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
                     "model": fake.args.model,
                     "system_fingerprint": "fake-llama-server",
                     "object": "chat.completion",
-                    "usage": {"completion_tokens": generated, "prompt_tokens": PROMPT_TOKENS,
-                              "total_tokens": PROMPT_TOKENS as usize + generated},
+                    "usage": {"completion_tokens": generated, "prompt_tokens": prompt_tokens,
+                              "total_tokens": prompt_tokens as usize + generated},
                     "id": format!("chatcmpl-fake{number}"),
                     "timings": timings,
                 }),

@@ -52,6 +52,25 @@ pub fn cinecut_infer() -> &'static Path {
     })
 }
 
+/// Writes a GGUF (version 3) file of string metadata keys and no tensors: all the engine's model
+/// check reads, and all the fake server needs.
+pub fn write_gguf(path: &Path, keys: &[(&str, &str)]) {
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend(0u64.to_le_bytes());
+    out.extend((keys.len() as u64).to_le_bytes());
+    for (key, value) in keys {
+        for (i, s) in [key, value].into_iter().enumerate() {
+            out.extend((s.len() as u64).to_le_bytes());
+            out.extend(s.as_bytes());
+            if i == 0 {
+                out.extend(8u32.to_le_bytes()); // a string value
+            }
+        }
+    }
+    std::fs::write(path, out).unwrap();
+}
+
 /// A scratch folder with a model, an mmproj, and helpers to make frames and shims.
 #[derive(Debug)]
 pub struct Harness {
@@ -73,8 +92,14 @@ impl Harness {
         let dir = tempfile::tempdir().expect("temp dir");
         let model = dir.path().join("tiny-llava.gguf");
         let mmproj = dir.path().join("tiny-mmproj.gguf");
-        std::fs::write(&model, b"GGUF fake model").unwrap();
-        std::fs::write(&mmproj, b"GGUF fake mmproj").unwrap();
+        write_gguf(&model, &[("general.architecture", "llama")]);
+        write_gguf(
+            &mmproj,
+            &[
+                ("general.architecture", "clip"),
+                ("clip.projector_type", "mlp"),
+            ],
+        );
         let events = dir.path().join("server-events.jsonl");
         Harness {
             gpu: NEXT_GPU.fetch_add(1, Ordering::Relaxed),

@@ -106,7 +106,8 @@ fn a_second_ctrl_c_also_exits_130() {
     for pid in h.spawned_pids() {
         tests::wait_not_running(pid);
     }
-    tests::assert_lock_free(h.gpu);
+    // The keeper holds the lock until it has reaped the tree, a moment after the server is gone.
+    tests::wait_lock_free(h.gpu);
 }
 
 #[test]

