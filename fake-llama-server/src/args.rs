@@ -89,7 +89,7 @@ Knobs (environment variables):
   FAKE_LLAMA_LEAVE_GROUP=1         move into the parent's process group at start (a child that
                                    leaves its group: signals to the old group reach nobody)
   FAKE_LLAMA_EVENTS=PATH           append JSON lines {event, t_unix_ns, pid, ...}: spawned (with
-                                   cuda_visible_devices and pgid),
+                                   cuda_visible_devices, pgid and args),
                                    listening, ready, request_start, request_end, sigterm, exit
   LLAMA_MEDIA_MARKER=TEXT          the /completion media marker (default: random per process)
 ";

@@ -227,7 +227,8 @@ fn main() {
         &fake,
         "spawned",
         json!({"cuda_visible_devices": std::env::var("CUDA_VISIBLE_DEVICES").ok(),
-               "pgid": rustix::process::getpgrp().as_raw_nonzero().get()}),
+               "pgid": rustix::process::getpgrp().as_raw_nonzero().get(),
+               "args": std::env::args().skip(1).collect::<Vec<_>>()}),
     );
     run(fake);
 }

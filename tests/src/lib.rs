@@ -149,13 +149,33 @@ impl Harness {
 
     /// As [`Harness::describe_command`], with `--gpu gpu`.
     pub fn describe_command_on(&self, gpu: &str, knobs: &[(&str, &str)]) -> std::process::Command {
-        let log = self.shim_log();
-        let mut cmd = std::process::Command::new(cinecut_infer());
-        cmd.arg("describe")
-            .arg("--model")
+        let mut cmd = self.infer_command("describe", gpu, knobs);
+        cmd.arg("--model")
             .arg(&self.model)
             .arg("--mmproj")
-            .arg(&self.mmproj)
+            .arg(&self.mmproj);
+        cmd
+    }
+
+    /// `cinecut-infer run` for this harness with its model, text-only (no `--mmproj`); otherwise as
+    /// [`Harness::describe_command`].
+    pub fn run_command(&self, knobs: &[(&str, &str)]) -> std::process::Command {
+        let mut cmd = self.infer_command("run", &self.gpu.to_string(), knobs);
+        cmd.arg("--model").arg(&self.model);
+        cmd
+    }
+
+    /// `cinecut-infer SUBCOMMAND --port 0 --gpu GPU` with the fake server, a healthy shim and the
+    /// fake's events file; `knobs` go into its environment.
+    pub fn infer_command(
+        &self,
+        subcommand: &str,
+        gpu: &str,
+        knobs: &[(&str, &str)],
+    ) -> std::process::Command {
+        let log = self.shim_log();
+        let mut cmd = std::process::Command::new(cinecut_infer());
+        cmd.arg(subcommand)
             .args(["--port", "0", "--gpu", gpu])
             .env("LLAMA_SERVER", fake_server())
             .env(
@@ -212,9 +232,10 @@ impl Harness {
             .env("FAKE_LLAMA_EVENTS", &self.events)
     }
 
-    /// Writes a `width`×`height` JPEG of one colour and returns its path.
+    /// Writes a `width`×`height` JPEG of one colour (creating its folder) and returns its path.
     pub fn jpeg(&self, name: &str, width: u32, height: u32, rgb: [u8; 3]) -> PathBuf {
         let path = self.dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         image::RgbImage::from_pixel(width, height, image::Rgb(rgb))
             .save_with_format(&path, image::ImageFormat::Jpeg)
             .unwrap();

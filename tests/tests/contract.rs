@@ -61,11 +61,20 @@ const KEY: &str = "contract-key";
 
 /// The server run by hand (not by the engine), with our key, on `port`.
 fn spawn(t: &Target, port: u16, extra: &[&str]) -> Child {
+    let mmproj = ["--mmproj".as_ref(), t.mmproj.as_os_str()];
+    spawn_with(t, port, &mmproj, extra)
+}
+
+/// As [`spawn`], text-only: the model without its projector.
+fn spawn_text(t: &Target, port: u16) -> Child {
+    spawn_with(t, port, &[], &[])
+}
+
+fn spawn_with(t: &Target, port: u16, mmproj: &[&std::ffi::OsStr], extra: &[&str]) -> Child {
     let mut cmd = Command::new(&t.server);
     cmd.arg("-m")
         .arg(&t.model)
-        .arg("--mmproj")
-        .arg(&t.mmproj)
+        .args(mmproj)
         .args([
             "--port",
             &port.to_string(),
@@ -208,18 +217,26 @@ fn props_models_and_the_api_key_rules() {
 
     let (status, models) = request(port, "GET", "/v1/models", Some(KEY), None).unwrap();
     assert_eq!(status, 200);
-    assert_eq!(models["data"][0]["id"], given);
+    // 11434.0.0 names the model by the -m string; 9093.0.0 by its file name. The engine reads
+    // /props, never this.
+    let file_name = t.model.file_name().unwrap().to_str().unwrap();
+    let id = &models["data"][0]["id"];
+    assert!(id == given || id == file_name, "{models}");
 
+    // The engine's proof of ownership: /props refuses a request without our key, on every version.
     let unauthorised = json!({"error": {"message": "Invalid API Key", "type": "authentication_error", "code": 401}});
-    for path in ["/props", "/v1/models"] {
+    for key in [None, Some("wrong")] {
         assert_eq!(
-            request(port, "GET", path, None, None).unwrap(),
+            request(port, "GET", "/props", key, None).unwrap(),
             (401, unauthorised.clone())
         );
-        assert_eq!(
-            request(port, "GET", path, Some("wrong"), None).unwrap(),
-            (401, unauthorised.clone())
-        );
+        // 11434.0.0 guards /v1/models too; 9093.0.0 serves it to anyone (the same list).
+        let (status, body) = request(port, "GET", "/v1/models", key, None).unwrap();
+        match status {
+            401 => assert_eq!(body, unauthorised),
+            200 => assert_eq!(body["data"][0]["id"], *id),
+            other => panic!("/v1/models answered {other}: {body}"),
+        }
     }
     // /health is public.
     assert_eq!(request(port, "GET", "/health", None, None).unwrap().0, 200);
@@ -401,5 +418,153 @@ fn a_request_larger_than_its_slot_is_a_context_error_that_is_not_retried() {
         "{err}"
     );
     drop(engine);
+    tests::assert_lock_free(h.gpu);
+}
+
+/// CineCut's text stage schema (DESIGN.md §6): where the story begins, escalates and peaks.
+fn anchors() -> engine_core::Schema {
+    engine_core::Schema::new(
+        "structural_anchors",
+        json!({
+            "type": "object",
+            "properties": {
+                "begin_t": {"type": "number"},
+                "escalation_t": {"type": "number"},
+                "climax_t": {"type": "number"},
+            },
+            "required": ["begin_t", "escalation_t", "climax_t"],
+            "additionalProperties": false,
+        }),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_text_only_server_takes_plain_content_and_refuses_an_image() {
+    let h = Harness::new();
+    let t = target(&h);
+    let port = free_port();
+    let mut child = spawn_text(&t, port);
+    wait_healthy(port, &mut child);
+    let (status, props) = request(port, "GET", "/props", Some(KEY), None).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(props["modalities"]["vision"], false, "{props}");
+    let format = json!({"type": "json_schema",
+        "json_schema": {"name": "structural_anchors", "schema": anchors().value()}});
+    let text = json!({
+        "messages": [{"role": "system", "content": "Find the anchors."},
+                     {"role": "user", "content": "00:00:01 Who's there?"}],
+        "response_format": format, "max_tokens": 128, "temperature": 0.1,
+    });
+    let (status, answer) =
+        request(port, "POST", "/v1/chat/completions", Some(KEY), Some(&text)).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer["choices"][0]["message"]["content"].is_string(),
+        "{answer}"
+    );
+    let frame = jpeg(&h, "a.jpg", [200, 10, 10]);
+    let image = json!({
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, image_part(&frame)]}],
+        "response_format": format,
+    });
+    let (status, error) = request(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        Some(KEY),
+        Some(&image),
+    )
+    .unwrap();
+    assert_eq!(status, 500, "{error}");
+    let message = error["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("image input is not supported"),
+        "{error}"
+    );
+    assert_stopped_by_sigterm(stop(child));
+}
+
+/// The anchors in whole seconds within a film's length: llama-server's grammar bounds each number's
+/// digits, so even the tiny model's random weights can only give a valid answer.
+fn bounded_anchors() -> engine_core::Schema {
+    let seconds = json!({"type": "integer", "minimum": 0, "maximum": 20000});
+    engine_core::Schema::new(
+        "structural_anchors",
+        json!({
+            "type": "object",
+            "properties": {"begin_t": seconds, "escalation_t": seconds, "climax_t": seconds},
+            "required": ["begin_t", "escalation_t", "climax_t"],
+            "additionalProperties": false,
+        }),
+    )
+    .unwrap()
+}
+
+/// CineCut's exact schema leaves numbers unbounded: the tiny model's random weights may write
+/// `4E40015904370`, which no f64 holds. Every answer is then valid, or an `InvalidOutput` about the
+/// content (never an HTTP, transport or context error).
+fn assert_anchors_or_invalid_content(result: Result<Value, InferenceError>) {
+    match result {
+        Ok(value) => assert!(anchors().validate(&value).is_ok(), "{value}"),
+        Err(InferenceError::InvalidOutput {
+            schema, attempts, ..
+        }) => {
+            assert_eq!(schema, "structural_anchors");
+            let about_content = |a: &String| {
+                ["content is not JSON", "not a structural_anchors", "cut off"]
+                    .iter()
+                    .any(|reason| a.contains(reason))
+            };
+            assert!(attempts.iter().all(about_content), "{attempts:?}");
+        }
+        Err(other) => panic!("{other}"),
+    }
+}
+
+#[test]
+fn a_text_model_answers_the_anchors_schema_through_the_engine() {
+    let h = Harness::new();
+    let t = target(&h);
+    let engine = Engine::launch(engine_config(&h, &t).text_only().build().unwrap()).unwrap();
+    let text = "1\n00:00:01,000 --> 00:00:03,000\nWho's there?";
+    let system = "Find the story's structural anchors, in seconds.";
+    for _ in 0..3 {
+        let bounded = engine_core::Prompt::new(&bounded_anchors(), text).system(system);
+        let value: Value = engine.complete(&bounded).unwrap();
+        assert!(bounded_anchors().validate(&value).is_ok(), "{value}");
+        let exact = engine_core::Prompt::new(&anchors(), text).system(system);
+        let result = engine.complete::<Value>(&exact);
+        if !t.real {
+            assert!(result.is_ok(), "{result:?}");
+        }
+        assert_anchors_or_invalid_content(result);
+    }
+    let pid = engine.pid();
+    engine.shutdown().unwrap();
+    assert!(!tests::alive(pid));
+    tests::assert_lock_free(h.gpu);
+}
+
+#[test]
+fn a_swap_between_the_vision_and_the_text_model_keeps_working() {
+    let h = Harness::new();
+    let t = target(&h);
+    let vision = Engine::launch(engine_config(&h, &t).build().unwrap()).unwrap();
+    let frame = KeyframeRecord::new(jpeg(&h, "s.jpg", [10, 200, 10]), 0.0, "contract");
+    vision.describe(&frame).unwrap();
+    let text = vision
+        .swap(engine_config(&h, &t).text_only().build().unwrap())
+        .unwrap();
+    let value: Value = text
+        .complete(&engine_core::Prompt::new(
+            &bounded_anchors(),
+            "00:00:01 Run!",
+        ))
+        .unwrap();
+    assert!(bounded_anchors().validate(&value).is_ok(), "{value}");
+    let vision = text.swap(engine_config(&h, &t).build().unwrap()).unwrap();
+    vision.describe(&frame).unwrap();
+    drop(vision);
     tests::assert_lock_free(h.gpu);
 }

