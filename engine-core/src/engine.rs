@@ -28,8 +28,8 @@ use crate::scene::{KeyframeRecord, SceneDescription};
 use crate::server::Server;
 use crate::sync::lock;
 use crate::vram::{
-    GpuId, NvidiaSmi, Visible, VramReading, VramRecovery, assert_vram_available, wait_for_free,
-    wait_for_recovery,
+    GpuId, NvidiaSmi, Visible, VramReading, VramRecovery, assert_vram_available, select,
+    wait_for_free, wait_for_recovery,
 };
 
 mod sealed {
@@ -283,6 +283,33 @@ impl Engine<Locked> {
     }
 }
 
+/// The reading `next` starts from on the held `gpu`: one query finds which GPU `next` names (it
+/// must be `gpu`) and, usually, that its minimum is free; else the bounded wait for it.
+fn reading_for_next(next: &EngineConfig, gpu: u32) -> Result<VramReading, EngineError> {
+    let probe = next.nvidia_smi();
+    let rows = probe.query()?;
+    let target = select(&rows, next.gpu(), &Visible::from_env(), 0)?;
+    if target.gpu != gpu {
+        return Err(ConfigError(format!(
+            "swap keeps the GPU it holds (GPU {gpu}), but the next configuration names GPU {} \
+             — give it the same GPU, or shut down and launch a new engine",
+            target.gpu
+        ))
+        .into());
+    }
+    let held = GpuId::Index(gpu);
+    match select(&rows, &held, &Visible::All, next.min_vram_mib()) {
+        Err(VramError::Insufficient { .. }) => Ok(wait_for_free(
+            &probe,
+            &held,
+            &Visible::All,
+            next.min_vram_mib(),
+            next.vram_recovery_timeout(),
+        )?),
+        other => Ok(other?),
+    }
+}
+
 /// Starts `config`'s server on the locked GPU of `reading` (the baseline for the VRAM wait after
 /// its stop). On failure: the tree stopped and reaped, VRAM waited for, the lock released.
 fn start_server(
@@ -454,33 +481,13 @@ impl Engine<Healthy> {
     pub fn swap(self, next: EngineConfig) -> Result<Engine<Healthy>, EngineError> {
         let Healthy { mut running, guard } = self.state;
         let gpu = guard.gpu();
-        let probe = next.nvidia_smi();
-        // Which GPU `next` means, found before anything stops; a mismatch releases all the same.
-        let target = probe.read(next.gpu(), &Visible::from_env(), 0);
         if let Some(died) = running.server.death(Duration::ZERO) {
             tracing::warn!(error = %died, "the server being swapped out had died");
         }
         let report = running.stop();
         drop(running);
         tracing::info!(gpu, took = ?report.took, vram = ?report.vram, "swap: server stopped");
-        let reading = match target {
-            Ok(target) if target.gpu == gpu => wait_for_free(
-                &probe,
-                &GpuId::Index(gpu),
-                &Visible::All,
-                next.min_vram_mib(),
-                next.vram_recovery_timeout(),
-            )
-            .map_err(EngineError::from),
-            Ok(target) => Err(ConfigError(format!(
-                "swap keeps the GPU it holds (GPU {gpu}), but the next configuration names GPU {} \
-                 — give it the same GPU, or shut down and launch a new engine",
-                target.gpu
-            ))
-            .into()),
-            Err(e) => Err(e.into()),
-        };
-        match reading {
+        match reading_for_next(&next, gpu) {
             Ok(reading) => Ok(start_server(next, reading, guard, None)?),
             Err(e) => {
                 drop(guard);

@@ -81,3 +81,8 @@ pub mod typestate {
 pub mod lock {
     pub use crate::gpu_lock::{lock_dir, lock_file_path, lock_holder};
 }
+
+/// The workspace README's Rust examples, compiled as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct WorkspaceReadme;

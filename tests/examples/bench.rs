@@ -1,5 +1,5 @@
 //! Process-level benchmarks against the fake server, written as a report: readiness lag (with the
-//! seed's 1 s poller side by side), stop latency, per-frame client overhead (with a bare ureq loop side
+//! seed's 1 s poller side by side), stop latency, model swap, per-frame client overhead (with a bare ureq loop side
 //! by side), slot scaling, and the VRAM probe. Server-side times come from the fake's events file.
 //! Run through `cargo xtask bench`, which also adds the criterion numbers.
 //!
@@ -158,6 +158,63 @@ fn readiness(r: &mut Report, runs: usize) {
         "Goal p50 ≤ 5 ms: {}; p99 ≤ 15 ms: {}.",
         verdict(p50 <= 5e6),
         verdict(p99 <= 15e6)
+    ));
+    r.line("");
+}
+
+/// CineCut's two stages on one GPU: the vision model, then the text model. `swap` (stop, VRAM wait,
+/// start, the lock held throughout) against `shutdown` followed by a separate `launch` (VRAM check,
+/// lock, start), side by side in this run.
+fn model_swap(r: &mut Report, runs: usize) {
+    let h = Harness::new();
+    // The default 5 s recovery wait: after each stop the shim is asked until VRAM is back.
+    let vision = h.config().env("FAKE_LLAMA_LOAD_MS", "0");
+    let text = vision.clone().text_only();
+    let mut swaps = Vec::new();
+    let mut engine = Engine::launch(vision.clone().build().unwrap()).unwrap();
+    for i in 0..runs {
+        let next = if i % 2 == 0 { &text } else { &vision };
+        let started = Instant::now();
+        engine = engine.swap(next.clone().build().unwrap()).unwrap();
+        swaps.push(started.elapsed().as_nanos() as f64);
+    }
+    engine.shutdown().unwrap();
+    let mut separate = Vec::new();
+    let mut engine = Engine::launch(vision.clone().build().unwrap()).unwrap();
+    for i in 0..runs {
+        let next = if i % 2 == 0 { &text } else { &vision };
+        let started = Instant::now();
+        engine.shutdown().unwrap();
+        engine = Engine::launch(next.clone().build().unwrap()).unwrap();
+        separate.push(started.elapsed().as_nanos() as f64);
+    }
+    engine.shutdown().unwrap();
+    let (w50, w99) = (pct(&mut swaps, 50), pct(&mut swaps, 99));
+    let (s50, s99) = (pct(&mut separate, 50), pct(&mut separate, 99));
+    r.line("## Model swap");
+    r.line(format!(
+        "The vision model to the text model and back, {runs} times each way of doing it (fake \
+         server, load time 0, so this is the engine's own cost; a real model adds its load time to \
+         both): `swap` keeps the GPU lock, `shutdown` + `launch` lets go of it in between."
+    ));
+    r.line("");
+    r.line("| how | p50 | p99 |");
+    r.line("| --- | --- | --- |");
+    r.line(format!(
+        "| `swap` (stop + VRAM wait + start) | {} | {} |",
+        ms(w50),
+        ms(w99)
+    ));
+    r.line(format!(
+        "| `shutdown` + `launch` (stop + VRAM wait, then check + lock + start) | {} | {} |",
+        ms(s50),
+        ms(s99)
+    ));
+    r.line("");
+    r.line(format!(
+        "`swap` takes {:.2}× the time of a stop and a separate start at the median, and no other \
+         process can take the GPU in between.",
+        w50 / s50
     ));
     r.line("");
 }
@@ -481,6 +538,7 @@ fn main() {
     r.line("");
     readiness(&mut r, runs);
     stop_latency(&mut r, runs);
+    model_swap(&mut r, runs);
     per_frame(&mut r, if quick { 50 } else { 200 });
     slot_scaling(&mut r);
     vram_probe(&mut r, runs);
