@@ -90,7 +90,8 @@ Knobs (environment variables):
                                    leaves its group: signals to the old group reach nobody)
   FAKE_LLAMA_EVENTS=PATH           append JSON lines {event, t_unix_ns, pid, ...}: spawned (with
                                    cuda_visible_devices, pgid and args),
-                                   listening, ready, request_start, request_end, sigterm, exit
+                                   listening, ready, request_start (with the messages' text,
+                                   max_tokens, temperature, schema_name), request_end, sigterm, exit
   LLAMA_MEDIA_MARKER=TEXT          the /completion media marker (default: random per process)
 ";
 

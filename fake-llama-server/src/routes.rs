@@ -225,7 +225,12 @@ fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
     };
     let _slot = fake.slots.acquire();
     fake.in_flight.fetch_add(1, Ordering::AcqRel);
-    event(fake, "request_start", json!({"n": number}));
+    event(
+        fake,
+        "request_start",
+        json!({"n": number, "text": text, "max_tokens": body["max_tokens"],
+               "temperature": body["temperature"], "schema_name": body["response_format"]["json_schema"]["name"]}),
+    );
     if let Some(ms) = fake.knobs.latency_ms {
         std::thread::sleep(Duration::from_millis(ms));
     }

@@ -207,6 +207,58 @@ fn server_and_request_knobs_reach_the_server() {
     let args = spawned_args(&h).join(" ");
     assert!(args.contains("-ngl 12 -c 3072 -np 3"), "{args}");
     assert!(args.ends_with("--jinja --seed 7"), "{args}");
+    let request = &requests(&h)[0];
+    assert_eq!(request["max_tokens"], 64);
+    assert_eq!(request["temperature"], 0.5);
+    assert_eq!(request["schema_name"], "anchors");
+    assert_eq!(request["text"], "Find the structural anchors.\n\nx");
+    h.assert_clean();
+}
+
+fn requests(h: &Harness) -> Vec<Value> {
+    h.server_events()
+        .into_iter()
+        .filter(|e| e["event"] == "request_start")
+        .collect()
+}
+
+#[test]
+fn retries_bound_the_requests_and_describe_takes_its_instruction_from_a_file() {
+    let h = Harness::new();
+    let input = records(&h, "in.jsonl", &[json!({"id": 1, "text": "x"})]);
+    let out = run(
+        &h,
+        &[("FAKE_LLAMA_RESPONSE", "not-json")],
+        &["--retries", "1"],
+        &[&input],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(requests(&h).len(), 2, "one try and one retry");
+    let error = stdout_lines(&out)[0]["error"].as_str().unwrap().to_string();
+    assert!(
+        error.contains("no valid anchors after 2 attempt(s)"),
+        "{error}"
+    );
+
+    let h = Harness::new();
+    let instruction = write(
+        &h,
+        "prompt.txt",
+        "Describe the shot for a horror trailer.\n",
+    );
+    let out = h
+        .describe_command(&[])
+        .arg("--prompt-file")
+        .arg(&instruction)
+        .args(["--max-tokens", "300"])
+        .arg(h.jpeg("f.jpg", 16, 16, [1, 2, 3]))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let request = &requests(&h)[0];
+    assert_eq!(request["text"], "Describe the shot for a horror trailer.");
+    assert_eq!(request["max_tokens"], 300);
+    assert_eq!(request["schema_name"], "SceneDescription");
     h.assert_clean();
 }
 
