@@ -123,6 +123,7 @@ fn ci() -> ExitCode {
     // run beside a developer's) never contends for them; the machine-wide default has its own test.
     sh.set_var("CINECUT_LOCK_DIR", target_dir().join("test-locks"));
     let mut steps = Steps::new();
+    forget_unpacked_own_crates();
     let commands = [
         ("fmt", cmd!(sh, "{cargo} fmt --all -- --check")),
         (
@@ -361,6 +362,34 @@ fn gpu_smoke(source: Option<PathBuf>) -> ExitCode {
 fn fresh_dir(dir: &Path) -> PathBuf {
     let _ = std::fs::remove_dir_all(dir);
     dir.to_path_buf()
+}
+
+/// Removes cargo's unpacked copies of our own packaged crates (`$CARGO_HOME/registry/src/*/NAME-*`):
+/// cargo unpacks the just-packaged `engine-core` there to verify `engine-cli` against it, and reuses an
+/// existing folder of the same version, so a copy from an earlier run would stand in for today's code.
+fn forget_unpacked_own_crates() {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")));
+    let Some(src) = cargo_home.map(|home| home.join("registry").join("src")) else {
+        return;
+    };
+    let registries = std::fs::read_dir(src).into_iter().flatten().flatten();
+    for registry in registries {
+        let crates = std::fs::read_dir(registry.path())
+            .into_iter()
+            .flatten()
+            .flatten();
+        for krate in crates {
+            let name = krate.file_name().to_string_lossy().into_owned();
+            if ["engine-core-", "engine-cli-"]
+                .iter()
+                .any(|own| name.starts_with(own))
+            {
+                let _ = std::fs::remove_dir_all(krate.path());
+            }
+        }
+    }
 }
 
 /// Writes the man page and the shell completions of the `cinecut-infer` at `cli` into target/dist:
