@@ -6,8 +6,9 @@ use std::ops::ControlFlow;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use engine_core::typestate::Healthy;
-use engine_core::{Engine, EngineConfig, EngineError, InferenceError, LockError, Prompt};
+use engine_core::{
+    EngineConfig, EngineError, EnginePool, InferenceError, LockError, Prompt, WhenLocked,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -16,11 +17,16 @@ use crate::plan::{Head, Item, Plan};
 use crate::progress::{Progress, Style};
 use crate::summary::{Kind, Summary};
 
-/// One output line: the head, then the answer (`scene` for `describe`, `result` for `run`) or `error`.
+/// One output line: the head, then the answer (`scene` for `describe`, `result` for `run`) or `error`;
+/// under `--shard`, `index` and `of` too.
 #[derive(Serialize)]
 struct Line<'a, T> {
     #[serde(flatten)]
     head: &'a Head,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    of: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     scene: Option<&'a T>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -30,7 +36,7 @@ struct Line<'a, T> {
 }
 
 impl<'a, T: Serialize> Line<'a, T> {
-    fn new(kind: Kind, head: &'a Head, answer: Result<&'a T, String>) -> Self {
+    fn new(kind: Kind, item: &'a Item, answer: Result<&'a T, String>) -> Self {
         let (ok, error) = match answer {
             Ok(answer) => (Some(answer), None),
             Err(e) => (None, Some(e)),
@@ -40,7 +46,9 @@ impl<'a, T: Serialize> Line<'a, T> {
             Kind::Records => (None, ok),
         };
         Line {
-            head,
+            head: &item.head,
+            index: item.position.map(|(index, _)| index),
+            of: item.position.map(|(_, of)| of),
             scene,
             result,
             error,
@@ -52,32 +60,66 @@ impl<'a, T: Serialize> Line<'a, T> {
     }
 }
 
-/// How the engine could not be brought up.
+/// How the engines could not be brought up.
 pub enum StartError {
     /// A signal arrived first; everything was cleaned up.
     Interrupted,
-    Failed(EngineError),
+    /// Why (each GPU's reason, for several).
+    Failed(String),
 }
 
-/// Brings the engine up, giving up (cleanly) as soon as `stop` is set.
-pub fn start(config: EngineConfig, stop: &AtomicBool) -> Result<Engine<Healthy>, StartError> {
-    let checked = Engine::new(config)
-        .check_vram()
-        .map_err(|e| StartError::Failed(e.into()))?;
-    let gpu = checked.vram().gpu;
-    if let Some(holder) = engine_core::lock::lock_holder(gpu) {
-        eprintln!("cinecut-infer: waiting for GPU {gpu}: its lock is held by pid {holder}");
-    }
-    let locked = match checked.lock_cancellable(stop) {
-        Ok(locked) => locked,
-        Err(LockError::Cancelled { .. }) => return Err(StartError::Interrupted),
-        Err(e) => return Err(StartError::Failed(e.into())),
+fn cancelled(error: &EngineError) -> bool {
+    matches!(
+        error,
+        EngineError::Lock(LockError::Cancelled { .. })
+            | EngineError::Inference(InferenceError::StartCancelled)
+    )
+}
+
+/// Brings one engine per configuration up (in parallel), giving up (cleanly) as soon as `stop` is
+/// set. GPUs left out are reported on stderr.
+pub fn start(
+    configs: Vec<EngineConfig>,
+    when_locked: WhenLocked,
+    stop: &AtomicBool,
+) -> Result<EnginePool, StartError> {
+    let several = configs.len() > 1;
+    let before_lock = |gpu: u32| {
+        if when_locked == WhenLocked::Skip {
+            return;
+        }
+        if let Some(holder) = engine_core::lock::lock_holder(gpu) {
+            eprintln!("cinecut-infer: waiting for GPU {gpu}: its lock is held by pid {holder}");
+        }
     };
-    match locked.start_cancellable(stop) {
-        Ok(engine) => Ok(engine),
-        Err(InferenceError::StartCancelled) => Err(StartError::Interrupted),
-        Err(e) => Err(StartError::Failed(e.into())),
+    let pool = match EnginePool::launch_with(configs, when_locked, stop, &before_lock) {
+        Ok(pool) => pool,
+        Err(e) if e.failures.iter().all(|f| cancelled(&f.error)) => {
+            return Err(StartError::Interrupted);
+        }
+        Err(e) if !several => {
+            let only = e.failures.into_iter().next().expect("one failure per GPU");
+            return Err(StartError::Failed(only.error.to_string()));
+        }
+        Err(e) => return Err(StartError::Failed(e.to_string())),
+    };
+    if stop.load(Ordering::Relaxed) {
+        // Some GPUs started before the signal: they are stopped and released like the rest.
+        drop(pool);
+        return Err(StartError::Interrupted);
     }
+    for left in pool.left_out() {
+        eprintln!("cinecut-infer: GPU {} left out: {}", left.gpu, left.error);
+    }
+    if several {
+        let gpus: Vec<String> = pool.engines().iter().map(|e| e.gpu().to_string()).collect();
+        eprintln!(
+            "cinecut-infer: running on GPU {} ({} slots in all)",
+            gpus.join(", "),
+            pool.slots()
+        );
+    }
+    Ok(pool)
 }
 
 /// How a job shows itself: what its items are and how progress is drawn.
@@ -87,15 +129,9 @@ pub struct Show {
     pub progress: Style,
 }
 
-/// Answers every item of `plan` as a `T` with up to `concurrency` in flight, writes the lines in
-/// input order, stops dispatching when `stop` is set, and shuts the engine down.
-pub fn run<T>(
-    engine: Engine<Healthy>,
-    plan: Plan,
-    concurrency: usize,
-    stop: &AtomicBool,
-    show: Show,
-) -> Summary
+/// Answers every item of `plan` as a `T` on every engine of `pool` (each with its slots in flight),
+/// writes the lines in input order, stops dispatching when `stop` is set, and shuts the engines down.
+pub fn run<T>(pool: EnginePool, plan: Plan, stop: &AtomicBool, show: Show) -> Summary
 where
     T: Serialize + DeserializeOwned + Send,
 {
@@ -107,26 +143,44 @@ where
         .iter()
         .filter_map(|&i| items[i].prompt.as_ref().ok().cloned())
         .collect();
-    let results = engine.complete_many::<T, _>(&prompts, concurrency, |k, result| {
+    let done = pool.complete_many::<T, _>(&prompts, |k, result| {
         let item = &items[todo[k]];
         let answer = result.as_ref().map_err(|e| e.to_string());
-        let line = Line::new(show.kind, &item.head, answer).json();
+        let line = Line::new(show.kind, item, answer).json();
         writer.put(todo[k], &item.head, line, result.is_ok())
     });
     writer.progress.finish();
-    let dead = results
-        .iter()
-        .any(|r| matches!(r, Err(InferenceError::ServerDied { .. })));
-    match engine.shutdown() {
-        Err(e) if !dead => eprintln!("cinecut-infer: {e}"),
-        Ok(report) if !report.left_running.is_empty() => {
-            let left: Vec<String> = report.left_running.iter().map(|l| l.to_string()).collect();
-            eprintln!(
-                "cinecut-infer: warning: processes of the server could not be stopped: {}",
-                left.join(", ")
-            );
+    for death in &done.deaths {
+        eprintln!(
+            "cinecut-infer: GPU {}'s server died ({}); the other GPUs took its {} item(s) in flight",
+            death.gpu, death.error, death.handed_over
+        );
+    }
+    if done.answered.len() > 1 {
+        let per_gpu: Vec<String> = done
+            .answered
+            .iter()
+            .map(|(gpu, n)| format!("GPU {gpu}: {n}"))
+            .collect();
+        eprintln!("cinecut-infer: answered per GPU: {}", per_gpu.join(", "));
+    }
+    let results = done.results;
+    let died = |gpu: u32| done.deaths.iter().any(|d| d.gpu == gpu);
+    for (gpu, stop) in pool.shutdown() {
+        match stop {
+            Err(e) if !died(gpu) && !matches!(e, InferenceError::ServerDied { .. }) => {
+                eprintln!("cinecut-infer: {e}")
+            }
+            Ok(report) if !report.left_running.is_empty() => {
+                let left: Vec<String> = report.left_running.iter().map(|l| l.to_string()).collect();
+                eprintln!(
+                    "cinecut-infer: warning: processes of GPU {gpu}'s server could not be \
+                     stopped: {}",
+                    left.join(", ")
+                );
+            }
+            _ => {}
         }
-        _ => {}
     }
     let not_attempted = results
         .iter()
@@ -200,7 +254,7 @@ impl<'a> Writer<'a> {
             match &item.prompt {
                 Ok(_) => todo.push(index),
                 Err(reason) => {
-                    let line = Line::<()>::new(self.kind, &item.head, Err(reason.clone())).json();
+                    let line = Line::<()>::new(self.kind, item, Err(reason.clone())).json();
                     let _ = self.put(index, &item.head, line, false);
                 }
             }

@@ -7,6 +7,7 @@
 mod check;
 mod frames;
 mod job;
+mod merge;
 mod output;
 mod plan;
 mod progress;
@@ -22,8 +23,10 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
+use engine_core::vram::{ProbeChoice, Visible};
 use engine_core::{
     DescribeOptions, EngineConfig, GpuId, Prompt, SceneDescription, Schema, VRAM_MINIMUM_MIB,
+    WhenLocked,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -55,6 +58,15 @@ enum Command {
     Run(RunArgs),
     /// Run only the VRAM check: print each GPU's free memory and whether the engine would start.
     Check(CheckArgs),
+    /// Merge the outputs of a sharded job (--shard) into one JSONL in the original input order;
+    /// missing and doubled items are reported (exit 1 when any is missing).
+    Merge {
+        /// The merged output.
+        out: PathBuf,
+        /// The shards' outputs.
+        #[arg(required = true)]
+        shards: Vec<PathBuf>,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions {
         /// The shell.
@@ -167,6 +179,15 @@ struct ServerArgs {
     /// GPU: an index among the GPUs this process may use (CUDA_VISIBLE_DEVICES), or a UUID.
     #[arg(long, default_value = "0")]
     gpu: GpuId,
+    /// Several GPUs, one server each, the work going to whichever has a free slot: a list of
+    /// indices or UUIDs (0,1: each waited for while another process holds it), or `all` (every GPU
+    /// this process may use; one that is locked or lacks the VRAM is left out). Servers get free ports.
+    #[arg(long, value_name = "LIST|all", conflicts_with = "gpu")]
+    gpus: Option<GpuList>,
+    /// How free VRAM is read: auto (nvidia-smi when NVIDIA_SMI is set, else NVML if the driver's
+    /// library loads, else nvidia-smi), nvml, nvidia-smi.
+    #[arg(long, default_value = "auto", value_name = "auto|nvml|nvidia-smi")]
+    vram_probe: ProbeChoice,
     /// Startup timeout in seconds.
     #[arg(long, default_value_t = 120.0)]
     timeout: f64,
@@ -191,6 +212,39 @@ struct OutputArgs {
     /// line per finished item), off.
     #[arg(long, value_enum, default_value_t = Style::Auto)]
     progress: Style,
+    /// Take part I (from 0) of N of the input (sorted by frame path or id, dealt out in turn); lines
+    /// carry "index" and "of" for `merge`. Without it: JOB_COMPLETION_INDEX with --shards N
+    /// (Kubernetes), or SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT (Slurm).
+    #[arg(long, value_name = "I/N")]
+    shard: Option<String>,
+    /// The number of shards, where the index comes from JOB_COMPLETION_INDEX.
+    #[arg(long, value_name = "N")]
+    shards: Option<usize>,
+}
+
+/// `--gpus`: every usable GPU, or a list.
+#[derive(Debug, Clone)]
+enum GpuList {
+    All,
+    List(Vec<GpuId>),
+}
+
+impl std::str::FromStr for GpuList {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text == "all" {
+            return Ok(GpuList::All);
+        }
+        let gpus = text
+            .split(',')
+            .map(|g| g.trim().parse::<GpuId>().map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if gpus.is_empty() {
+            return Err("name at least one GPU, or all".into());
+        }
+        Ok(GpuList::List(gpus))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -198,6 +252,9 @@ struct CheckArgs {
     /// GPU to decide for: an index among the GPUs this process may use, or a UUID.
     #[arg(long, default_value = "0")]
     gpu: GpuId,
+    /// How free VRAM is read: auto, nvml, nvidia-smi (as for describe).
+    #[arg(long, default_value = "auto", value_name = "auto|nvml|nvidia-smi")]
+    vram_probe: ProbeChoice,
     /// Minimum free VRAM in MiB.
     #[arg(long, default_value_t = VRAM_MINIMUM_MIB)]
     min_vram: u64,
@@ -225,7 +282,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Describe(args) => describe(args),
         Command::Run(args) => run(args),
-        Command::Check(args) => check::check(&args.gpu, args.min_vram),
+        Command::Check(args) => check::check(&args.gpu, args.min_vram, args.vram_probe),
+        Command::Merge { out, shards } => merge(&out, &shards),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -311,6 +369,7 @@ fn config(
         .gpu_layers(server.gpu_layers)
         .min_vram_mib(server.min_vram)
         .gpu(server.gpu.clone())
+        .vram_probe(server.vram_probe)
         .startup_timeout(startup)
         .debug(server.debug)
         .describe_options(options.request_timeout(request));
@@ -353,6 +412,7 @@ fn describe(args: DescribeArgs) -> ExitCode {
     let job = Job {
         inputs: &args.frames,
         out: &args.out,
+        gpus: args.server.gpus.clone(),
         extra_protected: args.ask.prompt_file.iter().cloned().collect(),
         key_of: frames::key_of_line,
         kind: Kind::Frames,
@@ -378,6 +438,7 @@ fn frame_item(frame: frames::Frame, options: &DescribeOptions) -> Item {
         },
         prompt,
         files: vec![frame.path],
+        position: None,
     }
 }
 
@@ -417,6 +478,7 @@ fn run(args: RunArgs) -> ExitCode {
                 key: records::key(&record.id),
                 prompt: Ok(ask(&record)),
                 files: record.images.clone(),
+                position: None,
                 head: Head::Record {
                     id: record.id,
                     source: record.source,
@@ -434,6 +496,7 @@ fn run(args: RunArgs) -> ExitCode {
     let job = Job {
         inputs: &args.inputs,
         out: &args.out,
+        gpus: args.server.gpus.clone(),
         extra_protected,
         key_of: records::key_of_line,
         kind: Kind::Records,
@@ -445,6 +508,7 @@ fn run(args: RunArgs) -> ExitCode {
 struct Job<'a> {
     inputs: &'a [PathBuf],
     out: &'a OutputArgs,
+    gpus: Option<GpuList>,
     /// Files besides the models and the server that the output must never be.
     extra_protected: Vec<PathBuf>,
     key_of: fn(&serde_json::Value) -> Option<String>,
@@ -464,6 +528,14 @@ where
     protected.extend(config.mmproj().map(Path::to_path_buf));
     protected.extend(job.extra_protected);
     let (noun, done) = (job.kind.noun(), job.kind.done());
+    let items = match take_shard(items, job.out) {
+        Ok(items) => items,
+        Err(e) => return fail(e),
+    };
+    let (configs, when_locked) = match pool_configs(&config, job.gpus.as_ref()) {
+        Ok(pool) => pool,
+        Err(e) => return fail(e),
+    };
     let request = plan::Request {
         items,
         inputs: job.inputs,
@@ -497,16 +569,15 @@ where
         eprintln!("cinecut-infer: {}", summary.line());
         return summary.exit_code();
     }
-    let slots = config.slots() as usize;
-    let engine = match job::start(config, stop) {
-        Ok(engine) => engine,
+    let pool = match job::start(configs, when_locked, stop) {
+        Ok(pool) => pool,
         Err(job::StartError::Interrupted) => {
             eprintln!("cinecut-infer: interrupted before any of the {noun} was {done}");
             return ExitCode::from(EXIT_INTERRUPTED);
         }
         Err(job::StartError::Failed(e)) => return fail(e),
     };
-    let summary = job::run::<T>(engine, plan, slots, stop, show);
+    let summary = job::run::<T>(pool, plan, stop, show);
     eprintln!("cinecut-infer: {}", summary.line());
     if let Some(e) = &summary.write_error {
         eprintln!("cinecut-infer: error: writing the output failed: {e}");
@@ -515,4 +586,107 @@ where
         eprintln!("cinecut-infer: interrupted; run again with --resume to finish");
     }
     summary.exit_code()
+}
+
+/// The items of this run's shard (`--shard`, or the scheduler's environment), each told its place
+/// in the whole input; all of them when there is no shard.
+fn take_shard(items: Vec<Item>, out: &OutputArgs) -> Result<Vec<Item>, String> {
+    let env = |key: &str| std::env::var(key).ok().filter(|v| !v.is_empty());
+    let Some(shard) = engine_core::shard::choose(out.shard.as_deref(), out.shards, &env)? else {
+        return Ok(items);
+    };
+    let total = items.len();
+    let keys: Vec<String> = items.iter().map(Item::shard_key).collect();
+    let mine: std::collections::HashSet<usize> = engine_core::shard::positions(&keys, shard)
+        .into_iter()
+        .collect();
+    let items: Vec<Item> = items
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| mine.contains(i))
+        .map(|(i, mut item)| {
+            item.position = Some((i, total));
+            item
+        })
+        .collect();
+    eprintln!(
+        "cinecut-infer: shard {shard}: {} of {total} items",
+        items.len()
+    );
+    Ok(items)
+}
+
+/// One configuration per GPU of `--gpus` (each on a free port), or just `config`; and whether a
+/// locked GPU is waited for (named GPUs) or left out (`all`).
+fn pool_configs(
+    config: &EngineConfig,
+    gpus: Option<&GpuList>,
+) -> Result<(Vec<EngineConfig>, WhenLocked), String> {
+    let (ids, when_locked) = match gpus {
+        None => return Ok((vec![config.clone()], WhenLocked::Wait)),
+        Some(GpuList::List(ids)) => (ids.clone(), WhenLocked::Wait),
+        Some(GpuList::All) => {
+            let probe = config.vram_probe().map_err(|e| e.to_string())?;
+            let rows = probe.query().map_err(|e| e.to_string())?;
+            let ids: Vec<GpuId> = Visible::from_env()
+                .rows(&rows)
+                .into_iter()
+                .map(|row| GpuId::Uuid(row.uuid.clone()))
+                .collect();
+            if ids.is_empty() {
+                return Err(format!(
+                    "--gpus all: {} lists no GPU this process may use (check CUDA_VISIBLE_DEVICES)",
+                    probe.name()
+                ));
+            }
+            (ids, WhenLocked::Skip)
+        }
+    };
+    let configs = ids
+        .into_iter()
+        .map(|gpu| config.to_builder().gpu(gpu).port(0).build())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    Ok((configs, when_locked))
+}
+
+fn merge(out: &Path, shards: &[PathBuf]) -> ExitCode {
+    let merged = match merge::merge(out, shards) {
+        Ok(merged) => merged,
+        Err(e) => return fail(e),
+    };
+    eprintln!(
+        "cinecut-infer: merged {} of {} items into {} ({} of them error lines)",
+        merged.written,
+        merged.total,
+        out.display(),
+        merged.failed
+    );
+    if !merged.duplicates.is_empty() {
+        eprintln!(
+            "cinecut-infer: {} item(s) were in more than one shard (kept once, a success first): {}",
+            merged.duplicates.len(),
+            list(&merged.duplicates)
+        );
+    }
+    if merged.missing.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!(
+        "cinecut-infer: {} item(s) missing — run their shards again with --resume: {}",
+        merged.missing.len(),
+        list(&merged.missing)
+    );
+    ExitCode::from(summary::EXIT_FRAMES_FAILED)
+}
+
+/// Input positions, the first ten of them.
+fn list(positions: &[usize]) -> String {
+    let shown: Vec<String> = positions.iter().take(10).map(usize::to_string).collect();
+    let more = positions.len().saturating_sub(10);
+    if more > 0 {
+        format!("positions {} and {more} more", shown.join(", "))
+    } else {
+        format!("positions {}", shown.join(", "))
+    }
 }

@@ -42,6 +42,18 @@ pub struct Item {
     pub prompt: Result<Prompt, String>,
     /// The files it reads: never the output.
     pub files: Vec<PathBuf>,
+    /// Under `--shard`: its position in the whole input and the input's length (`index`, `of`).
+    pub position: Option<(usize, usize)>,
+}
+
+impl Item {
+    /// What `--shard` sorts by: the frame path as the output writes it, or the record id.
+    pub fn shard_key(&self) -> String {
+        match &self.head {
+            Head::Frame { frame_path, .. } => frame_path.clone(),
+            Head::Record { id, .. } => crate::records::key(id),
+        }
+    }
 }
 
 /// A planned job.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::describe::DescribeOptions;
 use crate::error::ConfigError;
-use crate::vram::{GpuId, NvidiaSmi, VRAM_MINIMUM_MIB};
+use crate::vram::{GpuId, NvidiaSmi, ProbeChoice, VRAM_MINIMUM_MIB, VramProbe};
 
 /// The port llama-server listens on unless configured otherwise.
 pub const DEFAULT_PORT: u16 = 8089;
@@ -34,6 +34,7 @@ pub struct EngineConfig {
     port: u16,
     server_bin: Option<PathBuf>,
     nvidia_smi: Option<PathBuf>,
+    vram_probe: ProbeChoice,
     min_vram_mib: u64,
     gpu: GpuId,
     ctx_size: u32,
@@ -83,6 +84,7 @@ impl EngineConfig {
                 port: DEFAULT_PORT,
                 server_bin: None,
                 nvidia_smi: None,
+                vram_probe: ProbeChoice::Auto,
                 min_vram_mib: VRAM_MINIMUM_MIB,
                 gpu: GpuId::Index(0),
                 ctx_size: 2048,
@@ -132,6 +134,17 @@ impl EngineConfig {
             resolve(&self.nvidia_smi, "NVIDIA_SMI", "nvidia-smi"),
             self.vram_query_timeout,
         )
+    }
+    /// Which VRAM probe to use.
+    pub fn vram_probe_choice(&self) -> ProbeChoice {
+        self.vram_probe
+    }
+    /// The VRAM probe: NVML or [`EngineConfig::nvidia_smi`], as [`EngineConfig::vram_probe_choice`]
+    /// says (under `Auto`, a configured program or `$NVIDIA_SMI` means nvidia-smi).
+    pub fn vram_probe(&self) -> Result<VramProbe, crate::VramError> {
+        let named = self.nvidia_smi.is_some()
+            || std::env::var_os("NVIDIA_SMI").is_some_and(|v| !v.is_empty());
+        VramProbe::choose(self.vram_probe, self.nvidia_smi(), named)
     }
     /// Minimum free VRAM in MiB for the checks to pass.
     pub fn min_vram_mib(&self) -> u64 {
@@ -295,6 +308,11 @@ impl EngineConfigBuilder {
     /// Sets the nvidia-smi program.
     pub fn nvidia_smi(mut self, program: impl Into<PathBuf>) -> Self {
         self.config.nvidia_smi = Some(program.into());
+        self
+    }
+    /// Sets which VRAM probe to use (NVML, nvidia-smi, or the automatic choice).
+    pub fn vram_probe(mut self, choice: ProbeChoice) -> Self {
+        self.config.vram_probe = choice;
         self
     }
     /// Sets the minimum free VRAM in MiB.

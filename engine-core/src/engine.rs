@@ -28,7 +28,7 @@ use crate::scene::{KeyframeRecord, SceneDescription};
 use crate::server::Server;
 use crate::sync::lock;
 use crate::vram::{
-    GpuId, NvidiaSmi, Visible, VramReading, VramRecovery, assert_vram_available, select,
+    GpuId, Visible, VramProbe, VramReading, VramRecovery, assert_vram_available, select,
     wait_for_free, wait_for_recovery,
 };
 
@@ -53,6 +53,7 @@ pub struct Unchecked {
 #[derive(Debug)]
 pub struct VramOk {
     reading: VramReading,
+    probe: VramProbe,
 }
 
 /// The GPU lock is held, and the GPU still had enough free VRAM once it was.
@@ -61,6 +62,7 @@ pub struct Locked {
     /// Taken under the lock: the baseline that VRAM must come back to after the server stops.
     reading: VramReading,
     guard: GpuGuard,
+    probe: VramProbe,
 }
 
 /// llama-server is running, healthy and proven ours. Field order is drop order: the running server
@@ -77,7 +79,7 @@ pub struct Healthy {
 struct Running {
     server: Server,
     baseline: VramReading,
-    probe: NvidiaSmi,
+    probe: VramProbe,
     stop_grace: Duration,
     recovery_timeout: Duration,
     /// Set by the first stop; drop does nothing after it.
@@ -176,8 +178,9 @@ impl Engine<Unchecked> {
     /// Checks that the configured GPU has at least `min_vram_mib` free (fail fast: it is checked
     /// again once the lock is held).
     pub fn check_vram(self) -> Result<Engine<VramOk>, VramError> {
+        let probe = self.config.vram_probe()?;
         let reading = assert_vram_available(
-            &self.config.nvidia_smi(),
+            &probe,
             self.config.gpu().clone(),
             self.config.min_vram_mib(),
         )?;
@@ -188,7 +191,7 @@ impl Engine<Unchecked> {
         );
         Ok(Engine {
             config: self.config,
-            state: VramOk { reading },
+            state: VramOk { reading, probe },
         })
     }
 
@@ -196,8 +199,9 @@ impl Engine<Unchecked> {
     /// the probe's pace (about every 50 ms): for the moment right after another model stopped. The
     /// error names the last reading. Errors other than too little memory end the wait at once.
     pub fn check_vram_within(self, timeout: Duration) -> Result<Engine<VramOk>, VramError> {
+        let probe = self.config.vram_probe()?;
         let reading = wait_for_free(
-            &self.config.nvidia_smi(),
+            &probe,
             self.config.gpu(),
             &Visible::from_env(),
             self.config.min_vram_mib(),
@@ -205,7 +209,7 @@ impl Engine<Unchecked> {
         )?;
         Ok(Engine {
             config: self.config,
-            state: VramOk { reading },
+            state: VramOk { reading, probe },
         })
     }
 
@@ -246,14 +250,17 @@ impl Engine<VramOk> {
         // The same physical GPU as the first check, whatever CUDA_VISIBLE_DEVICES says now.
         let gpu = GpuId::Index(self.state.reading.gpu);
         // On error the guard drops here, releasing the lock.
-        let reading = self
-            .config
-            .nvidia_smi()
+        let probe = self.state.probe;
+        let reading = probe
             .read(&gpu, &Visible::All, self.config.min_vram_mib())
             .map_err(LockError::VramUnderLock)?;
         Ok(Engine {
             config: self.config,
-            state: Locked { reading, guard },
+            state: Locked {
+                reading,
+                guard,
+                probe,
+            },
         })
     }
 }
@@ -278,15 +285,22 @@ impl Engine<Locked> {
     }
 
     fn start_with(self, cancel: Option<&AtomicBool>) -> Result<Engine<Healthy>, InferenceError> {
-        let Locked { reading, guard } = self.state;
-        start_server(self.config, reading, guard, cancel)
+        let Locked {
+            reading,
+            guard,
+            probe,
+        } = self.state;
+        start_server(self.config, probe, reading, guard, cancel)
     }
 }
 
 /// The reading `next` starts from on the held `gpu`: one query finds which GPU `next` names (it
 /// must be `gpu`) and, usually, that its minimum is free; else the bounded wait for it.
-fn reading_for_next(next: &EngineConfig, gpu: u32) -> Result<VramReading, EngineError> {
-    let probe = next.nvidia_smi();
+fn reading_for_next(
+    next: &EngineConfig,
+    gpu: u32,
+) -> Result<(VramProbe, VramReading), EngineError> {
+    let probe = next.vram_probe()?;
     let rows = probe.query()?;
     let target = select(&rows, next.gpu(), &Visible::from_env(), 0)?;
     if target.gpu != gpu {
@@ -298,22 +312,24 @@ fn reading_for_next(next: &EngineConfig, gpu: u32) -> Result<VramReading, Engine
         .into());
     }
     let held = GpuId::Index(gpu);
-    match select(&rows, &held, &Visible::All, next.min_vram_mib()) {
-        Err(VramError::Insufficient { .. }) => Ok(wait_for_free(
+    let reading = match select(&rows, &held, &Visible::All, next.min_vram_mib()) {
+        Err(VramError::Insufficient { .. }) => wait_for_free(
             &probe,
             &held,
             &Visible::All,
             next.min_vram_mib(),
             next.vram_recovery_timeout(),
-        )?),
-        other => Ok(other?),
-    }
+        )?,
+        other => other?,
+    };
+    Ok((probe, reading))
 }
 
 /// Starts `config`'s server on the locked GPU of `reading` (the baseline for the VRAM wait after
 /// its stop). On failure: the tree stopped and reaped, VRAM waited for, the lock released.
 fn start_server(
     config: EngineConfig,
+    probe: VramProbe,
     reading: VramReading,
     guard: GpuGuard,
     cancel: Option<&AtomicBool>,
@@ -327,11 +343,7 @@ fn start_server(
         Ok(server) => server,
         Err(e) => {
             // A start that died of "CUDA error: out of memory" may still hold VRAM a moment.
-            let recovery = wait_for_recovery(
-                &config.nvidia_smi(),
-                &reading,
-                config.vram_recovery_timeout(),
-            );
+            let recovery = wait_for_recovery(&probe, &reading, config.vram_recovery_timeout());
             tracing::debug!(?recovery, "VRAM after the failed start");
             drop(guard);
             return Err(e);
@@ -340,7 +352,7 @@ fn start_server(
     let running = Running {
         server,
         baseline: reading,
-        probe: config.nvidia_smi(),
+        probe,
         stop_grace: config.stop_grace(),
         recovery_timeout: config.vram_recovery_timeout(),
         stopped: false,
@@ -488,7 +500,7 @@ impl Engine<Healthy> {
         drop(running);
         tracing::info!(gpu, took = ?report.took, vram = ?report.vram, "swap: server stopped");
         match reading_for_next(&next, gpu) {
-            Ok(reading) => Ok(start_server(next, reading, guard, None)?),
+            Ok((probe, reading)) => Ok(start_server(next, probe, reading, guard, None)?),
             Err(e) => {
                 drop(guard);
                 Err(e)

@@ -93,6 +93,15 @@ pub enum VramError {
         /// The configured minimum.
         min_mib: u64,
     },
+    /// NVML was asked for (`--vram-probe nvml`) but cannot be used.
+    #[error(
+        "NVML is not available ({reason}) — install the NVIDIA driver, or use nvidia-smi \
+         (--vram-probe nvidia-smi, ProbeChoice::NvidiaSmi)"
+    )]
+    NvmlUnavailable {
+        /// Why.
+        reason: String,
+    },
     /// Free VRAM stayed below the minimum for the whole bounded wait (the previous model's memory
     /// did not come back, or another program holds it).
     #[error(
@@ -348,6 +357,14 @@ pub enum InferenceError {
         subject: Subject,
         /// What the server said.
         detail: String,
+    },
+    /// Every server of an [`crate::EnginePool`] died before this item was answered.
+    #[error("{subject}: not answered — every server of the pool died (the last: {last_death})")]
+    PoolExhausted {
+        /// The frame or request.
+        subject: Subject,
+        /// The last server's death, in words.
+        last_death: String,
     },
     /// The frame or request was not attempted because the caller stopped the batch.
     #[error("{subject}: not attempted — the batch was stopped before it")]

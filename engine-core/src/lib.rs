@@ -16,9 +16,10 @@
 //! ```
 //!
 //! The root holds what a user of the engine needs; the rest lives in named modules:
-//! [`typestate`] (the lifecycle states), [`vram`] (the nvidia-smi probe, its parser, the choice of
+//! [`typestate`] (the lifecycle states), [`vram`] (the NVML and nvidia-smi probes, the parser, the choice of
 //! GPU), [`lock`] (the GPU lock's protocol and files), [`describe`] (the request and answer parsing),
-//! [`process`] (how a child ended and how its stop went).
+//! [`process`] (how a child ended and how its stop went), [`shard`] (splitting an input over many
+//! hosts). [`EnginePool`] runs one engine per GPU of a host.
 
 #![warn(missing_docs)]
 
@@ -30,6 +31,8 @@ mod error;
 mod gguf;
 mod gpu_lock;
 mod keeper;
+mod nvml;
+mod pool;
 pub mod process;
 mod prompt;
 mod random;
@@ -37,6 +40,7 @@ mod request;
 mod scene;
 mod schema;
 mod server;
+pub mod shard;
 mod sync;
 mod text;
 pub mod vram;
@@ -46,6 +50,7 @@ pub use describe::DescribeOptions;
 pub use engine::{Engine, ShutdownReport};
 pub use error::{ConfigError, EngineError, InferenceError, LockError, VramError};
 pub use gpu_lock::{GpuGuard, gpu_lock, gpu_lock_cancellable, try_gpu_lock_for};
+pub use pool::{Death, EnginePool, LeftOut, PoolError, PoolResults, WhenLocked};
 pub use prompt::{Prompt, Subject};
 pub use scene::{
     KeyframeRecord, SCENE_DESCRIPTION_SCHEMA, SceneDescription, validate_scene_description,

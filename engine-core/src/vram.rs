@@ -207,6 +207,106 @@ impl NvidiaSmi {
     }
 }
 
+/// Which VRAM probe to use (`--vram-probe`, [`crate::EngineConfigBuilder::vram_probe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProbeChoice {
+    /// nvidia-smi when one is named (`NVIDIA_SMI`, or a configured program: tests and users who
+    /// point at a particular one), else NVML when the driver's library loads, else nvidia-smi.
+    #[default]
+    Auto,
+    /// NVML, or an error saying why it cannot load.
+    Nvml,
+    /// The nvidia-smi program (the seed's probe).
+    NvidiaSmi,
+}
+
+impl FromStr for ProbeChoice {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "auto" => Ok(ProbeChoice::Auto),
+            "nvml" => Ok(ProbeChoice::Nvml),
+            "nvidia-smi" => Ok(ProbeChoice::NvidiaSmi),
+            other => Err(format!(
+                "unknown VRAM probe {other:?}: choose auto, nvml or nvidia-smi"
+            )),
+        }
+    }
+}
+
+/// Where free VRAM is read from: NVML in this process (about 9 µs a query once loaded), or the
+/// nvidia-smi program (about 25 ms a query: a process start). Both give the same rows.
+///
+/// ```no_run
+/// use engine_core::vram::{NvidiaSmi, ProbeChoice, VramProbe};
+/// let probe = VramProbe::choose(ProbeChoice::Auto, NvidiaSmi::from_env(), false)?;
+/// println!("{} sees {} GPU(s)", probe.name(), probe.query()?.len());
+/// # Ok::<(), engine_core::VramError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub enum VramProbe {
+    /// NVML, loaded once per process.
+    Nvml,
+    /// The nvidia-smi program.
+    NvidiaSmi(NvidiaSmi),
+}
+
+impl From<NvidiaSmi> for VramProbe {
+    fn from(program: NvidiaSmi) -> Self {
+        VramProbe::NvidiaSmi(program)
+    }
+}
+
+impl VramProbe {
+    /// The probe for `choice`; `nvidia_smi` is the program to run (or fall back to), and
+    /// `smi_named` says that it was named on purpose (which `Auto` then honours).
+    pub fn choose(
+        choice: ProbeChoice,
+        nvidia_smi: NvidiaSmi,
+        smi_named: bool,
+    ) -> Result<VramProbe, VramError> {
+        match choice {
+            ProbeChoice::NvidiaSmi => Ok(nvidia_smi.into()),
+            ProbeChoice::Nvml => crate::nvml::nvml().map(|_| VramProbe::Nvml),
+            ProbeChoice::Auto if smi_named => Ok(nvidia_smi.into()),
+            ProbeChoice::Auto => Ok(match crate::nvml::nvml() {
+                Ok(_) => VramProbe::Nvml,
+                Err(e) => {
+                    tracing::debug!(error = %e, "NVML not available: using nvidia-smi");
+                    nvidia_smi.into()
+                }
+            }),
+        }
+    }
+
+    /// `NVML`, or the nvidia-smi program's path.
+    pub fn name(&self) -> String {
+        match self {
+            VramProbe::Nvml => "NVML".into(),
+            VramProbe::NvidiaSmi(program) => program.program().display().to_string(),
+        }
+    }
+
+    /// One row per GPU: index (nvidia-smi's numbering), UUID, free MiB.
+    pub fn query(&self) -> Result<Vec<GpuRow>, VramError> {
+        match self {
+            VramProbe::Nvml => crate::nvml::query(crate::nvml::nvml()?),
+            VramProbe::NvidiaSmi(program) => program.query(),
+        }
+    }
+
+    /// Queries, then [`select`]s `gpu` among the `visible` GPUs with at least `min_mib` free.
+    pub fn read(
+        &self,
+        gpu: &GpuId,
+        visible: &Visible,
+        min_mib: u64,
+    ) -> Result<VramReading, VramError> {
+        select(&self.query()?, gpu, visible, min_mib)
+    }
+}
+
 /// Parses one `memory.free` value (`nounits`): a plain decimal number of MiB.
 ///
 /// ```
@@ -428,7 +528,7 @@ fn find<'a>(rows: &'a [GpuRow], gpu: &GpuId, visible: &Visible) -> Result<&'a Gp
 }
 
 /// Free VRAM of GPU `gpu` in MiB (the seed's `check_vram_free_mib`).
-pub fn check_vram_free_mib(probe: &NvidiaSmi, gpu: impl Into<GpuId>) -> Result<u64, VramError> {
+pub fn check_vram_free_mib(probe: &VramProbe, gpu: impl Into<GpuId>) -> Result<u64, VramError> {
     probe
         .read(&gpu.into(), &Visible::from_env(), 0)
         .map(|r| r.free_mib)
@@ -436,7 +536,7 @@ pub fn check_vram_free_mib(probe: &NvidiaSmi, gpu: impl Into<GpuId>) -> Result<u
 
 /// Checks that GPU `gpu` has at least `min_mib` free (the seed's `assert_vram_available`).
 pub fn assert_vram_available(
-    probe: &NvidiaSmi,
+    probe: &VramProbe,
     gpu: impl Into<GpuId>,
     min_mib: u64,
 ) -> Result<VramReading, VramError> {
@@ -470,7 +570,7 @@ pub enum VramRecovery {
 /// Polls `probe` until GPU `before.gpu` has its free VRAM back within 5 % of `before`, or `timeout`
 /// ends (zero: no wait).
 pub fn wait_for_recovery(
-    probe: &NvidiaSmi,
+    probe: &VramProbe,
     before: &VramReading,
     timeout: Duration,
 ) -> VramRecovery {
@@ -511,7 +611,7 @@ pub fn wait_for_recovery(
 /// another model stopped, while its memory is still being freed. Errors other than too little
 /// memory (nvidia-smi failing, no such GPU) end the wait at once.
 pub fn wait_for_free(
-    probe: &NvidiaSmi,
+    probe: &VramProbe,
     gpu: &GpuId,
     visible: &Visible,
     min_mib: u64,

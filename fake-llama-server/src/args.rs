@@ -79,6 +79,8 @@ Knobs (environment variables):
                                    swallow-first (ignore the first SIGTERM only)
   FAKE_LLAMA_FLOOD_BYTES=N         write N bytes to stdout and N to stderr while loading
   FAKE_LLAMA_CRASH_AFTER=N         abort (SIGABRT) in the middle of completion request N+1
+                                   (N@UUID[,N@UUID]: only the server shown that GPU; likewise
+                                   for FAKE_LLAMA_LATENCY_MS)
   FAKE_LLAMA_RESPONSE=M[,M...]     what completion requests answer, in turn (the last repeats):
                                    valid, fence, not-json, bad-schema, length, peg-500, http-500
   FAKE_LLAMA_LATENCY_MS=N          time per completion request, holding a slot

@@ -48,6 +48,35 @@ fn env_num<T: std::str::FromStr>(name: &str) -> Result<Option<T>, String> {
         .transpose()
 }
 
+/// A number knob that may differ per GPU: `V` for every server, or `V@UUID[,V@UUID...]` for the
+/// server shown that GPU (`CUDA_VISIBLE_DEVICES`), which lets a test slow or crash one server of a
+/// pool. An entry without `@` applies to the servers no other entry names.
+fn env_num_for_gpu<T: std::str::FromStr>(name: &str) -> Result<Option<T>, String> {
+    let Some(list) = env(name) else {
+        return Ok(None);
+    };
+    let ours = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default();
+    let mut fallback = None;
+    for entry in list.split(',') {
+        let (value, gpu) = match entry.split_once('@') {
+            Some((value, gpu)) => (value, Some(gpu)),
+            None => (entry, None),
+        };
+        let number = || {
+            value
+                .trim()
+                .parse::<T>()
+                .map_err(|_| format!("error: {name}={list} is not a number"))
+        };
+        match gpu {
+            Some(gpu) if gpu == ours => return number().map(Some),
+            Some(_) => {}
+            None => fallback = Some(number()?),
+        }
+    }
+    Ok(fallback)
+}
+
 impl Knobs {
     fn from_env() -> Result<Knobs, String> {
         let modes = match env("FAKE_LLAMA_RESPONSE") {
@@ -67,9 +96,9 @@ impl Knobs {
             health_body: env("FAKE_LLAMA_HEALTH_BODY"),
             sigterm: env("FAKE_LLAMA_SIGTERM").unwrap_or_else(|| "exit".into()),
             flood_bytes: env_num("FAKE_LLAMA_FLOOD_BYTES")?.unwrap_or(0),
-            crash_after: env_num("FAKE_LLAMA_CRASH_AFTER")?,
+            crash_after: env_num_for_gpu("FAKE_LLAMA_CRASH_AFTER")?,
             modes,
-            latency_ms: env_num("FAKE_LLAMA_LATENCY_MS")?,
+            latency_ms: env_num_for_gpu("FAKE_LLAMA_LATENCY_MS")?,
             slots: env_num("FAKE_LLAMA_SLOTS")?,
             events: env("FAKE_LLAMA_EVENTS"),
         })
@@ -137,7 +166,12 @@ pub fn event(fake: &Fake, name: &str, extra: Value) {
     if let (Some(line), Value::Object(extra)) = (line.as_object_mut(), extra) {
         line.extend(extra);
     }
-    let _ = writeln!(file.lock().unwrap(), "{line}");
+    // One write per line: servers of a pool append to the same file at once, and O_APPEND keeps a
+    // single write whole, where `writeln!`'s several writes could interleave with another process's.
+    let _ = file
+        .lock()
+        .unwrap()
+        .write_all(format!("{line}\n").as_bytes());
 }
 
 fn log(fake: &Fake, line: &str) {

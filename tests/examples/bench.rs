@@ -1,5 +1,6 @@
 //! Process-level benchmarks against the fake server, written as a report: readiness lag (with the
-//! seed's 1 s poller side by side), stop latency, model swap, per-frame client overhead (with a bare ureq loop side
+//! seed's 1 s poller side by side), stop latency, model swap, pool dispatch and shard balance,
+//! per-frame client overhead (with a bare ureq loop side
 //! by side), slot scaling, and the VRAM probe. Server-side times come from the fake's events file.
 //! Run through `cargo xtask bench`, which also adds the criterion numbers.
 //!
@@ -9,8 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use std::sync::atomic::AtomicBool;
+
+use engine_core::shard::Shard;
 use engine_core::vram::NvidiaSmi;
-use engine_core::{Engine, EngineConfigBuilder, KeyframeRecord, check_vram_free_mib};
+use engine_core::{
+    Engine, EngineConfigBuilder, EnginePool, KeyframeRecord, WhenLocked, check_vram_free_mib,
+};
 use tests::Harness;
 
 fn unix_ns() -> u64 {
@@ -219,6 +225,88 @@ fn model_swap(r: &mut Report, runs: usize) {
     r.line("");
 }
 
+/// The pool's own cost: 2 engines of 2 slots against 1 engine of 4, the same frames, on servers
+/// that take 20 ms a request (so both are bound by the slots, and any gap is dispatch).
+fn pool_dispatch(r: &mut Report, frames_n: usize) {
+    let h = Harness::new();
+    let other = Harness::new();
+    let base = config(&h).env("FAKE_LLAMA_LATENCY_MS", "20");
+    let frames: Vec<KeyframeRecord> = (0..frames_n)
+        .map(|i| {
+            KeyframeRecord::new(
+                h.jpeg(&format!("p{i}.jpg"), 32, 24, [9, 9, 9]),
+                0.0,
+                "bench",
+            )
+        })
+        .collect();
+    let time = |configs: Vec<engine_core::EngineConfig>| {
+        let pool = EnginePool::launch(configs, WhenLocked::Wait, &AtomicBool::new(false)).unwrap();
+        let started = Instant::now();
+        let done = pool.describe_many(&frames, |_, _| std::ops::ControlFlow::Continue(()));
+        let took = started.elapsed().as_secs_f64();
+        assert!(done.results.iter().all(Result::is_ok));
+        pool.shutdown();
+        took
+    };
+    let mut single = Vec::new();
+    let mut pooled = Vec::new();
+    for _ in 0..3 {
+        single.push(time(vec![base.clone().slots(4).build().unwrap()]));
+        pooled.push(time(vec![
+            base.clone().slots(2).build().unwrap(),
+            base.clone().slots(2).gpu(other.gpu).build().unwrap(),
+        ]));
+    }
+    let (s, p) = (pct(&mut single, 50), pct(&mut pooled, 50));
+    let overhead = (p / s - 1.0) * 100.0;
+    r.line("## Pool dispatch");
+    r.line(format!(
+        "{frames_n} frames on fake servers that take 20 ms a request: one engine of 4 slots against \
+         a pool of 2 engines of 2 slots (same total), median of 3 runs each, interleaved."
+    ));
+    r.line("");
+    r.line("| engines | frames/s |");
+    r.line("| --- | --- |");
+    r.line(format!("| 1 × 4 slots | {:.1} |", frames_n as f64 / s));
+    r.line(format!(
+        "| 2 × 2 slots (`EnginePool`) | {:.1} |",
+        frames_n as f64 / p
+    ));
+    r.line("");
+    r.line(format!(
+        "The pool's dispatch costs {overhead:+.2} % (goal ≤ 2 %: {}).",
+        verdict(overhead <= 2.0)
+    ));
+    r.line("");
+    // Shard balance: 10,000 keyframe names.
+    let names: Vec<String> = (0..10_000)
+        .map(|i| format!("/film/keyframes/frame_{:010}.jpg", i * 417 % 7_200_000))
+        .collect();
+    r.line("## Shard balance");
+    r.line(
+        "10,000 keyframe names split by `--shard I/N` (sorted, dealt out in turn): the largest \
+         shard is the mean rounded up, so it stays within 1 % of the mean up to 100 shards.",
+    );
+    r.line("");
+    r.line("| shards | mean | largest | above the mean |");
+    r.line("| --- | --- | --- | --- |");
+    // The largest shard is the mean rounded up: within 1 % while the mean is 100 or more.
+    for count in [4, 16, 64, 100] {
+        let largest = (0..count)
+            .map(|index| engine_core::shard::positions(&names, Shard { index, count }).len())
+            .max()
+            .unwrap();
+        let mean = names.len() as f64 / count as f64;
+        let above = (largest as f64 / mean - 1.0) * 100.0;
+        r.line(format!(
+            "| {count} | {mean:.1} | {largest} | {above:.2} % (goal ≤ 1 %: {}) |",
+            verdict(above <= 1.0)
+        ));
+    }
+    r.line("");
+}
+
 fn health_ok(port: u16) -> bool {
     tests::http_request(port, "GET", "/health", None, "", Duration::from_secs(2))
         .is_some_and(|(status, body)| status == 200 && body.contains(r#""status":"ok""#))
@@ -421,12 +509,12 @@ fn slot_scaling(r: &mut Report) {
 }
 
 fn vram_probe(r: &mut Report, runs: usize) {
-    let h = Harness::new();
-    let probe = NvidiaSmi::new(tests::nvsmi_shim(), NvidiaSmi::DEFAULT_TIMEOUT);
+    let probe = NvidiaSmi::new(tests::nvsmi_shim(), NvidiaSmi::DEFAULT_TIMEOUT).into();
     let mut times = Vec::new();
     for _ in 0..runs {
         let t = Instant::now();
-        check_vram_free_mib(&probe, h.gpu).unwrap();
+        // The bare shim reports one GPU.
+        check_vram_free_mib(&probe, 0).unwrap();
         times.push(t.elapsed().as_nanos() as f64);
     }
     r.line("## VRAM probe");
@@ -541,6 +629,7 @@ fn main() {
     model_swap(&mut r, runs);
     per_frame(&mut r, if quick { 50 } else { 200 });
     slot_scaling(&mut r);
+    pool_dispatch(&mut r, if quick { 100 } else { 400 });
     vram_probe(&mut r, runs);
     in_process(&mut r, &criterion);
     let gpu_sections = args

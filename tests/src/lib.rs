@@ -260,6 +260,18 @@ impl Harness {
             .collect()
     }
 
+    /// Waits (at most 30 s) until a fake server of this harness wrote `event` to the events file.
+    pub fn wait_for_event(&self, event: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !self.server_events().iter().any(|e| e["event"] == event) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server never reported {event}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// The pids of every fake server this harness spawned.
     pub fn spawned_pids(&self) -> Vec<u32> {
         self.server_events()

@@ -14,18 +14,6 @@ fn signal(child: &Child, signal: Signal) {
     rustix::process::kill_process(Pid::from_child(child), signal).unwrap();
 }
 
-/// Waits (bounded) until the fake server wrote `event` to the harness's events file.
-fn wait_for_event(h: &Harness, event: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !h.server_events().iter().any(|e| e["event"] == event) {
-        assert!(
-            Instant::now() < deadline,
-            "the server never reported {event}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -78,7 +66,7 @@ fn describe_while_loading(h: &Harness, knobs: &[(&str, &str)]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for_event(h, "listening");
+    h.wait_for_event("listening");
     child
 }
 

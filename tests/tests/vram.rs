@@ -4,12 +4,12 @@
 use std::time::{Duration, Instant};
 
 use engine_core::process::ChildExit;
-use engine_core::vram::NvidiaSmi;
+use engine_core::vram::{NvidiaSmi, VramProbe};
 use engine_core::{Engine, GpuId, VramError, check_vram_free_mib};
 use tests::Harness;
 
-fn probe(program: std::path::PathBuf) -> NvidiaSmi {
-    NvidiaSmi::new(program, NvidiaSmi::DEFAULT_TIMEOUT)
+fn probe(program: std::path::PathBuf) -> VramProbe {
+    NvidiaSmi::new(program, NvidiaSmi::DEFAULT_TIMEOUT).into()
 }
 
 fn check(h: &Harness, knobs: &[(&str, &str)]) -> Result<u64, VramError> {
@@ -122,7 +122,7 @@ fn a_hung_nvidia_smi_is_killed_and_reaped() {
     let shim = h.shim(&[("NVSMI_HANG", "1"), ("NVSMI_LOG", log.to_str().unwrap())]);
     let timeout = Duration::from_millis(300);
     let started = Instant::now();
-    let err = check_vram_free_mib(&NvidiaSmi::new(shim, timeout), 0).unwrap_err();
+    let err = check_vram_free_mib(&NvidiaSmi::new(shim, timeout).into(), 0).unwrap_err();
     assert!(matches!(err, VramError::Timeout { .. }), "{err:?}");
     assert!(started.elapsed() >= timeout);
     assert_eq!(h.shim_pids().len(), 1, "the shim ran once");

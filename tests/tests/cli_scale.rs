@@ -1,0 +1,275 @@
+//! The CLI at scale, end to end against the fake server and the shim: `--gpus` (a pool of servers),
+//! `--shard` and `merge` (many hosts), and `--vram-probe` (NVML, with nvidia-smi as the fallback).
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use serde_json::Value;
+use tests::Harness;
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn lines(text: &str) -> Vec<Value> {
+    tests::json_lines(text)
+}
+
+/// Two GPU indices no other test uses, with the first harness's files.
+fn two_gpus() -> (Harness, Harness) {
+    (Harness::new(), Harness::new())
+}
+
+fn frame_paths(lines: &[Value]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| l["frame_path"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn gpus_share_the_frames_and_lines_stay_in_input_order() {
+    let (h, other) = two_gpus();
+    let dir = h.frames(16);
+    let gpus = format!("{},{}", h.gpu, other.gpu);
+    let out = h
+        .infer_command("describe", &h.gpu.to_string(), &[])
+        .arg("--model")
+        .arg(&h.model)
+        .arg("--mmproj")
+        .arg(&h.mmproj)
+        .args(["--gpus", &gpus, "--slots", "2"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    // --gpu and --gpus together are refused by the argument parser; --gpus alone makes a pool.
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot be used with"),
+        "{}",
+        stderr(&out)
+    );
+    let out = pool_command(&h, &gpus).arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let written = lines(&String::from_utf8_lossy(&out.stdout));
+    let mut sorted = frame_paths(&written);
+    sorted.sort();
+    assert_eq!(frame_paths(&written), sorted, "input order");
+    assert_eq!(written.len(), 16);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "running on GPU {}, {} (4 slots in all)",
+            h.gpu, other.gpu
+        )),
+        "{err}"
+    );
+    assert!(err.contains("answered per GPU"), "{err}");
+    h.assert_clean();
+    tests::assert_lock_free(other.gpu);
+}
+
+/// `cinecut-infer describe --gpus LIST` for the harness (no `--gpu`).
+fn pool_command(h: &Harness, gpus: &str) -> std::process::Command {
+    let log = h.shim_log();
+    let mut cmd = std::process::Command::new(tests::cinecut_infer());
+    cmd.arg("describe")
+        .arg("--model")
+        .arg(&h.model)
+        .arg("--mmproj")
+        .arg(&h.mmproj)
+        .args(["--gpus", gpus, "--slots", "2"])
+        .env("LLAMA_SERVER", tests::fake_server())
+        .env(
+            "NVIDIA_SMI",
+            h.shim(&[("NVSMI_LOG", log.to_str().unwrap())]),
+        )
+        .env("FAKE_LLAMA_EVENTS", &h.events);
+    cmd
+}
+
+#[test]
+fn gpus_all_leaves_out_a_locked_gpu_and_a_dying_server_hands_over_its_frames() {
+    let (h, other) = two_gpus();
+    let dir = h.frames(12);
+    let visible = format!(
+        "{},{}",
+        tests::shim_uuid(h.gpu),
+        tests::shim_uuid(other.gpu)
+    );
+    let holder = engine_core::gpu_lock(other.gpu).unwrap();
+    let out = pool_command(&h, "all")
+        .env("CUDA_VISIBLE_DEVICES", &visible)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("GPU {} left out", tests::shim_uuid(other.gpu))),
+        "{err}"
+    );
+    assert_eq!(lines(&String::from_utf8_lossy(&out.stdout)).len(), 12);
+    drop(holder);
+
+    // Both GPUs, and the first one's server crashes on its third request.
+    let crash = format!("2@{}", tests::shim_uuid(h.gpu));
+    let out = pool_command(&h, "all")
+        .env("CUDA_VISIBLE_DEVICES", &visible)
+        .env("FAKE_LLAMA_CRASH_AFTER", &crash)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let written = lines(&String::from_utf8_lossy(&out.stdout));
+    assert!(written.iter().all(|l| l.get("scene").is_some()));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("GPU {}'s server died", h.gpu))
+            && err.contains("the other GPUs took"),
+        "{err}"
+    );
+    h.assert_clean();
+    tests::assert_lock_free(other.gpu);
+}
+
+fn run_shard(h: &Harness, dir: &Path, shard: &str, output: &Path) -> Output {
+    h.describe_command(&[])
+        .args(["--shard", shard, "--output"])
+        .arg(output)
+        .arg(dir)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn shards_cover_the_input_and_merge_restores_its_order() {
+    let h = Harness::new();
+    let dir = h.frames(10);
+    let whole = h.describe_command(&[]).arg(&dir).output().unwrap();
+    let expected = frame_paths(&lines(&String::from_utf8_lossy(&whole.stdout)));
+    let shards: Vec<PathBuf> = (0..3)
+        .map(|i| h.dir.path().join(format!("scenes.{i}.jsonl")))
+        .collect();
+    let mut sizes = Vec::new();
+    for (i, output) in shards.iter().enumerate() {
+        let out = run_shard(&h, &dir, &format!("{i}/3"), output);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let written = lines(&std::fs::read_to_string(output).unwrap());
+        assert!(written.iter().all(|l| l["of"] == 10 && l["index"].is_u64()));
+        sizes.push(written.len());
+    }
+    assert_eq!(sizes.iter().sum::<usize>(), 10);
+    assert!(
+        sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1,
+        "{sizes:?}"
+    );
+    let merged = h.dir.path().join("scenes.jsonl");
+    let out = std::process::Command::new(tests::cinecut_infer())
+        .arg("merge")
+        .arg(&merged)
+        .args(&shards)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let merged_lines = lines(&std::fs::read_to_string(&merged).unwrap());
+    assert_eq!(frame_paths(&merged_lines), expected);
+    assert!(merged_lines.iter().all(|l| l.get("index").is_none()));
+
+    // A shard that lost a line: the merge says which item is missing and exits 1.
+    let text = std::fs::read_to_string(&shards[1]).unwrap();
+    let kept: Vec<&str> = text.lines().skip(1).collect();
+    std::fs::write(&shards[1], kept.join("\n") + "\n").unwrap();
+    let out = std::process::Command::new(tests::cinecut_infer())
+        .arg("merge")
+        .arg(&merged)
+        .args(&shards)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("1 item(s) missing"),
+        "{}",
+        stderr(&out)
+    );
+    h.assert_clean();
+}
+
+#[test]
+fn the_shard_comes_from_kubernetes_or_slurm() {
+    let h = Harness::new();
+    let dir = h.frames(6);
+    for (i, env) in [
+        vec![("JOB_COMPLETION_INDEX", "1")],
+        vec![
+            ("SLURM_ARRAY_TASK_ID", "1"),
+            ("SLURM_ARRAY_TASK_COUNT", "2"),
+        ],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let output = h.dir.path().join(format!("out-{i}.jsonl"));
+        let mut cmd = h.describe_command(&env);
+        if i == 0 {
+            cmd.args(["--shards", "2"]);
+        }
+        let out = cmd.arg("--output").arg(&output).arg(&dir).output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("shard 1/2: 3 of 6 items"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    // An Indexed Job without the count is refused before anything starts.
+    let out = h
+        .describe_command(&[("JOB_COMPLETION_INDEX", "0")])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--shards N"), "{}", stderr(&out));
+    h.assert_clean();
+}
+
+#[test]
+fn nvml_is_named_when_missing_and_nvidia_smi_is_the_fallback() {
+    let h = Harness::new();
+    let shim = h.shim(&[]);
+    // Where the driver's library is missing (CI), asking for NVML says so and what to do.
+    let out = std::process::Command::new(tests::cinecut_infer())
+        .args(["check", "--vram-probe", "nvml", "--gpu", &h.gpu.to_string()])
+        .env_remove("NVIDIA_SMI")
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        let err = stderr(&out);
+        assert!(
+            err.contains("NVML is not available") && err.contains("libnvidia-ml.so.1"),
+            "{err}"
+        );
+        assert!(err.contains("--vram-probe nvidia-smi"), "{err}");
+        // auto falls back to the nvidia-smi on PATH.
+        let bin = h.dir.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::os::unix::fs::symlink(&shim, bin.join("nvidia-smi")).unwrap();
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let out = std::process::Command::new(tests::cinecut_infer())
+            .args(["check", "--gpu", &h.gpu.to_string()])
+            .env_remove("NVIDIA_SMI")
+            .env("PATH", path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("would start"),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
