@@ -64,9 +64,9 @@ fn wait_for<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> PyResult<Option<T>> {
     let (tx, rx) = channel();
-    std::thread::spawn(move || {
+    helpers::run(Box::new(move || {
         let _ = tx.send(work());
-    });
+    }));
     // Waited on with the GIL released, so from a closure that must be Sync.
     let rx = Mutex::new(rx);
     let receive = |step: Duration| {
@@ -96,6 +96,41 @@ fn wait_for<T: Send + 'static>(
             cancel.store(true, Ordering::Release);
             return Ok(None);
         }
+    }
+}
+
+/// Helper threads, kept for the next call once idle: a thread start costs more than the rest of the
+/// Python layer's per-frame work together (BENCHMARKS.md, "From Python").
+mod helpers {
+    use std::sync::Mutex;
+    use std::sync::mpsc::{Sender, channel};
+
+    type Job = Box<dyn FnOnce() + Send>;
+
+    /// Idle helpers, each waiting on its own channel.
+    static IDLE: Mutex<Vec<Sender<Job>>> = Mutex::new(Vec::new());
+
+    /// Runs `job` on an idle helper, or on a new one.
+    pub(crate) fn run(job: Job) {
+        let idle = IDLE.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let job = match idle {
+            Some(helper) => match helper.send(job) {
+                Ok(()) => return,
+                Err(returned) => returned.0,
+            },
+            None => job,
+        };
+        let (tx, rx) = channel::<Job>();
+        std::thread::spawn(move || {
+            let mut next = Some(job);
+            while let Some(job) = next.take() {
+                job();
+                IDLE.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(tx.clone());
+                next = rx.recv().ok();
+            }
+        });
     }
 }
 

@@ -272,6 +272,22 @@ impl Harness {
         }
     }
 
+    /// The events named `name` that this harness's fake servers wrote, in order.
+    pub fn events_named(&self, name: &str) -> Vec<serde_json::Value> {
+        self.server_events()
+            .into_iter()
+            .filter(|e| e["event"] == name)
+            .collect()
+    }
+
+    /// The command line (without the program) of each fake server this harness spawned.
+    pub fn spawned_args(&self) -> Vec<Vec<String>> {
+        self.events_named("spawned")
+            .iter()
+            .map(|e| serde_json::from_value(e["args"].clone()).unwrap_or_default())
+            .collect()
+    }
+
     /// The pids of every fake server this harness spawned.
     pub fn spawned_pids(&self) -> Vec<u32> {
         self.server_events()
@@ -442,4 +458,23 @@ fn dechunk(mut body: &str) -> String {
 pub fn http_get(port: u16, path: &str, bearer: Option<&str>) -> (u16, String) {
     http_request(port, "GET", path, bearer, "", Duration::from_secs(10))
         .unwrap_or_else(|| panic!("no answer to GET {path} on port {port}"))
+}
+
+/// CineCut's text-stage schema (DESIGN.md §6): where the story begins, escalates and peaks, in
+/// seconds; three required numbers, nothing else.
+pub fn anchors_schema() -> engine_core::Schema {
+    engine_core::Schema::new(
+        "structural_anchors",
+        serde_json::json!({
+            "type": "object",
+            "properties": {
+                "begin_t": {"type": "number"},
+                "escalation_t": {"type": "number"},
+                "climax_t": {"type": "number"},
+            },
+            "required": ["begin_t", "escalation_t", "climax_t"],
+            "additionalProperties": false,
+        }),
+    )
+    .expect("a valid schema")
 }

@@ -11,22 +11,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tests::Harness;
 
-/// CineCut's second schema: where the story begins, escalates and peaks, in seconds.
 fn anchors() -> Schema {
-    Schema::new(
-        "structural_anchors",
-        json!({
-            "type": "object",
-            "properties": {
-                "begin_t": {"type": "number"},
-                "escalation_t": {"type": "number"},
-                "climax_t": {"type": "number"},
-            },
-            "required": ["begin_t", "escalation_t", "climax_t"],
-            "additionalProperties": false,
-        }),
-    )
-    .unwrap()
+    tests::anchors_schema()
 }
 
 #[derive(Debug, Deserialize)]
@@ -41,19 +27,8 @@ fn text_config(h: &Harness) -> engine_core::EngineConfigBuilder {
     h.config().text_only()
 }
 
-fn spawned_args(h: &Harness) -> Vec<Vec<String>> {
-    h.server_events()
-        .iter()
-        .filter(|e| e["event"] == "spawned")
-        .map(|e| serde_json::from_value(e["args"].clone()).unwrap())
-        .collect()
-}
-
 fn completions(h: &Harness) -> usize {
-    h.server_events()
-        .iter()
-        .filter(|e| e["event"] == "request_start")
-        .count()
+    h.events_named("request_start").len()
 }
 
 #[test]
@@ -68,7 +43,7 @@ fn a_text_model_answers_the_anchors_schema_as_a_typed_value() {
     // The same request as a plain JSON value validates against the caller's schema.
     let value: Value = engine.complete(&prompt).unwrap();
     assert!(anchors().validate(&value).is_ok(), "{value}");
-    let args = spawned_args(&h);
+    let args = h.spawned_args();
     assert!(!args[0].iter().any(|a| a == "--mmproj"), "{args:?}");
     let (_, props) = tests::http_get(engine.port(), "/props", Some(engine.api_key()));
     assert!(props.contains(r#""vision":false"#), "{props}");
@@ -288,7 +263,7 @@ fn a_swap_from_the_vision_model_to_the_text_model_never_lets_go_of_the_gpu() {
             "cut",
         ))
         .unwrap();
-    let args = spawned_args(&h);
+    let args = h.spawned_args();
     assert_eq!(args.len(), 3);
     assert_eq!(
         args.iter()

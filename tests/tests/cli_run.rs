@@ -49,9 +49,10 @@ fn anchors_schema() -> engine_core::Schema {
 }
 
 fn spawned_args(h: &Harness) -> Vec<String> {
-    let events = h.server_events();
-    let spawned = events.iter().find(|e| e["event"] == "spawned").unwrap();
-    serde_json::from_value(spawned["args"].clone()).unwrap()
+    h.spawned_args()
+        .into_iter()
+        .next()
+        .expect("a server was spawned")
 }
 
 #[test]
@@ -216,10 +217,7 @@ fn server_and_request_knobs_reach_the_server() {
 }
 
 fn requests(h: &Harness) -> Vec<Value> {
-    h.server_events()
-        .into_iter()
-        .filter(|e| e["event"] == "request_start")
-        .collect()
+    h.events_named("request_start")
 }
 
 #[test]

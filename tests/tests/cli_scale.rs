@@ -165,12 +165,15 @@ fn shards_cover_the_input_and_merge_restores_its_order() {
         "{sizes:?}"
     );
     let merged = h.dir.path().join("scenes.jsonl");
-    let out = std::process::Command::new(tests::cinecut_infer())
-        .arg("merge")
-        .arg(&merged)
-        .args(&shards)
-        .output()
-        .unwrap();
+    let merge = || {
+        std::process::Command::new(tests::cinecut_infer())
+            .arg("merge")
+            .arg(&merged)
+            .args(&shards)
+            .output()
+            .unwrap()
+    };
+    let out = merge();
     assert!(out.status.success(), "{}", stderr(&out));
     let merged_lines = lines(&std::fs::read_to_string(&merged).unwrap());
     assert_eq!(frame_paths(&merged_lines), expected);
@@ -180,12 +183,7 @@ fn shards_cover_the_input_and_merge_restores_its_order() {
     let text = std::fs::read_to_string(&shards[1]).unwrap();
     let kept: Vec<&str> = text.lines().skip(1).collect();
     std::fs::write(&shards[1], kept.join("\n") + "\n").unwrap();
-    let out = std::process::Command::new(tests::cinecut_infer())
-        .arg("merge")
-        .arg(&merged)
-        .args(&shards)
-        .output()
-        .unwrap();
+    let out = merge();
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains("1 item(s) missing"),

@@ -421,22 +421,8 @@ fn a_request_larger_than_its_slot_is_a_context_error_that_is_not_retried() {
     tests::assert_lock_free(h.gpu);
 }
 
-/// CineCut's text stage schema (DESIGN.md §6): where the story begins, escalates and peaks.
 fn anchors() -> engine_core::Schema {
-    engine_core::Schema::new(
-        "structural_anchors",
-        json!({
-            "type": "object",
-            "properties": {
-                "begin_t": {"type": "number"},
-                "escalation_t": {"type": "number"},
-                "climax_t": {"type": "number"},
-            },
-            "required": ["begin_t", "escalation_t", "climax_t"],
-            "additionalProperties": false,
-        }),
-    )
-    .unwrap()
+    tests::anchors_schema()
 }
 
 #[test]
