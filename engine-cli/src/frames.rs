@@ -30,11 +30,16 @@ pub fn timestamp_from_name(path: &Path) -> Option<f64> {
     {
         return ms.parse::<u64>().ok().map(|ms| ms as f64 / 1000.0);
     }
+    // `<seconds>s` after an underscore, or as the whole name: digits and at most one point.
     let number = stem.strip_suffix('s')?;
-    let start = number
-        .rfind(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .map_or(0, |i| i + 1);
-    number[start..].parse().ok().filter(|t: &f64| t.is_finite())
+    let number = number.rsplit_once('_').map_or(number, |(_, n)| n);
+    let plain = !number.is_empty()
+        && number.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && number.bytes().filter(|&b| b == b'.').count() <= 1;
+    if !plain {
+        return None;
+    }
+    number.parse().ok().filter(|t: &f64| t.is_finite())
 }
 
 /// Expands the command line's FRAMES into frames, in order. Errors name the argument.
@@ -145,6 +150,15 @@ mod tests {
             None
         );
         assert_eq!(timestamp_from_name(Path::new("cuts.jpg")), None);
+        for unclear in [
+            "shot_-1s.jpg",
+            "shot_1e3s.jpg",
+            "scene-12s.jpg",
+            "take12s.jpg",
+            "a_.s.jpg",
+        ] {
+            assert_eq!(timestamp_from_name(Path::new(unclear)), None, "{unclear}");
+        }
     }
 
     #[test]

@@ -28,6 +28,8 @@ struct Line<'a, T> {
     #[serde(skip_serializing_if = "Option::is_none")]
     of: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    job: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     scene: Option<&'a T>,
     #[serde(skip_serializing_if = "Option::is_none")]
     result: Option<&'a T>,
@@ -47,8 +49,9 @@ impl<'a, T: Serialize> Line<'a, T> {
         };
         Line {
             head: &item.head,
-            index: item.position.map(|(index, _)| index),
-            of: item.position.map(|(_, of)| of),
+            index: item.position.as_ref().map(|p| p.index),
+            of: item.position.as_ref().map(|p| p.of),
+            job: item.position.as_ref().map(|p| &*p.job),
             scene,
             result,
             error,
@@ -109,7 +112,12 @@ pub fn start(
         return Err(StartError::Interrupted);
     }
     for left in pool.left_out() {
-        eprintln!("cinecut-infer: GPU {} left out: {}", left.gpu, left.error);
+        // A UUID already says "GPU-…".
+        let gpu = match &left.gpu {
+            engine_core::GpuId::Index(i) => format!("GPU {i}"),
+            uuid => uuid.to_string(),
+        };
+        eprintln!("cinecut-infer: {gpu} left out: {}", left.error);
     }
     if several {
         let gpus: Vec<String> = pool.engines().iter().map(|e| e.gpu().to_string()).collect();

@@ -322,14 +322,19 @@ fn model_path(given: Option<PathBuf>, file: &str, flag: &str) -> Result<PathBuf,
     if let Some(path) = given {
         return Ok(path);
     }
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty());
     let (dir, why) = match std::env::var_os("CINECUT_MODELS_DIR").filter(|d| !d.is_empty()) {
         Some(dir) => (PathBuf::from(dir), "from CINECUT_MODELS_DIR"),
-        None => (
-            std::env::var_os("HOME")
-                .map_or_else(|| PathBuf::from("."), PathBuf::from)
-                .join("models"),
-            "~/models, as CINECUT_MODELS_DIR is not set",
-        ),
+        None => match home {
+            Some(home) => (
+                PathBuf::from(home).join("models"),
+                "~/models, as CINECUT_MODELS_DIR is unset or empty",
+            ),
+            None => (
+                PathBuf::from("models"),
+                "./models, as neither CINECUT_MODELS_DIR nor HOME is set",
+            ),
+        },
     };
     let path = dir.join(file);
     if path.is_file() {
@@ -472,7 +477,17 @@ fn run(args: RunArgs) -> ExitCode {
                 .iter()
                 .fold(prompt, |prompt, image| prompt.image(image))
         };
-        let items = records::collect(&args.inputs)?
+        let records = records::collect(&args.inputs)?;
+        if args.mmproj.is_none()
+            && let Some(record) = records.iter().find(|r| !r.images.is_empty())
+        {
+            return Err(format!(
+                "record {} has images, but the model runs text-only — give --mmproj (a vision \
+                 model), or drop the images",
+                record.id
+            ));
+        }
+        let items = records
             .into_iter()
             .map(|record| Item {
                 key: records::key(&record.id),
@@ -597,6 +612,7 @@ fn take_shard(items: Vec<Item>, out: &OutputArgs) -> Result<Vec<Item>, String> {
     };
     let total = items.len();
     let keys: Vec<String> = items.iter().map(Item::shard_key).collect();
+    let job: std::sync::Arc<str> = job_name(&keys).into();
     let mine: std::collections::HashSet<usize> = engine_core::shard::positions(&keys, shard)
         .into_iter()
         .collect();
@@ -605,7 +621,11 @@ fn take_shard(items: Vec<Item>, out: &OutputArgs) -> Result<Vec<Item>, String> {
         .enumerate()
         .filter(|(i, _)| mine.contains(i))
         .map(|(i, mut item)| {
-            item.position = Some((i, total));
+            item.position = Some(plan::Place {
+                index: i,
+                of: total,
+                job: job.clone(),
+            });
             item
         })
         .collect();
@@ -616,6 +636,19 @@ fn take_shard(items: Vec<Item>, out: &OutputArgs) -> Result<Vec<Item>, String> {
     Ok(items)
 }
 
+/// A name for the whole input of a sharded job: FNV-1a over its sorted keys, so every host of the
+/// job computes the same one whatever its listing order.
+fn job_name(keys: &[String]) -> String {
+    let mut sorted: Vec<&String> = keys.iter().collect();
+    sorted.sort();
+    let hash = sorted.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, key| {
+        key.bytes()
+            .chain(std::iter::once(b'\n'))
+            .fold(h, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    });
+    format!("{hash:016x}")
+}
+
 /// One configuration per GPU of `--gpus` (each on a free port), or just `config`; and whether a
 /// locked GPU is waited for (named GPUs) or left out (`all`).
 fn pool_configs(
@@ -624,7 +657,24 @@ fn pool_configs(
 ) -> Result<(Vec<EngineConfig>, WhenLocked), String> {
     let (ids, when_locked) = match gpus {
         None => return Ok((vec![config.clone()], WhenLocked::Wait)),
-        Some(GpuList::List(ids)) => (ids.clone(), WhenLocked::Wait),
+        Some(GpuList::List(ids)) => {
+            // A GPU named twice (0 and its UUID, say) would wait for its own lock.
+            let probe = config.vram_probe().map_err(|e| e.to_string())?;
+            let rows = probe.query().map_err(|e| e.to_string())?;
+            let mut seen: Vec<(u32, &GpuId)> = Vec::new();
+            for id in ids {
+                let index = engine_core::vram::select(&rows, id, &Visible::from_env(), 0)
+                    .map_err(|e| e.to_string())?
+                    .gpu;
+                if let Some((_, first)) = seen.iter().find(|(i, _)| *i == index) {
+                    return Err(format!(
+                        "--gpus names GPU {index} twice ({first} and {id}): name each GPU once"
+                    ));
+                }
+                seen.push((index, id));
+            }
+            (ids.clone(), WhenLocked::Wait)
+        }
         Some(GpuList::All) => {
             let probe = config.vram_probe().map_err(|e| e.to_string())?;
             let rows = probe.query().map_err(|e| e.to_string())?;

@@ -1,6 +1,6 @@
 //! `cinecut-infer merge OUT SHARD...`: the outputs of a sharded job as one JSONL in the original
-//! input order. Each line of a shard carries `index` (its position in the whole input) and `of` (the
-//! input's length); the merged lines drop both, and look like one unsharded run's.
+//! input order. Each line of a shard carries `index` (its position in the whole input), `of` (the
+//! input's length) and `job` (a name of the whole input); the merged lines drop them.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -30,6 +30,7 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<Merged, String> {
     let mut lines: BTreeMap<usize, Value> = BTreeMap::new();
     let mut merged = Merged::default();
     let mut total: Option<(usize, String)> = None;
+    let mut job: Option<(String, String)> = None;
     for shard in shards {
         if same_file(shard, out) {
             return Err(format!(
@@ -66,12 +67,25 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<Merged, String> {
                 }
                 Some(_) => {}
             }
+            let name = value["job"].as_str().unwrap_or_default().to_string();
+            match &job {
+                None => job = Some((name, at())),
+                Some((first, where_first)) if *first != name => {
+                    return Err(format!(
+                        "{} is from another input than {where_first} (job {name} against \
+                         {first}): these shards are not of one job",
+                        at()
+                    ));
+                }
+                Some(_) => {}
+            }
             if index >= of {
                 return Err(format!("{}: index {index} is not below of {of}", at()));
             }
             if let Some(map) = value.as_object_mut() {
-                map.remove("index");
-                map.remove("of");
+                for key in ["index", "of", "job"] {
+                    map.remove(key);
+                }
             }
             let ok = value.get("error").is_none();
             match lines.get(&index) {
@@ -146,16 +160,16 @@ mod tests {
             dir.path(),
             "a.jsonl",
             &[
-                json!({"id": "x2", "index": 2, "of": 5, "result": {}}),
-                json!({"id": "x0", "index": 0, "of": 5, "error": "boom"}),
+                json!({"id": "x2", "index": 2, "of": 5, "job": "j", "result": {}}),
+                json!({"id": "x0", "index": 0, "of": 5, "job": "j", "error": "boom"}),
             ],
         );
         let b = shard(
             dir.path(),
             "b.jsonl",
             &[
-                json!({"id": "x1", "index": 1, "of": 5, "result": {}}),
-                json!({"id": "x0", "index": 0, "of": 5, "result": {"retried": true}}),
+                json!({"id": "x1", "index": 1, "of": 5, "job": "j", "result": {}}),
+                json!({"id": "x0", "index": 0, "of": 5, "job": "j", "result": {"retried": true}}),
             ],
         );
         let out = dir.path().join("all.jsonl");
@@ -190,6 +204,22 @@ mod tests {
         let out = dir.path().join("out.jsonl");
         let err = merge(&out, &[a.clone(), b]).unwrap_err();
         assert!(err.contains("not of one job"), "{err}");
+        // The same length, another input.
+        let c = shard(
+            dir.path(),
+            "c2.jsonl",
+            &[json!({"id": 9, "index": 1, "of": 2, "job": "other", "result": {}})],
+        );
+        let a_job = shard(
+            dir.path(),
+            "a2.jsonl",
+            &[json!({"id": 1, "index": 0, "of": 2, "job": "mine", "result": {}})],
+        );
+        let err = merge(&out, &[a_job, c]).unwrap_err();
+        assert!(
+            err.contains("another input") && err.contains("not of one job"),
+            "{err}"
+        );
         let err = merge(&out, &[plain]).unwrap_err();
         assert!(
             err.contains("c.jsonl line 1") && err.contains("--shard"),

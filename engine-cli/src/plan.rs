@@ -42,8 +42,18 @@ pub struct Item {
     pub prompt: Result<Prompt, String>,
     /// The files it reads: never the output.
     pub files: Vec<PathBuf>,
-    /// Under `--shard`: its position in the whole input and the input's length (`index`, `of`).
-    pub position: Option<(usize, usize)>,
+    /// Under `--shard`: where it is in the whole input (`index`, `of`, `job`).
+    pub position: Option<Place>,
+}
+
+/// An item's place in a sharded job's whole input.
+#[derive(Debug, Clone)]
+pub struct Place {
+    pub index: usize,
+    pub of: usize,
+    /// Names the whole input (a hash of its sorted keys): every shard of one job has the same, so
+    /// `merge` can refuse shards of different inputs.
+    pub job: std::sync::Arc<str>,
 }
 
 impl Item {

@@ -135,10 +135,12 @@ pub(crate) fn not_freed(gpu: u32, free_mib: u64, min_mib: u64, waited: Duration)
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    /// Another holder (in this process or another) kept the lock past the timeout.
+    /// Another holder (in this process or another) kept the lock past the timeout (zero: a
+    /// try-lock that found it held).
     #[error(
-        "GPU {gpu} is still locked after {waited:?} by another engine or GPU job (lock file {path}) — \
-         wait for it to finish or use another GPU"
+        "GPU {gpu} is {} by another engine or GPU job (lock file {path}) — wait for it to finish or \
+         use another GPU",
+        held_for(.waited)
     )]
     Timeout {
         /// The GPU index.
@@ -401,6 +403,14 @@ impl InferenceError {
             },
             other => other,
         }
+    }
+}
+
+fn held_for(waited: &Duration) -> String {
+    if waited.is_zero() {
+        "locked".into()
+    } else {
+        format!("still locked after {waited:?}")
     }
 }
 

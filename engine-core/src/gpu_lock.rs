@@ -221,6 +221,35 @@ pub fn lock_holder(gpu: u32) -> Option<u32> {
     text.trim().parse().ok()
 }
 
+/// Whether GPU `gpu`'s lock is held now, by anyone, read from `/proc/locks` without taking it (a
+/// try-lock would itself hold the lock for a moment, and another process's try-lock could fail on
+/// it). A missing lock file is a free lock; `None` when `/proc/locks` cannot be read.
+pub fn is_locked(gpu: u32) -> Option<bool> {
+    let path = lock_file_path(gpu).ok()?;
+    let meta = match fs::symlink_metadata(&path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(false),
+        Err(_) => return None,
+    };
+    let locks = fs::read_to_string("/proc/locks").ok()?;
+    Some(locks_name(&locks, meta.dev(), meta.ino()))
+}
+
+/// Whether `/proc/locks` (`1: FLOCK  ADVISORY  WRITE 4242 00:2f:1234 0 EOF`: the device as hex
+/// major:minor, the inode in decimal) holds a flock on device `dev`, inode `ino`.
+fn locks_name(locks: &str, dev: u64, ino: u64) -> bool {
+    let wanted = format!(
+        "{:02x}:{:02x}:{ino}",
+        rustix::fs::major(dev),
+        rustix::fs::minor(dev)
+    );
+    locks.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // A blocked waiter's line starts "1: -> FLOCK": it does not hold the lock.
+        fields.get(1) == Some(&"FLOCK") && fields.get(5) == Some(&wanted.as_str())
+    })
+}
+
 /// `cinecut-gpu-<index>.lock` in the lock folder: the file every GPU user on the machine meets on.
 pub fn lock_file_path(gpu: u32) -> Result<PathBuf, LockError> {
     lock_dir().map(|dir| dir.join(format!("cinecut-gpu-{gpu}.lock")))
@@ -378,6 +407,20 @@ fn check_dir(dir: &Path) -> Result<(), LockError> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_locks_lines_name_the_file_they_hold() {
+        let dev = rustix::fs::makedev(0, 0x2f);
+        let locks = "1: FLOCK  ADVISORY  WRITE 4242 00:2f:1234 0 EOF\n\
+                     1: -> FLOCK  ADVISORY  WRITE 4343 00:2f:5678 0 EOF\n\
+                     2: POSIX  ADVISORY  WRITE 77 00:2f:9999 0 EOF\n";
+        assert!(locks_name(locks, dev, 1234));
+        assert!(!locks_name(locks, dev, 5678), "a waiter holds nothing");
+        assert!(!locks_name(locks, dev, 9999), "a POSIX lock is not a flock");
+        assert!(!locks_name(locks, rustix::fs::makedev(0, 0x30), 1234));
+    }
+
     /// The guard may be moved to (and dropped on) another thread, as the engine's users need.
     #[test]
     fn the_guard_is_send() {

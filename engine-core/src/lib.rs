@@ -84,7 +84,7 @@ pub mod typestate {
 ///
 /// From a shell: `flock /run/lock/cinecut-gpu-0.lock ffmpeg ...` waits while an engine holds GPU 0.
 pub mod lock {
-    pub use crate::gpu_lock::{lock_dir, lock_file_path, lock_holder};
+    pub use crate::gpu_lock::{is_locked, lock_dir, lock_file_path, lock_holder};
 }
 
 /// The workspace README's Rust examples, compiled as doc tests so they stay true.

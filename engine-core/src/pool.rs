@@ -11,11 +11,11 @@ use serde::de::DeserializeOwned;
 
 use crate::config::EngineConfig;
 use crate::engine::{Engine, Healthy, ShutdownReport};
-use crate::error::{EngineError, InferenceError, LockError};
+use crate::error::{ConfigError, EngineError, InferenceError, LockError};
 use crate::prompt::{Prompt, Subject};
 use crate::scene::{KeyframeRecord, SceneDescription};
 use crate::sync::lock;
-use crate::vram::GpuId;
+use crate::vram::{GpuId, Visible};
 
 /// What a pool does with a GPU whose lock another process holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,9 +109,35 @@ impl EnginePool {
         cancel: &AtomicBool,
         before_lock: &(dyn Fn(u32) + Sync),
     ) -> Result<EnginePool, PoolError> {
+        // One engine per GPU: a GPU named twice (by index and by UUID, say) would wait for its own
+        // lock for ever, so the second is left out.
+        let mut left_out = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut unique = Vec::new();
+        for config in configs {
+            let gpu = config.gpu().clone();
+            let index = config
+                .vram_probe()
+                .and_then(|probe| probe.read(config.gpu(), &Visible::from_env(), 0))
+                .map(|reading| reading.gpu);
+            match index {
+                Ok(index) if !seen.insert(index) => left_out.push(LeftOut {
+                    gpu,
+                    error: ConfigError(format!(
+                        "GPU {index} is already in this pool: name each GPU once"
+                    ))
+                    .into(),
+                }),
+                Ok(_) => unique.push(config),
+                Err(e) => left_out.push(LeftOut {
+                    gpu,
+                    error: e.into(),
+                }),
+            }
+        }
         let outcomes: Vec<(GpuId, Result<Engine<Healthy>, EngineError>)> =
             std::thread::scope(|scope| {
-                let starts: Vec<_> = configs
+                let starts: Vec<_> = unique
                     .into_iter()
                     .map(|config| {
                         let gpu = config.gpu().clone();
@@ -125,7 +151,6 @@ impl EnginePool {
                     .collect()
             });
         let mut engines = Vec::new();
-        let mut left_out = Vec::new();
         for (gpu, outcome) in outcomes {
             match outcome {
                 Ok(engine) => engines.push(engine),

@@ -63,14 +63,24 @@ pub fn choose(
         let count = env("SLURM_ARRAY_TASK_COUNT")
             .ok_or("SLURM_ARRAY_TASK_ID is set but not SLURM_ARRAY_TASK_COUNT: pass --shard I/N")?;
         let first = env("SLURM_ARRAY_TASK_MIN").unwrap_or_else(|| "0".into());
-        let (id, first) = (
+        let step = env("SLURM_ARRAY_TASK_STEP").unwrap_or_else(|| "1".into());
+        let (id, first, step) = (
             number("SLURM_ARRAY_TASK_ID", &id)?,
             number("SLURM_ARRAY_TASK_MIN", &first)?,
+            number("SLURM_ARRAY_TASK_STEP", &step)?.max(1),
         );
+        // --array=0-8:2 runs ids 0, 2, 4, 6, 8: shards 0 to 4.
+        let offset = id.checked_sub(first).ok_or(format!(
+            "SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {first}"
+        ))?;
+        if offset % step != 0 {
+            return Err(format!(
+                "SLURM_ARRAY_TASK_ID {id} is not on the array's step {step} from {first}: \
+                 pass --shard I/N"
+            ));
+        }
         Shard {
-            index: id.checked_sub(first).ok_or(format!(
-                "SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {first}"
-            ))?,
+            index: offset / step,
             count: number("SLURM_ARRAY_TASK_COUNT", &count)?,
         }
     } else if shards.is_some() {
@@ -81,7 +91,10 @@ pub fn choose(
     } else {
         return Ok(None);
     };
-    if shard.count == 0 || shard.index >= shard.count {
+    if shard.count == 0 {
+        return Err(format!("shard {shard}: the count must be at least 1"));
+    }
+    if shard.index >= shard.count {
         return Err(format!(
             "shard {shard}: the index must be below the count (from 0 to {})",
             shard.count.saturating_sub(1)
@@ -148,6 +161,16 @@ mod tests {
             choose(None, None, &slurm),
             Ok(Some(Shard { index: 2, count: 4 }))
         );
+        // --array=0-4:2: ids 0, 2, 4 are shards 0, 1, 2 of 3.
+        let stepped = env(&[
+            ("SLURM_ARRAY_TASK_ID", "4"),
+            ("SLURM_ARRAY_TASK_COUNT", "3"),
+            ("SLURM_ARRAY_TASK_STEP", "2"),
+        ]);
+        assert_eq!(
+            choose(None, None, &stepped),
+            Ok(Some(Shard { index: 2, count: 3 }))
+        );
         // The flag wins over the environment.
         assert_eq!(
             choose(Some("0/2"), None, &slurm),
@@ -160,7 +183,7 @@ mod tests {
         let none = env(&[]);
         for (flag, shards, needle) in [
             (Some("4/4"), None, "below the count"),
-            (Some("1/0"), None, "below the count"),
+            (Some("1/0"), None, "at least 1"),
             (Some("x/2"), None, "whole number"),
             (Some("1"), None, "expected I/N"),
             (Some("1/4"), Some(3), "disagrees"),

@@ -192,17 +192,33 @@ impl GpuLock {
 
     /// Takes the lock: waits (`blocking`, at most `timeout` seconds unless it is -1) or tries once.
     /// True when taken.
-    #[pyo3(signature = (blocking = true, timeout = -1.0))]
-    fn acquire(&self, py: Python<'_>, blocking: bool, timeout: f64) -> PyResult<bool> {
+    #[pyo3(signature = (blocking = None, timeout = -1.0))]
+    fn acquire(
+        &self,
+        py: Python<'_>,
+        blocking: Option<&Bound<'_, PyAny>>,
+        timeout: f64,
+    ) -> PyResult<bool> {
+        // As threading.Lock: any truth value (blocking unless told); a timeout only for a
+        // blocking call.
+        let blocking = blocking.map_or(Ok(true), |b| b.is_truthy())?;
+        if !blocking && timeout != -1.0 {
+            return Err(PyValueError::new_err(
+                "can't specify a timeout for a non-blocking call",
+            ));
+        }
+        if blocking && (timeout.is_nan() || (timeout < 0.0 && timeout != -1.0)) {
+            return Err(PyValueError::new_err(
+                "timeout value must be a non-negative number, or -1 to wait forever",
+            ));
+        }
         let gpu = self.gpu;
-        let taken = if !blocking {
-            try_now(gpu)?
+        // Free now: taken at once, whatever the timeout (0 included).
+        let taken = if let Some(guard) = try_now(gpu)? {
+            Some(guard)
+        } else if !blocking || timeout == 0.0 {
+            None
         } else {
-            if timeout < 0.0 && timeout != -1.0 {
-                return Err(PyValueError::new_err(
-                    "timeout value must be a non-negative number, or -1 to wait forever",
-                ));
-            }
             let deadline = (timeout >= 0.0)
                 .then(|| Instant::now() + Duration::from_secs_f64(timeout.min(1e9)));
             let cancel = Arc::new(AtomicBool::new(false));
@@ -233,7 +249,8 @@ impl GpuLock {
         }
     }
 
-    /// Whether anyone (this object, another engine, another process) holds the GPU's lock.
+    /// Whether anyone (this object, another engine, another process) holds the GPU's lock: read
+    /// from `/proc/locks`, never by taking it (which would make someone else's try fail).
     fn locked(&self) -> PyResult<bool> {
         if self
             .guard
@@ -243,7 +260,10 @@ impl GpuLock {
         {
             return Ok(true);
         }
-        Ok(try_now(self.gpu)?.is_none())
+        match engine_core::lock::is_locked(self.gpu) {
+            Some(locked) => Ok(locked),
+            None => Ok(try_now(self.gpu)?.is_none()),
+        }
     }
 }
 
@@ -277,13 +297,28 @@ macro_rules! option {
     };
 }
 
+/// The longest duration an option takes (a year): more is surely a mistake.
+const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// `value` seconds as a duration: positive (or zero, where `zero_ok`), finite, at most a year.
+fn duration(value: f64, name: &str, zero_ok: bool) -> PyResult<Duration> {
+    let ok =
+        value.is_finite() && value <= MAX_SECONDS && (value > 0.0 || (zero_ok && value == 0.0));
+    if !ok {
+        let what = if zero_ok {
+            "zero or more"
+        } else {
+            "more than zero"
+        };
+        return Err(PyValueError::new_err(format!(
+            "{name} is {value}: it must be a number of seconds, {what} and at most a year"
+        )));
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
 fn seconds(value: f64, name: &str) -> PyResult<Duration> {
-    Duration::try_from_secs_f64(value)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| {
-            PyValueError::new_err(format!("{name} must be a positive number of seconds"))
-        })
+    duration(value, name, false)
 }
 
 const OPTIONS: [&str; 16] = [
@@ -356,10 +391,10 @@ fn configure(
         builder = builder.startup_timeout(seconds(v, "startup_timeout_s")?);
     }
     if let Some(v) = option!(options, "stop_grace_s", f64) {
-        builder = builder.stop_grace(Duration::from_secs_f64(v.max(0.0)));
+        builder = builder.stop_grace(duration(v, "stop_grace_s", true)?);
     }
     if let Some(v) = option!(options, "vram_recovery_timeout_s", f64) {
-        builder = builder.vram_recovery_timeout(Duration::from_secs_f64(v.max(0.0)));
+        builder = builder.vram_recovery_timeout(duration(v, "vram_recovery_timeout_s", true)?);
     }
     if let Some(v) = option!(options, "server_bin", PathBuf) {
         builder = builder.server_bin(v);
@@ -399,7 +434,9 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .ok_or_else(|| InferenceError::new_err("the engine is not running: start it first"))
+            .ok_or_else(|| {
+                PyRuntimeError::new_err("the engine is not running: use it inside its `with` block")
+            })
     }
 }
 
@@ -645,6 +682,17 @@ impl Engine {
         timeout_s: f64,
     ) -> PyResult<String> {
         let engine = self.healthy()?;
+        // Bad arguments are the caller's mistake, not a failed answer.
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(PyValueError::new_err(format!(
+                "temperature is {temperature}: it must be between 0 and 2"
+            )));
+        }
+        if max_tokens == 0 {
+            return Err(PyValueError::new_err(
+                "max_tokens is 0: it must be at least 1",
+            ));
+        }
         let value: serde_json::Value = serde_json::from_str(schema_json)
             .map_err(|e| PyValueError::new_err(format!("the schema is not JSON: {e}")))?;
         let schema =

@@ -246,8 +246,8 @@ def test_ctrl_c_during_a_slow_start_raises_keyboard_interrupt_at_once(scene, mon
 def test_ctrl_c_while_waiting_for_the_lock(scene):
     script = r"""
 import sys, cinecut_engine
-print("ready", flush=True)
 try:
+    print("ready", flush=True)
     cinecut_engine.GPU_LOCK.acquire()
 except KeyboardInterrupt:
     print("interrupted", flush=True)
@@ -294,3 +294,51 @@ print("exited", time.monotonic(), flush=True)
     for pid in scene.spawned_pids():
         wait_gone(pid)
     assert not GPU_LOCK.locked()
+
+
+def test_gpu_lock_behaves_as_threading_lock_and_locked_never_takes_it(scene):
+    lock = cinecut_engine.gpu_lock(5)
+    assert lock.acquire(timeout=0) is True  # free: taken at once, as threading.Lock
+    assert lock.locked()
+    assert lock.acquire(blocking=0) is False  # any truth value
+    lock.release()
+    with pytest.raises(RuntimeError):
+        lock.release()
+    with pytest.raises(ValueError, match="non-blocking"):
+        lock.acquire(False, timeout=1)
+    # locked() reads the lock's state without taking it: another process's try never fails on it.
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            lock.locked()
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    path = scene.root / "locks" / "cinecut-gpu-5.lock"
+    try:
+        for _ in range(100):
+            assert subprocess.run(["flock", "-n", str(path), "true"]).returncode == 0
+    finally:
+        stop.set()
+        poller.join()
+
+
+def test_misuse_and_bad_values_raise_instead_of_passing_as_failures(scene):
+    with pytest.raises(ValueError, match="stop_grace_s"):
+        LlavaEngine(scene.model, scene.mmproj, stop_grace_s=float("inf"))
+    with pytest.raises(ValueError, match="vram_recovery_timeout_s"):
+        LlavaEngine(scene.model, scene.mmproj, vram_recovery_timeout_s=float("nan"))
+    with pytest.raises(ValueError, match="unknown option"):
+        LlavaEngine(scene.model, scene.mmproj, slot=2)
+    engine = LlavaEngine(scene.model, scene.mmproj, port=0)
+    record = scene.frame("a.png")
+    with pytest.raises(RuntimeError, match="not running"):
+        engine.describe_frame(record)
+    with TextEngine(scene.model, port=0) as text:
+        with pytest.raises(ValueError, match="temperature"):
+            text.complete({"type": "object"}, "x", temperature=9)
+    for bad in [{"visual_content": "a", "mood": float("nan"), "action": "c", "setting": "d"},
+                {"visual_content": "a", "mood": "\ud800", "action": "c", "setting": "d"}]:
+        with pytest.raises(cinecut_engine.SceneValidationError, match="mood|JSON"):
+            validate_scene_description(bad)

@@ -88,7 +88,7 @@ fn records_are_answered_in_order_with_their_ids_and_sources() {
 }
 
 #[test]
-fn an_image_for_the_text_model_is_an_error_line_and_the_rest_are_answered() {
+fn images_for_a_text_model_are_refused_before_any_server() {
     let h = Harness::new();
     h.jpeg("kf/a.jpg", 16, 16, [1, 2, 3]);
     let input = records(
@@ -100,11 +100,13 @@ fn an_image_for_the_text_model_is_an_error_line_and_the_rest_are_answered() {
         ],
     );
     let out = run(&h, &[], &[], &[&input]);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let lines = stdout_lines(&out);
-    assert!(lines[0]["result"].is_object());
-    let error = lines[1]["error"].as_str().unwrap();
-    assert!(error.contains("text-only model"), "{error}");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("record 2 has images, but the model runs text-only"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(h.spawned_pids().is_empty(), "no server was started");
     h.assert_clean();
 }
 

@@ -49,6 +49,11 @@ fn gpus_share_the_frames_and_lines_stay_in_input_order() {
         "{}",
         stderr(&out)
     );
+    // A GPU named twice (by index and by UUID) would wait for its own lock: refused up front.
+    let twice = format!("{},{}", h.gpu, tests::shim_uuid(h.gpu));
+    let out = pool_command(&h, &twice).arg(&dir).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("twice"), "{}", stderr(&out));
     let out = pool_command(&h, &gpus).arg(&dir).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let written = lines(&String::from_utf8_lossy(&out.stdout));
@@ -106,7 +111,11 @@ fn gpus_all_leaves_out_a_locked_gpu_and_a_dying_server_hands_over_its_frames() {
     assert!(out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
-        err.contains(&format!("GPU {} left out", tests::shim_uuid(other.gpu))),
+        err.contains(&format!(
+            "{} left out: GPU {} is locked by",
+            tests::shim_uuid(other.gpu),
+            other.gpu
+        )),
         "{err}"
     );
     assert_eq!(lines(&String::from_utf8_lossy(&out.stdout)).len(), 12);

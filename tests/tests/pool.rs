@@ -259,3 +259,53 @@ fn cancelling_a_wait_for_a_locked_gpu_releases_everything() {
     drop(holder);
     two.assert_clean();
 }
+
+#[test]
+fn a_gpu_named_twice_is_left_out_instead_of_waiting_for_itself() {
+    let two = TwoGpus::new();
+    let configs = vec![
+        two.h.config().build().unwrap(),
+        two.h
+            .config()
+            .gpu(engine_core::GpuId::Uuid(tests::shim_uuid(two.h.gpu)))
+            .build()
+            .unwrap(),
+    ];
+    let pool = launch(configs, WhenLocked::Wait);
+    assert_eq!(pool.engines().len(), 1);
+    assert!(
+        pool.left_out()[0]
+            .error
+            .to_string()
+            .contains("already in this pool"),
+        "{:?}",
+        pool.left_out()
+    );
+    drop(pool);
+    two.assert_clean();
+}
+
+#[test]
+fn is_locked_reads_the_lock_without_taking_it() {
+    let two = TwoGpus::new();
+    let gpu = two.other.gpu;
+    assert_eq!(engine_core::lock::is_locked(gpu), Some(false));
+    let guard = engine_core::gpu_lock(gpu).unwrap();
+    assert_eq!(engine_core::lock::is_locked(gpu), Some(true));
+    drop(guard);
+    // While it is asked about in a loop, a try-lock never fails on a free lock.
+    let asking = AtomicBool::new(true);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while asking.load(std::sync::atomic::Ordering::Acquire) {
+                assert_eq!(engine_core::lock::is_locked(gpu), Some(false));
+            }
+        });
+        for _ in 0..200 {
+            let taken = engine_core::try_gpu_lock_for(gpu, std::time::Duration::ZERO);
+            assert!(taken.is_ok(), "{taken:?}");
+            drop(taken);
+        }
+        asking.store(false, std::sync::atomic::Ordering::Release);
+    });
+}

@@ -87,11 +87,17 @@ def validate_scene_description(data: dict) -> SceneDescription:
     Raises SceneValidationError (a ValueError) naming every field that is missing, of the wrong
     type, or not in the schema.
     """
+    if not isinstance(data, dict):
+        raise SceneValidationError(f"not a SceneDescription: a dict is needed, not {type(data).__name__}")
+    # What a Python value can get wrong before it is JSON (NaN, a lone surrogate, a set), by field.
+    early = [f"/{name}: {data[name]!r} is not a string" for name in _FIELDS
+             if name in data and not isinstance(data[name], str)]
+    if early:
+        raise SceneValidationError("not a SceneDescription: " + "; ".join(early))
     try:
-        text = json.dumps(data)
+        violations = _engine.scene_violations(json.dumps(data, allow_nan=False))
     except (TypeError, ValueError) as e:
         raise SceneValidationError(f"not a SceneDescription: not JSON ({e})") from None
-    violations = _engine.scene_violations(text)
     if violations:
         raise SceneValidationError("not a SceneDescription: " + "; ".join(violations))
     return SceneDescription(**{name: data[name] for name in _FIELDS})
@@ -271,7 +277,8 @@ class LlavaEngine(_Server):
         return _scene(self._engine.describe(str(record.frame_path), timeout_s))
 
     def describe_frame(self, record: KeyframeLike, timeout_s: float = 60.0) -> Optional[SceneDescription]:
-        """Describes one keyframe; None when it cannot (the reason goes to ``logging``)."""
+        """Describes one keyframe; None when it cannot (the reason goes to ``logging``). Use outside
+        the ``with`` block raises RuntimeError."""
         try:
             return self.describe(record, timeout_s)
         except InferenceError as e:
@@ -317,9 +324,10 @@ class TextEngine(_Server):
         max_tokens: int = 128,
         temperature: float = 0.1,
         timeout_s: float = 60.0,
-    ) -> Optional[dict]:
-        """The model's answer to ``text`` under ``schema``, validated; None when there is none
-        (the reason goes to ``logging``)."""
+    ) -> Optional[Any]:
+        """The model's answer to ``text`` under ``schema``, validated (a dict for an object schema);
+        None when there is none (the reason goes to ``logging``). Bad arguments raise ValueError;
+        use outside the ``with`` block raises RuntimeError."""
         try:
             answer = self._engine.complete(
                 json.dumps(schema), text, system, max_tokens, temperature, [], timeout_s
