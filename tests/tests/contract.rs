@@ -59,18 +59,44 @@ fn free_port() -> u16 {
 
 const KEY: &str = "contract-key";
 
+/// A server run by hand: killed and reaped when dropped, so a failing assertion (a panic) leaves no
+/// server behind.
+struct Spawned(Child);
+
+impl std::ops::Deref for Spawned {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// The server run by hand (not by the engine), with our key, on `port`.
-fn spawn(t: &Target, port: u16, extra: &[&str]) -> Child {
+fn spawn(t: &Target, port: u16, extra: &[&str]) -> Spawned {
     let mmproj = ["--mmproj".as_ref(), t.mmproj.as_os_str()];
     spawn_with(t, port, &mmproj, extra)
 }
 
 /// As [`spawn`], text-only: the model without its projector.
-fn spawn_text(t: &Target, port: u16) -> Child {
+fn spawn_text(t: &Target, port: u16) -> Spawned {
     spawn_with(t, port, &[], &[])
 }
 
-fn spawn_with(t: &Target, port: u16, mmproj: &[&std::ffi::OsStr], extra: &[&str]) -> Child {
+fn spawn_with(t: &Target, port: u16, mmproj: &[&std::ffi::OsStr], extra: &[&str]) -> Spawned {
     let mut cmd = Command::new(&t.server);
     cmd.arg("-m")
         .arg(&t.model)
@@ -90,7 +116,7 @@ fn spawn_with(t: &Target, port: u16, mmproj: &[&std::ffi::OsStr], extra: &[&str]
         .env("FAKE_LLAMA_LOAD_MS", "300")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    cmd.spawn().unwrap()
+    Spawned(cmd.spawn().unwrap())
 }
 
 fn wait_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
@@ -106,7 +132,7 @@ fn wait_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
-fn stop(mut child: Child) -> ExitStatus {
+fn stop(mut child: Spawned) -> ExitStatus {
     let pid = rustix::process::Pid::from_child(&child);
     let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
     wait_exit(&mut child, Duration::from_secs(10)).unwrap_or_else(|| {
