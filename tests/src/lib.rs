@@ -16,40 +16,71 @@ pub const SHIM_GPUS: u32 = 200;
 
 static NEXT_GPU: AtomicU32 = AtomicU32::new(1);
 
-fn build(package: &str) -> PathBuf {
-    let run = escargot::CargoBuild::new()
-        .package(package)
-        .bin(package)
-        .current_release()
-        .run()
-        .unwrap_or_else(|e| panic!("building {package} failed: {e}"));
-    run.path().to_path_buf()
+/// The workspace's three binaries, built once per test process by one nested cargo build.
+struct Binaries {
+    fake_server: PathBuf,
+    nvsmi_shim: PathBuf,
+    cinecut_infer: PathBuf,
+}
+
+/// Builds the binaries with the same target selection as the command that built the tests, so cargo
+/// finds every dependency already compiled: a `cargo build -p engine-cli` of its own would resolve
+/// other features (no dev-dependencies) and compile a second copy of the dependency tree, which
+/// cost CI minutes and gigabytes of disk. A test build is `--all-targets` (what `cargo xtask ci`
+/// and `cargo test --workspace` build); a release build (the benchmark) only needs the bins.
+fn binaries() -> &'static Binaries {
+    static BINARIES: OnceLock<Binaries> = OnceLock::new();
+    BINARIES.get_or_init(|| {
+        let targets = if cfg!(debug_assertions) {
+            "--all-targets"
+        } else {
+            "--bins"
+        };
+        let messages = escargot::CargoBuild::new()
+            .arg("--workspace")
+            .arg(targets)
+            .current_release()
+            .exec()
+            .unwrap_or_else(|e| panic!("building the workspace's binaries failed: {e}"));
+        let mut executables = std::collections::HashMap::new();
+        for message in messages {
+            let message = message.unwrap_or_else(|e| panic!("cargo build failed: {e}"));
+            let decoded = message
+                .decode()
+                .unwrap_or_else(|e| panic!("reading cargo's output failed: {e}"));
+            if let escargot::format::Message::CompilerArtifact(artifact) = decoded
+                && artifact.target.kind.iter().any(|kind| kind == "bin")
+                && let Some(path) = artifact.executable
+            {
+                executables.insert(artifact.target.name.to_string(), path.into_owned());
+            }
+        }
+        let mut take = |name: &str| {
+            executables
+                .remove(name)
+                .unwrap_or_else(|| panic!("cargo built no `{name}` binary"))
+        };
+        Binaries {
+            fake_server: take("fake-llama-server"),
+            nvsmi_shim: take("nvsmi-shim"),
+            cinecut_infer: take("cinecut-infer"),
+        }
+    })
 }
 
 /// The fake llama-server binary (built on first use).
 pub fn fake_server() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| build("fake-llama-server"))
+    &binaries().fake_server
 }
 
 /// The nvidia-smi shim binary (built on first use).
 pub fn nvsmi_shim() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| build("nvsmi-shim"))
+    &binaries().nvsmi_shim
 }
 
 /// The `cinecut-infer` CLI binary (built on first use).
 pub fn cinecut_infer() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let run = escargot::CargoBuild::new()
-            .package("engine-cli")
-            .bin("cinecut-infer")
-            .current_release()
-            .run()
-            .unwrap_or_else(|e| panic!("building cinecut-infer failed: {e}"));
-        run.path().to_path_buf()
-    })
+    &binaries().cinecut_infer
 }
 
 /// Writes a GGUF (version 3) file of string metadata keys and no tensors: all the engine's model

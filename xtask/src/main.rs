@@ -127,6 +127,7 @@ fn ci() -> ExitCode {
     sh.set_var("CINECUT_LOCK_DIR", target_dir().join("test-locks"));
     let mut steps = Steps::new();
     forget_unpacked_own_crates();
+    let package_check = fresh_dir(&target_dir().join("package-check"));
     let commands = [
         ("fmt", cmd!(sh, "{cargo} fmt --all -- --check")),
         (
@@ -146,10 +147,7 @@ fn ci() -> ExitCode {
                 sh,
                 "{cargo} package -p engine-core -p engine-cli --allow-dirty"
             )
-            .env(
-                "CARGO_TARGET_DIR",
-                fresh_dir(&target_dir().join("package-check")),
-            ),
+            .env("CARGO_TARGET_DIR", &package_check),
         ),
         ("test", cmd!(sh, "{cargo} test --workspace")),
         (
@@ -164,9 +162,15 @@ fn ci() -> ExitCode {
             cmd!(sh, "{cargo} doc --workspace --no-deps").env("RUSTDOCFLAGS", "-D warnings"),
         ),
     ];
-    let ok = commands
-        .into_iter()
-        .all(|(name, command)| steps.cmd(name, command));
+    let ok = commands.into_iter().all(|(name, command)| {
+        let ok = steps.cmd(name, command);
+        if name == "package" {
+            // A second dependency tree (a gigabyte) that nothing after this step reads: a fresh CI
+            // machine's disk is not always large enough to keep it.
+            let _ = std::fs::remove_dir_all(&package_check);
+        }
+        ok
+    });
     let ok = ok
         && python::environment(&mut steps, &sh)
             .is_some_and(|python| python::test(&mut steps, &sh, &python, "debug"));
