@@ -50,6 +50,8 @@ fn binaries() -> &'static Binaries {
                 .unwrap_or_else(|e| panic!("reading cargo's output failed: {e}"));
             if let escargot::format::Message::CompilerArtifact(artifact) = decoded
                 && artifact.target.kind.iter().any(|kind| kind == "bin")
+                // Not the bin's own unit-test harness, which `--all-targets` builds too.
+                && !artifact.profile.test
                 && let Some(path) = artifact.executable
             {
                 executables.insert(artifact.target.name.to_string(), path.into_owned());
