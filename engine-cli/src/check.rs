@@ -3,15 +3,12 @@
 use std::process::ExitCode;
 
 use engine_core::GpuId;
-use engine_core::vram::{NvidiaSmi, ProbeChoice, Visible, VramProbe, select};
+use engine_core::vram::{ProbeChoice, Visible, VramProbe, select};
 
 use crate::summary::EXIT_FRAMES_FAILED;
 
 pub fn check(gpu: &GpuId, min_mib: u64, choice: ProbeChoice) -> ExitCode {
-    let named = std::env::var_os("NVIDIA_SMI").is_some_and(|v| !v.is_empty());
-    let rows = match VramProbe::choose(choice, NvidiaSmi::from_env(), named)
-        .and_then(|probe| probe.query())
-    {
+    let rows = match VramProbe::from_env(choice).and_then(|probe| probe.query()) {
         Ok(rows) => rows,
         Err(e) => {
             eprintln!("cinecut-infer: cannot read VRAM: {e}");

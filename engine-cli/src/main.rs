@@ -266,7 +266,7 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 }
 
 /// The longest duration a flag takes (a year): more is surely a typo, and would overflow a clock.
-const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+const MAX_SECONDS: f64 = engine_core::MAX_DURATION.as_secs_f64();
 
 fn seconds(value: f64, flag: &str) -> Result<Duration, String> {
     if !(value > 0.0 && value <= MAX_SECONDS) {

@@ -32,7 +32,7 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<Merged, String> {
     let mut total: Option<(usize, String)> = None;
     let mut job: Option<(String, String)> = None;
     for shard in shards {
-        if same_file(shard, out) {
+        if crate::plan::same_file(shard, out) {
             return Err(format!(
                 "the output {} is one of the shards: choose another file",
                 out.display()
@@ -110,14 +110,6 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<Merged, String> {
     merged.written = lines.len();
     write_atomically(out, lines.values())?;
     Ok(merged)
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
-        _ => false,
-    }
 }
 
 fn write_atomically<'a>(out: &Path, lines: impl Iterator<Item = &'a Value>) -> Result<(), String> {

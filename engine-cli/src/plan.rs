@@ -129,20 +129,22 @@ fn refuse_input_as_output<'a>(
     output: &Path,
     inputs: impl Iterator<Item = &'a PathBuf>,
 ) -> Result<(), String> {
-    let Ok(out) = std::fs::metadata(output) else {
-        return Ok(()); // A new file cannot be an input.
-    };
-    let id = (out.dev(), out.ino());
-    let named = inputs
-        .into_iter()
-        .find(|p| std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == id));
-    match named {
+    match inputs.into_iter().find(|input| same_file(input, output)) {
         Some(input) => Err(format!(
             "--output {} is the input {}: writing it would destroy it — choose another output file",
             output.display(),
             input.display()
         )),
         None => Ok(()),
+    }
+}
+
+/// Whether two paths name one file (the same device and inode: links and `..` included); a path
+/// that does not exist names no file.
+pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
     }
 }
 

@@ -142,8 +142,7 @@ impl EngineConfig {
     /// The VRAM probe: NVML or [`EngineConfig::nvidia_smi`], as [`EngineConfig::vram_probe_choice`]
     /// says (under `Auto`, a configured program or `$NVIDIA_SMI` means nvidia-smi).
     pub fn vram_probe(&self) -> Result<VramProbe, crate::VramError> {
-        let named = self.nvidia_smi.is_some()
-            || std::env::var_os("NVIDIA_SMI").is_some_and(|v| !v.is_empty());
+        let named = self.nvidia_smi.is_some() || crate::vram::named_nvidia_smi().is_some();
         VramProbe::choose(self.vram_probe, self.nvidia_smi(), named)
     }
     /// Minimum free VRAM in MiB for the checks to pass.
@@ -276,8 +275,9 @@ impl EngineConfig {
     }
 }
 
-/// The longest duration a setting takes: anything longer is a typo, and would overflow `Instant`.
-const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The longest duration a setting takes (a year): anything longer is a typo, and would overflow
+/// `Instant`. The CLI and the Python package hold their options to it too.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl EngineConfigBuilder {
     /// Sets the language model GGUF.

@@ -105,15 +105,7 @@ impl DescribeOptions {
     }
 
     pub(crate) fn validate(&self) -> Result<(), String> {
-        if !(0.0..=2.0).contains(&self.temperature) {
-            return Err(format!(
-                "temperature is {}: it must be between 0 and 2",
-                self.temperature
-            ));
-        }
-        if self.max_tokens == 0 {
-            return Err("max_tokens is 0: it must be at least 1".into());
-        }
+        crate::prompt::check_sampling(self.temperature, self.max_tokens)?;
         if self.request_timeout.is_zero() {
             return Err("request_timeout is zero: it must be more than zero".into());
         }
@@ -168,15 +160,10 @@ mod http_tests;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request::tests::response;
     use crate::scene::SCENE_DESCRIPTION_SCHEMA;
     use proptest::prelude::*;
     use serde_json::{Value, json};
-
-    fn response(content: &str, finish: &str) -> String {
-        json!({"choices": [{"index": 0, "finish_reason": finish,
-            "message": {"role": "assistant", "content": content}}]})
-        .to_string()
-    }
 
     const VALID: &str = r#"{"visual_content":"a","mood":"b","action":"c","setting":"d"}"#;
 

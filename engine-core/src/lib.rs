@@ -45,7 +45,7 @@ mod sync;
 mod text;
 pub mod vram;
 
-pub use config::{DEFAULT_PORT, EngineConfig, EngineConfigBuilder};
+pub use config::{DEFAULT_PORT, EngineConfig, EngineConfigBuilder, MAX_DURATION};
 pub use describe::DescribeOptions;
 pub use engine::{Engine, ShutdownReport};
 pub use error::{ConfigError, EngineError, InferenceError, LockError, VramError};

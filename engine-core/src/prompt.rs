@@ -94,20 +94,26 @@ impl Prompt {
 
     /// Checks the sampling values; the message names the value and its range.
     pub(crate) fn check(&self) -> Result<(), String> {
-        if !(0.0..=2.0).contains(&self.temperature) {
-            return Err(format!(
-                "temperature is {}: it must be between 0 and 2",
-                self.temperature
-            ));
-        }
-        if self.max_tokens == 0 {
-            return Err("max_tokens is 0: it must be at least 1".into());
-        }
+        check_sampling(self.temperature, self.max_tokens)?;
         if self.text.is_empty() && self.images.is_empty() {
             return Err("the prompt has neither text nor images: give at least one".into());
         }
         Ok(())
     }
+}
+
+/// The sampling settings every request shares: a temperature llama-server accepts and room for an
+/// answer (a request and `describe`'s options are checked alike).
+pub(crate) fn check_sampling(temperature: f32, max_tokens: u32) -> Result<(), String> {
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(format!(
+            "temperature is {temperature}: it must be between 0 and 2"
+        ));
+    }
+    if max_tokens == 0 {
+        return Err("max_tokens is 0: it must be at least 1".into());
+    }
+    Ok(())
 }
 
 /// What a request error is about: a keyframe (by its path) or a request (by its id or text).

@@ -338,11 +338,12 @@ pub(crate) fn complete<T: DeserializeOwned>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::scene::scene_schema;
 
-    fn response(content: &str, finish: &str) -> String {
+    /// A chat completion's body with one choice (the describe tests share it).
+    pub(crate) fn response(content: &str, finish: &str) -> String {
         json!({"choices": [{"index": 0, "finish_reason": finish,
             "message": {"role": "assistant", "content": content}}]})
         .to_string()

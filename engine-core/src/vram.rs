@@ -131,9 +131,7 @@ impl NvidiaSmi {
 
     /// `$NVIDIA_SMI` if set, else `nvidia-smi` on PATH, with the seed's 10 s timeout.
     pub fn from_env() -> Self {
-        let program = std::env::var_os("NVIDIA_SMI")
-            .filter(|v| !v.is_empty())
-            .map_or_else(|| PathBuf::from("nvidia-smi"), PathBuf::from);
+        let program = named_nvidia_smi().unwrap_or_else(|| "nvidia-smi".into());
         NvidiaSmi::new(program, Self::DEFAULT_TIMEOUT)
     }
 
@@ -194,17 +192,6 @@ impl NvidiaSmi {
         }
         parse_rows(&stdout.text())
     }
-
-    /// One query, and [`select`] over its rows: GPU `gpu` among the `visible` ones, with at least
-    /// `min_mib` free.
-    pub fn read(
-        &self,
-        gpu: &GpuId,
-        visible: &Visible,
-        min_mib: u64,
-    ) -> Result<VramReading, VramError> {
-        select(&self.query()?, gpu, visible, min_mib)
-    }
 }
 
 /// Which VRAM probe to use (`--vram-probe`, [`crate::EngineConfigBuilder::vram_probe`]).
@@ -239,8 +226,8 @@ impl FromStr for ProbeChoice {
 /// nvidia-smi program (about 25 ms a query: a process start). Both give the same rows.
 ///
 /// ```no_run
-/// use engine_core::vram::{NvidiaSmi, ProbeChoice, VramProbe};
-/// let probe = VramProbe::choose(ProbeChoice::Auto, NvidiaSmi::from_env(), false)?;
+/// use engine_core::vram::{ProbeChoice, VramProbe};
+/// let probe = VramProbe::from_env(ProbeChoice::Auto)?;
 /// println!("{} sees {} GPU(s)", probe.name(), probe.query()?.len());
 /// # Ok::<(), engine_core::VramError>(())
 /// ```
@@ -258,7 +245,20 @@ impl From<NvidiaSmi> for VramProbe {
     }
 }
 
+/// The nvidia-smi that `$NVIDIA_SMI` names, if it names one.
+pub(crate) fn named_nvidia_smi() -> Option<PathBuf> {
+    std::env::var_os("NVIDIA_SMI")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
 impl VramProbe {
+    /// The probe for `choice` from the environment alone: [`NvidiaSmi::from_env`], which `Auto`
+    /// prefers to NVML when `$NVIDIA_SMI` names it.
+    pub fn from_env(choice: ProbeChoice) -> Result<VramProbe, VramError> {
+        VramProbe::choose(choice, NvidiaSmi::from_env(), named_nvidia_smi().is_some())
+    }
+
     /// The probe for `choice`; `nvidia_smi` is the program to run (or fall back to), and
     /// `smi_named` says that it was named on purpose (which `Auto` then honours).
     pub fn choose(

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use engine_core::typestate::Healthy;
-use engine_core::vram::{NvidiaSmi, ProbeChoice, VramProbe};
+use engine_core::vram::{ProbeChoice, VramProbe};
 use engine_core::{
     DescribeOptions, EngineConfig, EngineConfigBuilder, GpuGuard, KeyframeRecord, LockError,
     Prompt, Schema,
@@ -136,8 +136,7 @@ mod helpers {
 
 /// The VRAM probe the engine would use (`NVIDIA_SMI` honoured), for the module-level checks.
 fn probe() -> PyResult<VramProbe> {
-    let named = std::env::var_os("NVIDIA_SMI").is_some_and(|v| !v.is_empty());
-    VramProbe::choose(ProbeChoice::Auto, NvidiaSmi::from_env(), named).map_err(vram_error)
+    VramProbe::from_env(ProbeChoice::Auto).map_err(vram_error)
 }
 
 /// Free VRAM of `gpu` in MiB; raises `VramError` when it cannot be read or is below `min_mib`.
@@ -298,7 +297,7 @@ macro_rules! option {
 }
 
 /// The longest duration an option takes (a year): more is surely a mistake.
-const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+const MAX_SECONDS: f64 = engine_core::MAX_DURATION.as_secs_f64();
 
 /// `value` seconds as a duration: positive (or zero, where `zero_ok`), finite, at most a year.
 fn duration(value: f64, name: &str, zero_ok: bool) -> PyResult<Duration> {

@@ -55,8 +55,7 @@ fn gpu_smoke() {
     }
     // NVML: its first query loads the library; then it must see what nvidia-smi sees.
     let t = Instant::now();
-    let nvml = VramProbe::choose(ProbeChoice::Nvml, NvidiaSmi::from_env(), false)
-        .expect("NVML loads on a GPU machine");
+    let nvml = VramProbe::from_env(ProbeChoice::Nvml).expect("NVML loads on a GPU machine");
     let nvml_rows = nvml.query().unwrap();
     let nvml_first_ms = t.elapsed().as_secs_f64() * 1000.0;
     let smi_rows = probe.query().unwrap();
