@@ -2,11 +2,13 @@
 private GPU-lock folder, GGUF model headers and PNG frames written here, and a check that no server
 is left behind by any test."""
 
+import contextlib
 import dataclasses
 import json
 import os
 import struct
 import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -122,6 +124,26 @@ def scene(tmp_path, monkeypatch) -> Scene:
 
     assert cinecut_engine.GPU_LOCK.acquire(blocking=False), "GPU 0's lock is still held"
     cinecut_engine.GPU_LOCK.release()
+
+
+# Python keeps an ignored SIGINT ignored, and a shell without job control starts background commands
+# with SIGINT ignored: a CI started that way would never interrupt a child. The children start as a
+# terminal starts Python instead, with Ctrl-C raising KeyboardInterrupt.
+INTERRUPTIBLE = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+
+@contextlib.contextmanager
+def python_child(script: str, *args):
+    """Runs `script` in a Python child (stdout piped, text) in which SIGINT raises KeyboardInterrupt;
+    the child is killed and reaped when the block ends, should a failed test leave it running."""
+    command = [sys.executable, "-c", INTERRUPTIBLE + script, *map(str, args)]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        yield child
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.communicate()
 
 
 def run_cli(*args, env=None, **kwargs) -> subprocess.Popen:

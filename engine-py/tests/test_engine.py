@@ -5,14 +5,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
 
 import pytest
 
-from conftest import CINECUT_INFER, KeyframeRecord, alive, wait_gone
+from conftest import CINECUT_INFER, KeyframeRecord, alive, python_child, wait_gone
 
 import cinecut_engine
 from cinecut_engine import (
@@ -227,15 +226,12 @@ except KeyboardInterrupt:
 
 def test_ctrl_c_during_a_slow_start_raises_keyboard_interrupt_at_once(scene, monkeypatch):
     monkeypatch.setenv("FAKE_LLAMA_LOAD_MS", "60000")
-    child = subprocess.Popen(
-        [sys.executable, "-c", CTRL_C_SCRIPT, str(scene.model), str(scene.mmproj)],
-        stdout=subprocess.PIPE, text=True,
-    )
-    scene.wait_for_event("listening")
-    sent = time.monotonic()
-    child.send_signal(signal.SIGINT)
-    out, _ = child.communicate(timeout=30)
-    took = time.monotonic() - sent
+    with python_child(CTRL_C_SCRIPT, scene.model, scene.mmproj) as child:
+        scene.wait_for_event("listening")
+        sent = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        out, _ = child.communicate(timeout=30)
+        took = time.monotonic() - sent
     assert child.returncode == 7 and "interrupted" in out, out
     assert took < 1.0, f"KeyboardInterrupt took {took:.2f} s"
     for pid in scene.spawned_pids():
@@ -252,8 +248,7 @@ try:
 except KeyboardInterrupt:
     print("interrupted", flush=True)
 """
-    with GPU_LOCK:
-        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    with GPU_LOCK, python_child(script) as child:
         # Without interruptible waits the child would block here for ever (and the test time out).
         assert child.stdout.readline() == "ready\n"
         sent = time.monotonic()
@@ -279,14 +274,11 @@ with cinecut_engine.LlavaEngine(sys.argv[1], sys.argv[2], port=0, stop_grace_s=0
         print("interrupted", time.monotonic(), flush=True)
 print("exited", time.monotonic(), flush=True)
 """
-    child = subprocess.Popen(
-        [sys.executable, "-c", script, str(scene.model), str(scene.mmproj), frame.frame_path],
-        stdout=subprocess.PIPE, text=True,
-    )
-    scene.wait_for_event("request_start")
-    sent = time.monotonic()
-    child.send_signal(signal.SIGINT)
-    out, _ = child.communicate(timeout=30)
+    with python_child(script, scene.model, scene.mmproj, frame.frame_path) as child:
+        scene.wait_for_event("request_start")
+        sent = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        out, _ = child.communicate(timeout=30)
     lines = dict(line.split() for line in out.splitlines())
     assert float(lines["interrupted"]) - sent < 1.0, out
     # The request in flight was the server's to end: SIGTERM, then SIGKILL after the grace.
