@@ -304,12 +304,11 @@ fn bench(args: &[String]) -> ExitCode {
     // The Python package's section, on the release fakes.
     let python_section = target_dir().join("python-bench.md");
     let _ = std::fs::remove_file(&python_section);
+    // The selection the harness builds its binaries with (tests/src/lib.rs), so both share one
+    // release build of the dependencies.
     if steps.cmd(
         "release-fakes",
-        cmd!(
-            sh,
-            "{cargo} build --release -p fake-llama-server -p nvsmi-shim -p engine-cli"
-        ),
+        cmd!(sh, "{cargo} build --release --workspace --bins"),
     ) && let Some(python) = python::environment(&mut steps, &sh)
     {
         python::bench(&mut steps, &sh, &python, &python_section);
