@@ -138,12 +138,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn shard(dir: &Path, name: &str, lines: &[Value]) -> PathBuf {
-        let path = dir.join(name);
-        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
-        std::fs::write(&path, text).unwrap();
-        path
-    }
+    use crate::records::tests::write as shard;
 
     #[test]
     fn shards_merge_in_input_order_with_gaps_and_doubles_reported() {

@@ -82,11 +82,12 @@ pub fn key_of_line(line: &Value) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
-    fn write(dir: &Path, name: &str, lines: &[Value]) -> PathBuf {
+    /// Writes `lines` as the JSONL file `dir/name` (the merge tests write their shards with it).
+    pub(crate) fn write(dir: &Path, name: &str, lines: &[Value]) -> PathBuf {
         let path = dir.join(name);
         let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
         std::fs::write(&path, text).unwrap();

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{RecvTimeoutError, channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use engine_core::typestate::Healthy;
@@ -69,11 +69,7 @@ fn wait_for<T: Send + 'static>(
     }));
     // Waited on with the GIL released, so from a closure that must be Sync.
     let rx = Mutex::new(rx);
-    let receive = |step: Duration| {
-        rx.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .recv_timeout(step)
-    };
+    let receive = |step: Duration| lock(&rx).recv_timeout(step);
     loop {
         let step = deadline.map_or(SIGNAL_POLL, |d| {
             SIGNAL_POLL.min(d.saturating_duration_since(Instant::now()))
@@ -102,6 +98,7 @@ fn wait_for<T: Send + 'static>(
 /// Helper threads, kept for the next call once idle: a thread start costs more than the rest of the
 /// Python layer's per-frame work together (BENCHMARKS.md, "From Python").
 mod helpers {
+    use super::lock;
     use std::sync::Mutex;
     use std::sync::mpsc::{Sender, channel};
 
@@ -112,7 +109,7 @@ mod helpers {
 
     /// Runs `job` on an idle helper, or on a new one.
     pub(crate) fn run(job: Job) {
-        let idle = IDLE.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let idle = lock(&IDLE).pop();
         let job = match idle {
             Some(helper) => match helper.send(job) {
                 Ok(()) => return,
@@ -125,13 +122,17 @@ mod helpers {
             let mut next = Some(job);
             while let Some(job) = next.take() {
                 job();
-                IDLE.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(tx.clone());
+                lock(&IDLE).push(tx.clone());
                 next = rx.recv().ok();
             }
         });
     }
+}
+
+/// Locks `m`, taking the data as it is if a holder panicked (engine-core's `sync::lock`, which is
+/// private to that crate): a panic in one Python thread must not turn every later call into another.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The VRAM probe the engine would use (`NVIDIA_SMI` honoured), for the module-level checks.
@@ -233,13 +234,13 @@ impl GpuLock {
         let Some(guard) = taken else {
             return Ok(false);
         };
-        *self.guard.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
+        *lock(&self.guard) = Some(guard);
         Ok(true)
     }
 
     /// Releases the lock; a `RuntimeError` if this object does not hold it.
     fn release(&self) -> PyResult<()> {
-        match self.guard.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        match lock(&self.guard).take() {
             Some(guard) => {
                 drop(guard);
                 Ok(())
@@ -251,12 +252,7 @@ impl GpuLock {
     /// Whether anyone (this object, another engine, another process) holds the GPU's lock: read
     /// from `/proc/locks`, never by taking it (which would make someone else's try fail).
     fn locked(&self) -> PyResult<bool> {
-        if self
-            .guard
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
-        {
+        if lock(&self.guard).is_some() {
             return Ok(true);
         }
         match engine_core::lock::is_locked(self.gpu) {
@@ -429,13 +425,9 @@ fn configure(
 
 impl Engine {
     fn healthy(&self) -> PyResult<Arc<engine_core::Engine<Healthy>>> {
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| {
-                PyRuntimeError::new_err("the engine is not running: use it inside its `with` block")
-            })
+        lock(&self.running).clone().ok_or_else(|| {
+            PyRuntimeError::new_err("the engine is not running: use it inside its `with` block")
+        })
     }
 }
 
@@ -458,12 +450,7 @@ impl Engine {
 
     /// Checks VRAM, takes the GPU lock, starts the server; Ctrl-C gives up at once (cleaning up).
     fn start(&self, py: Python<'_>) -> PyResult<()> {
-        if self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
-        {
+        if lock(&self.running).is_some() {
             return Err(InferenceError::new_err("the engine is already running"));
         }
         let config = self.config.clone();
@@ -483,19 +470,14 @@ impl Engine {
         })?
         .expect("no deadline");
         let engine = started.map_err(Failure::into_py)?;
-        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(engine));
+        *lock(&self.running) = Some(Arc::new(engine));
         Ok(())
     }
 
     /// Stops the server, waits for VRAM, releases the lock. A request still in flight (after a
     /// Ctrl-C) ends with its server. Raises `InferenceError` if the server had died.
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
-        let Some(mut engine) = self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        else {
+        let Some(mut engine) = lock(&self.running).take() else {
             return Ok(());
         };
         let pid = rustix::process::Pid::from_raw(engine.pid() as i32);
@@ -534,10 +516,7 @@ impl Engine {
     /// Whether the server is running.
     #[getter]
     fn running(&self) -> bool {
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        lock(&self.running).is_some()
     }
 
     /// `http://127.0.0.1:PORT` of the running server.
@@ -613,10 +592,7 @@ impl Engine {
                 if let Some(progress) = &progress {
                     let called = Python::attach(|py| progress.call1(py, (n, total)).map(|_| ()));
                     if let Err(e) = called {
-                        callback_error
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(e);
+                        lock(&callback_error).get_or_insert(e);
                         return std::ops::ControlFlow::Break(());
                     }
                 }

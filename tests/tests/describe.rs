@@ -22,10 +22,7 @@ fn record(path: std::path::PathBuf) -> KeyframeRecord {
 
 /// How many completion requests the fake started.
 fn requests(h: &Harness) -> usize {
-    h.server_events()
-        .iter()
-        .filter(|e| e["event"] == "request_start")
-        .count()
+    h.events_named("request_start").len()
 }
 
 #[test]
