@@ -2,21 +2,29 @@
 
 use std::process::ExitCode;
 
-use engine_core::GpuId;
-use engine_core::vram::{ProbeChoice, Visible, VramProbe, select};
+use engine_core::Wait;
+use engine_core::gpu::{Visible, VramProbe, select};
 
-use crate::summary::EXIT_FRAMES_FAILED;
+use crate::cli::CheckArgs;
+use crate::job::summary::EXIT_FRAMES_FAILED;
+use crate::settings::say;
 
-pub fn check(gpu: &GpuId, min_mib: u64, choice: ProbeChoice) -> ExitCode {
-    let rows = match VramProbe::from_env(choice).and_then(|probe| probe.query()) {
+pub fn check(args: CheckArgs) -> ExitCode {
+    let CheckArgs {
+        gpu,
+        vram_probe,
+        min_vram: min_mib,
+    } = args;
+    let queried = VramProbe::from_env(vram_probe).and_then(|probe| probe.query(Wait::Forever));
+    let rows = match queried {
         Ok(rows) => rows,
         Err(e) => {
-            eprintln!("cinecut-infer: cannot read VRAM: {e}");
+            eprintln!("cinecut-infer: cannot read VRAM: {}", say(e));
             return ExitCode::from(EXIT_FRAMES_FAILED);
         }
     };
     let visible = Visible::from_env();
-    let chosen = select(&rows, gpu, &visible, min_mib);
+    let chosen = select(&rows, &gpu, &visible, min_mib);
     let usable: Vec<u32> = visible.rows(&rows).iter().map(|r| r.index).collect();
     for row in &rows {
         if !usable.contains(&row.index) {
@@ -57,7 +65,7 @@ pub fn check(gpu: &GpuId, min_mib: u64, choice: ProbeChoice) -> ExitCode {
     match chosen {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cinecut-infer: {e}");
+            eprintln!("cinecut-infer: {}", say(e));
             ExitCode::from(EXIT_FRAMES_FAILED)
         }
     }

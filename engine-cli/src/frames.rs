@@ -87,18 +87,14 @@ fn from_name(path: PathBuf) -> Frame {
 /// Reads a `.jsonl` of KeyframeRecords. A relative `frame_path` is relative to the file's folder
 /// (where the keyframe stage wrote both), not to wherever the CLI runs.
 fn read_records(path: &Path) -> Result<Vec<Frame>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let folder = path.parent().unwrap_or(Path::new(""));
-    text.lines()
-        .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
+    crate::jsonl::lines(path)?
+        .into_iter()
         .map(|(n, line)| {
-            let record: engine_core::KeyframeRecord = serde_json::from_str(line).map_err(|e| {
+            let record: engine_core::KeyframeRecord = serde_json::from_str(&line).map_err(|e| {
                 format!(
-                    "{} line {}: not a KeyframeRecord ({e}); expected {{\"timestamp_s\":..,\"frame_path\":..,\"source\":..}}",
+                    "{} line {n}: not a KeyframeRecord ({e}); expected {{\"timestamp_s\":..,\"frame_path\":..,\"source\":..}}",
                     path.display(),
-                    n + 1
                 )
             })?;
             Ok(Frame {
@@ -121,8 +117,8 @@ pub fn key(path: &Path) -> String {
 }
 
 /// The resume key of an earlier output line of `describe`.
-pub fn key_of_line(line: &serde_json::Value) -> Option<String> {
-    line["frame_path"].as_str().map(|p| key(Path::new(p)))
+pub fn key_of_line(line: &crate::line::RawLine) -> Option<String> {
+    line.get::<String>("frame_path").map(|p| key(Path::new(&p)))
 }
 
 #[cfg(test)]

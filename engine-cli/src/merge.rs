@@ -1,12 +1,25 @@
 //! `cinecut-infer merge OUT SHARD...`: the outputs of a sharded job as one JSONL in the original
 //! input order. Each line of a shard carries `index` (its position in the whole input), `of` (the
-//! input's length) and `job` (a name of the whole input); the merged lines drop them.
+//! input's length) and `job` (a name of the whole input); the merged lines drop them and keep every
+//! other value exactly as written.
+//!
+//! OUT is written whole or not at all: a regular file (or a new one) is replaced by a temporary file
+//! created beside it (exclusively, never through a link, under an unpredictable name) and renamed
+//! over it, while OUT's lock is held (the lock `--output` takes, so a run writing OUT is never
+//! clobbered). A symlink OUT stands for the file it points to, which is replaced; the link stays.
+//! A special file (a terminal, a pipe, `/dev/stdout`, `/dev/null`) is written in place.
 
 use std::collections::BTreeMap;
+use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
-use serde_json::Value;
+use crate::cli::MergeArgs;
+use crate::job::summary::EXIT_FRAMES_FAILED;
+use crate::line::RawLine;
+use crate::outfile::{open_locked, same_file};
 
 /// What a merge found.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -15,47 +28,111 @@ pub struct Merged {
     pub written: usize,
     /// The input's length, as the shards give it.
     pub total: usize,
-    /// Positions no shard has a line for.
-    pub missing: Vec<usize>,
-    /// Positions more than one shard line answered (the successful line is kept, else the first).
+    /// How many positions no shard has a line for, and the first ten of them.
+    pub missing: usize,
+    pub first_missing: Vec<usize>,
+    /// Positions that lines of more than one shard answered (the successful line is kept, else the
+    /// first).
     pub duplicates: Vec<usize>,
     /// Lines that are error lines.
     pub failed: usize,
+    /// Lines that could not be read, by shard and line number.
+    pub unreadable: Vec<String>,
 }
 
-/// Reads `shards`, writes the merged lines to `out` (through a temporary file beside it, renamed
-/// into place), and says what was missing or doubled. An unreadable shard, a line without `index`
-/// and `of`, or shards of different inputs are errors that name the file and line.
+/// `merge`: reads the shards, writes OUT, reports on stderr; exit 1 when any item is missing.
+pub fn command(args: MergeArgs) -> ExitCode {
+    let merged = match merge(&args.out, &args.shards) {
+        Ok(merged) => merged,
+        Err(e) => return crate::fail(e),
+    };
+    for line in &merged.unreadable {
+        eprintln!("cinecut-infer: skipped {line}");
+    }
+    eprintln!(
+        "cinecut-infer: merged {} of {} items into {} ({} of them error lines)",
+        merged.written,
+        merged.total,
+        args.out.display(),
+        merged.failed
+    );
+    if !merged.duplicates.is_empty() {
+        eprintln!(
+            "cinecut-infer: {} item(s) were in more than one shard (kept once, a success first): {}",
+            merged.duplicates.len(),
+            list(&merged.duplicates, merged.duplicates.len())
+        );
+    }
+    if merged.missing == 0 {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!(
+        "cinecut-infer: {} item(s) missing — run their shards again with --resume: {}",
+        merged.missing,
+        list(&merged.first_missing, merged.missing)
+    );
+    ExitCode::from(EXIT_FRAMES_FAILED)
+}
+
+/// Input positions: the first ten of `count`.
+fn list(positions: &[usize], count: usize) -> String {
+    let shown: Vec<String> = positions.iter().take(10).map(usize::to_string).collect();
+    let more = count.saturating_sub(shown.len());
+    if more > 0 {
+        format!("positions {} and {more} more", shown.join(", "))
+    } else {
+        format!("positions {}", shown.join(", "))
+    }
+}
+
+/// A line kept for a position: its text without `index`/`of`/`job`, whether it is an error, and
+/// the shard it came from.
+struct Kept {
+    line: RawLine,
+    error: bool,
+    shard: usize,
+}
+
+/// Reads `shards`, writes the merged lines to `out`, and says what was missing or doubled. An
+/// unreadable shard, a line without `index` and `of`, shards of different inputs, or shards with no
+/// line at all are errors that name the file and line.
 pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<Merged, String> {
-    let mut lines: BTreeMap<usize, Value> = BTreeMap::new();
+    let mut lines: BTreeMap<usize, Kept> = BTreeMap::new();
     let mut merged = Merged::default();
     let mut total: Option<(usize, String)> = None;
     let mut job: Option<(String, String)> = None;
-    for shard in shards {
-        if crate::plan::same_file(shard, out) {
+    for (s, shard) in shards.iter().enumerate() {
+        if same_file(shard, out) {
             return Err(format!(
                 "the output {} is one of the shards: choose another file",
                 out.display()
             ));
         }
-        let text = std::fs::read_to_string(shard)
+        let bytes = std::fs::read(shard)
             .map_err(|e| format!("cannot read shard {}: {e}", shard.display()))?;
-        for (n, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
+        let count = bytes.split_inclusive(|b| *b == b'\n').count();
+        for (n, text) in bytes.split_inclusive(|b| *b == b'\n').enumerate() {
+            let at = || format!("{} line {}", shard.display(), n + 1);
+            if text.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let at = || format!("{} line {}", shard.display(), n + 1);
-            let Ok(mut value) = serde_json::from_str::<Value>(line) else {
-                // A torn last line of an interrupted shard: that item is missing, as it is.
+            let Some(line) = RawLine::parse(text) else {
+                merged
+                    .unreadable
+                    .push(if n + 1 == count && !text.ends_with(b"\n") {
+                        format!("{}: a torn last line (an interrupted shard)", at())
+                    } else {
+                        format!("{}: not a JSON object", at())
+                    });
                 continue;
             };
-            let (Some(index), Some(of)) = (value["index"].as_u64(), value["of"].as_u64()) else {
+            let (Some(index), Some(of)) = (line.get::<usize>("index"), line.get::<usize>("of"))
+            else {
                 return Err(format!(
                     "{} has no \"index\" and \"of\": merge reads outputs written with --shard",
                     at()
                 ));
             };
-            let (index, of) = (index as usize, of as usize);
             match &total {
                 None => total = Some((of, at())),
                 Some((first, where_first)) if *first != of => {
@@ -67,7 +144,7 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<Merged, String> {
                 }
                 Some(_) => {}
             }
-            let name = value["job"].as_str().unwrap_or_default().to_string();
+            let name = line.get::<String>("job").unwrap_or_default();
             match &job {
                 None => job = Some((name, at())),
                 Some((first, where_first)) if *first != name => {
@@ -82,63 +159,159 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<Merged, String> {
             if index >= of {
                 return Err(format!("{}: index {index} is not below of {of}", at()));
             }
-            if let Some(map) = value.as_object_mut() {
-                for key in ["index", "of", "job"] {
-                    map.remove(key);
-                }
-            }
-            let ok = value.get("error").is_none();
+            let error = line.has("error");
+            let line = line.without(&["index", "of", "job"]);
             match lines.get(&index) {
                 Some(kept) => {
-                    merged.duplicates.push(index);
-                    if ok && kept.get("error").is_some() {
-                        lines.insert(index, value);
+                    // A resumed shard answers an item again after its error line: not a double.
+                    if kept.shard != s {
+                        merged.duplicates.push(index);
+                    }
+                    if !error && kept.error {
+                        lines.insert(
+                            index,
+                            Kept {
+                                line,
+                                error,
+                                shard: s,
+                            },
+                        );
                     }
                 }
                 None => {
-                    lines.insert(index, value);
+                    lines.insert(
+                        index,
+                        Kept {
+                            line,
+                            error,
+                            shard: s,
+                        },
+                    );
                 }
             }
         }
     }
-    let total = total.map_or(0, |(of, _)| of);
+    let Some((total, _)) = total else {
+        return Err(format!(
+            "the shards hold no line to merge ({}) — give the shards' output files",
+            shards
+                .iter()
+                .map(|s| s.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    };
     merged.total = total;
-    merged.missing = (0..total).filter(|i| !lines.contains_key(i)).collect();
+    merged.missing = total - lines.len();
+    // The first gaps, found among the lines present: never a walk over a claimed length.
+    let mut expected = 0;
+    for &index in lines.keys() {
+        while expected < index && merged.first_missing.len() < 10 {
+            merged.first_missing.push(expected);
+            expected += 1;
+        }
+        expected = index + 1;
+    }
+    while expected < total && merged.first_missing.len() < 10 {
+        merged.first_missing.push(expected);
+        expected += 1;
+    }
     merged.duplicates.sort_unstable();
     merged.duplicates.dedup();
-    merged.failed = lines.values().filter(|v| v.get("error").is_some()).count();
+    merged.failed = lines.values().filter(|k| k.error).count();
     merged.written = lines.len();
-    write_atomically(out, lines.values())?;
+    let mut text = Vec::new();
+    for kept in lines.values() {
+        serde_json::to_writer(&mut text, &kept.line).map_err(|e| e.to_string())?;
+        text.push(b'\n');
+    }
+    write_out(out, &text)?;
     Ok(merged)
 }
 
-fn write_atomically<'a>(out: &Path, lines: impl Iterator<Item = &'a Value>) -> Result<(), String> {
-    let name = out
+/// Writes `text` to `out` as the module says: a special file in place; a regular one (or a new one,
+/// or a symlink's target) whole, through an exclusive temporary file beside it, under its lock.
+fn write_out(out: &Path, text: &[u8]) -> Result<(), String> {
+    let shown = out.display();
+    let cannot = |e: std::io::Error| format!("cannot write {shown}: {e}");
+    match std::fs::metadata(out) {
+        Ok(meta) if !meta.is_file() && !meta.is_dir() => {
+            let mut special = OpenOptions::new().write(true).open(out).map_err(cannot)?;
+            return special.write_all(text).map_err(cannot);
+        }
+        Ok(meta) if meta.is_dir() => return Err(format!("{shown} is a folder: name a file")),
+        Err(_) if std::fs::symlink_metadata(out).is_ok() => {
+            return Err(format!(
+                "{shown} is a symlink to a file that does not exist — merge writes through a link \
+                 only to an existing file: name the file itself"
+            ));
+        }
+        _ => {}
+    }
+    // The file itself, through any links: its folder holds the temporary file.
+    let real = match std::fs::canonicalize(out) {
+        Ok(real) => real,
+        Err(_) => out.to_path_buf(),
+    };
+    let _lock = open_locked(&real)?;
+    let folder = real
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = real
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "merged".into());
-    let temporary = out.with_file_name(format!(".{name}.merging"));
-    let write = || -> std::io::Result<()> {
-        let mut file = std::io::BufWriter::new(std::fs::File::create(&temporary)?);
-        for line in lines {
-            serde_json::to_writer(&mut file, line)?;
-            file.write_all(b"\n")?;
-        }
-        file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::rename(&temporary, out)
-    };
-    write().map_err(|e| {
+    let mode = std::fs::metadata(&real).map_or(0o644, |m| m.permissions().mode() & 0o777);
+    let (temporary, mut file) = create_temporary(folder, &name).map_err(cannot)?;
+    let written = (|| {
+        file.write_all(text)?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, &real)
+    })();
+    written.map_err(|e| {
         let _ = std::fs::remove_file(&temporary);
-        format!("cannot write {}: {e}", out.display())
+        cannot(e)
     })
+}
+
+/// Creates `.{name}.merging-{random}` in `folder`: exclusively (`O_EXCL`: never a file that is
+/// there, so never one planted in advance) and never through a symlink (`O_NOFOLLOW`).
+fn create_temporary(folder: &Path, name: &str) -> std::io::Result<(PathBuf, std::fs::File)> {
+    loop {
+        let mut random = [0u8; 8];
+        rustix::rand::getrandom(&mut random, rustix::rand::GetRandomFlags::empty())?;
+        let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
+        let path = folder.join(format!(".{name}.merging-{suffix}"));
+        let created = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(&path);
+        match created {
+            Ok(file) => return Ok((path, file)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use crate::records::tests::write as shard;
+
+    fn read(path: &Path) -> Vec<Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
 
     #[test]
     fn shards_merge_in_input_order_with_gaps_and_doubles_reported() {
@@ -161,17 +334,55 @@ mod tests {
         );
         let out = dir.path().join("all.jsonl");
         let merged = merge(&out, &[a, b]).unwrap();
-        assert_eq!(merged.missing, [3, 4]);
+        assert_eq!(
+            (merged.missing, merged.first_missing.clone()),
+            (2, vec![3, 4])
+        );
         assert_eq!(merged.duplicates, [0]);
         assert_eq!((merged.written, merged.failed, merged.total), (3, 0, 5));
-        let lines: Vec<Value> = std::fs::read_to_string(&out)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines = read(&out);
         assert_eq!(lines[0], json!({"id": "x0", "result": {"retried": true}}));
         assert_eq!(lines[1]["id"], "x1");
         assert_eq!(lines[2]["id"], "x2");
+    }
+
+    #[test]
+    fn a_resumed_shards_retry_is_not_a_double_and_corrupt_lines_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.jsonl");
+        let text = "{\"id\":123456789012345678901234567890,\"index\":0,\"of\":3,\"job\":\"j\",\"error\":\"x\"}\n\
+                    not json\n\
+                    {\"id\":123456789012345678901234567890,\"index\":0,\"of\":3,\"job\":\"j\",\"result\":{\"a\":1e0}}\n\
+                    {\"id\":\"c\",\"index\":2,\"of\":3,\"job\":\"j\",\"res";
+        std::fs::write(&path, text).unwrap();
+        let out = dir.path().join("out.jsonl");
+        let merged = merge(&out, &[path]).unwrap();
+        assert!(merged.duplicates.is_empty(), "{merged:?}");
+        assert_eq!(merged.unreadable.len(), 2, "{merged:?}");
+        assert!(merged.unreadable[0].contains("line 2: not a JSON object"));
+        assert!(merged.unreadable[1].contains("line 4: a torn last line"));
+        assert_eq!((merged.missing, merged.written), (2, 1));
+        // Values kept exactly as written.
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            "{\"id\":123456789012345678901234567890,\"result\":{\"a\":1e0}}\n"
+        );
+    }
+
+    #[test]
+    fn a_huge_claimed_length_is_counted_not_walked_and_no_lines_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = shard(
+            dir.path(),
+            "a.jsonl",
+            &[json!({"id": 1, "index": 5, "of": 1_000_000_000_000u64, "job": "j", "result": {}})],
+        );
+        let merged = merge(&dir.path().join("o.jsonl"), &[a]).unwrap();
+        assert_eq!(merged.missing, 999_999_999_999);
+        assert_eq!(merged.first_missing, [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]);
+        let empty = shard(dir.path(), "e.jsonl", &[]);
+        let err = merge(&dir.path().join("o2.jsonl"), &[empty]).unwrap_err();
+        assert!(err.contains("no line to merge"), "{err}");
     }
 
     #[test]
@@ -214,5 +425,50 @@ mod tests {
         );
         let err = merge(&a, std::slice::from_ref(&a)).unwrap_err();
         assert!(err.contains("is one of the shards"), "{err}");
+    }
+
+    #[test]
+    fn a_planted_link_is_never_written_through_and_a_locked_out_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = shard(
+            dir.path(),
+            "a.jsonl",
+            &[json!({"id": 1, "index": 0, "of": 1, "job": "j", "result": {}})],
+        );
+        // The old, predictable temporary name, planted as a link to a file of someone else's.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let out = dir.path().join("out.jsonl");
+        std::os::unix::fs::symlink(&victim, dir.path().join(".out.jsonl.merging")).unwrap();
+        merge(&out, std::slice::from_ref(&a)).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(read(&out), [json!({"id": 1, "result": {}})]);
+        // A symlink OUT: its target is replaced, the link stays.
+        let link = dir.path().join("latest.jsonl");
+        let target = dir.path().join("run-42.jsonl");
+        std::fs::write(&target, "old\n").unwrap();
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        merge(&link, std::slice::from_ref(&a)).unwrap();
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(read(&target), [json!({"id": 1, "result": {}})]);
+        // OUT locked by a run writing it: refused, OUT untouched.
+        let busy = dir.path().join("busy.jsonl");
+        std::fs::write(&busy, "{\"run\":1}\n").unwrap();
+        let _writer = open_locked(&busy).unwrap();
+        let err = merge(&busy, &[a]).unwrap_err();
+        assert!(err.contains("being written by another"), "{err}");
+        assert_eq!(std::fs::read_to_string(&busy).unwrap(), "{\"run\":1}\n");
+        // No temporary file is left behind.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".merging-"))
+            .collect();
+        assert!(left.is_empty());
     }
 }

@@ -5,14 +5,16 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::line::RawLine;
 
 /// One input line of `run`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Record {
-    /// Names the record in the output: a string or a number.
-    pub id: Value,
+    /// Names the record in the output: a string or a number, kept exactly as written.
+    pub id: Box<RawValue>,
     /// Sent after the prompt.
     #[serde(default)]
     pub text: Option<String>,
@@ -30,35 +32,31 @@ pub fn collect(files: &[PathBuf]) -> Result<Vec<Record>, String> {
     let mut records = Vec::new();
     let mut seen: HashMap<String, String> = HashMap::new();
     for file in files {
-        let text = std::fs::read_to_string(file)
-            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
         let folder = file.parent().unwrap_or(Path::new(""));
-        for (n, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let at = format!("{} line {}", file.display(), n + 1);
-            let mut record: Record = serde_json::from_str(line).map_err(|e| {
+        for (n, line) in crate::jsonl::lines(file)? {
+            let at = format!("{} line {n}", file.display());
+            let mut record: Record = serde_json::from_str(&line).map_err(|e| {
                 format!(
                     "{at}: not a record ({e}); expected {{\"id\": ..., \"text\": \"...\", \"images\": [\"path\", ...]}}"
                 )
             })?;
-            if !(record.id.is_string() || record.id.is_number()) {
-                return Err(format!(
-                    "{at}: id {} must be a string or a number",
-                    record.id
-                ));
+            let id = record.id.get();
+            if !(id.starts_with('"')
+                || id.starts_with('-')
+                || id.starts_with(|c: char| c.is_ascii_digit()))
+            {
+                return Err(format!("{at}: id {id} must be a string or a number"));
             }
             if record.text.as_deref().is_none_or(str::is_empty) && record.images.is_empty() {
                 return Err(format!(
                     "{at}: record {} has neither text nor images — give at least one",
-                    record.id
+                    record.id.get()
                 ));
             }
             if let Some(first) = seen.insert(key(&record.id), at.clone()) {
                 return Err(format!(
                     "{at}: id {} was already used at {first} — ids must be unique",
-                    record.id
+                    record.id.get()
                 ));
             }
             record.images = record.images.iter().map(|p| folder.join(p)).collect();
@@ -71,20 +69,21 @@ pub fn collect(files: &[PathBuf]) -> Result<Vec<Record>, String> {
     Ok(records)
 }
 
-/// The resume key of an id: its JSON text (`"7"` and `7` are different ids).
-pub fn key(id: &Value) -> String {
-    id.to_string()
+/// The key of an id: its JSON text exactly as written (`"7"` and `7`, `1` and `1.0`, are different
+/// ids; a number is never rounded).
+pub fn key(id: &RawValue) -> String {
+    id.get().to_string()
 }
 
 /// The resume key of an earlier output line of `run`.
-pub fn key_of_line(line: &Value) -> Option<String> {
-    line.get("id").map(key)
+pub fn key_of_line(line: &RawLine) -> Option<String> {
+    line.raw("id").map(key)
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     /// Writes `lines` as the JSONL file `dir/name` (the merge tests write their shards with it).
     pub(crate) fn write(dir: &Path, name: &str, lines: &[Value]) -> PathBuf {
@@ -106,7 +105,7 @@ pub(crate) mod tests {
             ],
         );
         let records = collect(&[file]).unwrap();
-        assert_eq!(records[0].id, json!("b"));
+        assert_eq!(records[0].id.get(), "\"b\"");
         assert_eq!(records[1].images[0], dir.path().join("kf/a.jpg"));
         assert_eq!(records[1].images[1], Path::new("/abs.png"));
         assert_eq!(records[1].source.as_deref(), Some("cut"));
@@ -138,5 +137,29 @@ pub(crate) mod tests {
             let err = collect(&[file]).unwrap_err();
             assert!(err.contains(needle), "{err}");
         }
+    }
+
+    #[test]
+    fn ids_are_kept_and_told_apart_exactly_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ids.jsonl");
+        let ids = [
+            "123456789012345678901234567890",
+            "123456789012345678901234567891",
+            "1e0",
+            "1",
+            "1.0",
+            "-0",
+            "0",
+            "\"1\"",
+        ];
+        let text: String = ids
+            .iter()
+            .map(|id| format!("{{\"id\": {id}, \"text\": \"x\"}}\n"))
+            .collect();
+        std::fs::write(&file, text).unwrap();
+        let records = collect(&[file]).unwrap();
+        let read: Vec<&str> = records.iter().map(|r| r.id.get()).collect();
+        assert_eq!(read, ids);
     }
 }

@@ -5,8 +5,8 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use engine_core::DescribeOptions;
-use engine_core::describe::parse_chat_response;
-use engine_core::vram::parse_rows;
+use engine_core::gpu::parse_rows;
+use engine_core::request::parse_chat_response;
 
 fn frame_1080p(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("frame-1080p.jpg");

@@ -12,12 +12,10 @@ use std::sync::mpsc::{RecvTimeoutError, channel};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use engine_core::config::EngineConfigBuilder;
+use engine_core::gpu::{GpuGuard, LockError, ProbeChoice, VramProbe};
 use engine_core::typestate::Healthy;
-use engine_core::vram::{ProbeChoice, VramProbe};
-use engine_core::{
-    DescribeOptions, EngineConfig, EngineConfigBuilder, GpuGuard, KeyframeRecord, LockError,
-    Prompt, Schema,
-};
+use engine_core::{DescribeOptions, EngineConfig, KeyframeRecord, Prompt, Schema, Wait};
 use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -224,7 +222,7 @@ impl GpuLock {
             let cancel = Arc::new(AtomicBool::new(false));
             let flag = Arc::clone(&cancel);
             match wait_for(py, &cancel, deadline, move || {
-                engine_core::gpu_lock_cancellable(gpu, &flag)
+                engine_core::gpu_lock(gpu, Wait::Until(&flag))
             })? {
                 Some(Ok(guard)) => Some(guard),
                 Some(Err(LockError::Cancelled { .. })) | None => None,
@@ -255,7 +253,7 @@ impl GpuLock {
         if lock(&self.guard).is_some() {
             return Ok(true);
         }
-        match engine_core::lock::is_locked(self.gpu) {
+        match engine_core::gpu::lockfile::is_locked(self.gpu) {
             Some(locked) => Ok(locked),
             None => Ok(try_now(self.gpu)?.is_none()),
         }
@@ -264,7 +262,7 @@ impl GpuLock {
 
 /// Takes `gpu`'s lock if it is free now.
 fn try_now(gpu: u32) -> PyResult<Option<GpuGuard>> {
-    match engine_core::try_gpu_lock_for(gpu, Duration::ZERO) {
+    match engine_core::gpu_lock(gpu, Wait::For(Duration::ZERO)) {
         Ok(guard) => Ok(Some(guard)),
         Err(LockError::Timeout { .. }) => Ok(None),
         Err(e) => Err(PyRuntimeError::new_err(e.to_string())),
@@ -293,7 +291,7 @@ macro_rules! option {
 }
 
 /// The longest duration an option takes (a year): more is surely a mistake.
-const MAX_SECONDS: f64 = engine_core::MAX_DURATION.as_secs_f64();
+const MAX_SECONDS: f64 = engine_core::config::MAX_DURATION.as_secs_f64();
 
 /// `value` seconds as a duration: positive (or zero, where `zero_ok`), finite, at most a year.
 fn duration(value: f64, name: &str, zero_ok: bool) -> PyResult<Duration> {
@@ -434,7 +432,7 @@ impl Engine {
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (model, mmproj = None, port = engine_core::DEFAULT_PORT, debug = false, options = None))]
+    #[pyo3(signature = (model, mmproj = None, port = engine_core::config::DEFAULT_PORT, debug = false, options = None))]
     fn new(
         model: PathBuf,
         mmproj: Option<PathBuf>,
@@ -458,14 +456,14 @@ impl Engine {
         let flag = Arc::clone(&cancel);
         let started = wait_for(py, &cancel, None, move || {
             let checked = engine_core::Engine::new(config)
-                .check_vram()
+                .check_vram(Wait::Until(&flag))
                 .map_err(vram_error_text)?;
-            let locked = checked.lock_cancellable(&flag).map_err(|e| match e {
+            let locked = checked.lock_gpu(Wait::Until(&flag)).map_err(|e| match e {
                 LockError::VramUnderLock(v) => Failure::Vram(v.to_string()),
                 other => Failure::Inference(other.to_string()),
             })?;
             locked
-                .start_cancellable(&flag)
+                .start(Wait::Until(&flag))
                 .map_err(|e| Failure::Inference(e.to_string()))
         })?
         .expect("no deadline");
@@ -480,32 +478,21 @@ impl Engine {
         let Some(mut engine) = lock(&self.running).take() else {
             return Ok(());
         };
-        let pid = rustix::process::Pid::from_raw(engine.pid() as i32);
-        let grace = self.config.stop_grace();
         let stopped = py.detach(move || {
             let started = Instant::now();
-            let mut signalled = None;
+            let mut aborted = false;
             loop {
                 match Arc::try_unwrap(engine) {
                     Ok(engine) => return engine.shutdown().map(|_| ()).map_err(|e| e.to_string()),
                     Err(shared) => engine = shared,
                 }
-                // A helper still holds the engine: a request whose caller was interrupted. Ending
-                // the server ends the request: SIGTERM, then SIGKILL after the grace period (a
-                // server may finish its requests in flight first).
-                let signal = match started.elapsed() {
-                    t if t > Duration::from_millis(100) + grace => rustix::process::Signal::KILL,
-                    t if t > Duration::from_millis(100) => rustix::process::Signal::TERM,
-                    _ => {
-                        std::thread::sleep(Duration::from_millis(2));
-                        continue;
-                    }
-                };
-                if signalled != Some(signal)
-                    && let Some(pid) = pid
-                {
-                    let _ = rustix::process::kill_process(pid, signal);
-                    signalled = Some(signal);
+                // A helper still holds the engine: a request whose caller was interrupted. The
+                // engine's abort ends the server's whole tree (safe against pid reuse), and with it
+                // the request; the helper then lets go, and the shutdown reaps and releases.
+                // (A helper that just answered lets go within microseconds: it gets a moment.)
+                if !aborted && started.elapsed() > Duration::from_millis(100) {
+                    engine.abort();
+                    aborted = true;
                 }
                 std::thread::sleep(Duration::from_millis(2));
             }
@@ -603,6 +590,7 @@ impl Engine {
                 }
             });
             let pairs: Vec<(Option<String>, Option<String>)> = results
+                .results
                 .into_iter()
                 .map(|r| match r {
                     Ok(scene) => (
@@ -725,7 +713,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("VramError", py.get_type::<VramError>())?;
     m.add("InferenceError", py.get_type::<InferenceError>())?;
     m.add("VRAM_MINIMUM_MIB", engine_core::VRAM_MINIMUM_MIB)?;
-    m.add("DEFAULT_PORT", engine_core::DEFAULT_PORT)?;
+    m.add("DEFAULT_PORT", engine_core::config::DEFAULT_PORT)?;
     m.add_function(wrap_pyfunction!(vram_free_mib, m)?)?;
     m.add_function(wrap_pyfunction!(scene_violations, m)?)?;
     m.add_function(wrap_pyfunction!(scene_schema_json, m)?)?;

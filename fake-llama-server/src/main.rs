@@ -1,5 +1,5 @@
 //! `fake-llama-server`: behaves like llama.cpp's `llama-server` (same flags, endpoints and bodies,
-//! DESIGN.md §4), with knobs for every failure the engine must survive. `--help` lists the knobs.
+//! docs/design.md §4), with knobs for every failure the engine must survive. `--help` lists the knobs.
 
 mod answer;
 mod args;

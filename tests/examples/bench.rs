@@ -10,13 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use std::sync::atomic::AtomicBool;
-
+use engine_core::config::EngineConfigBuilder;
+use engine_core::gpu::NvidiaSmi;
+use engine_core::pool::WhenLocked;
 use engine_core::shard::Shard;
-use engine_core::vram::NvidiaSmi;
-use engine_core::{
-    Engine, EngineConfigBuilder, EnginePool, KeyframeRecord, WhenLocked, check_vram_free_mib,
-};
+use engine_core::{Engine, EnginePool, KeyframeRecord, Wait, check_vram_free_mib};
 use tests::Harness;
 
 fn unix_ns() -> u64 {
@@ -84,12 +82,12 @@ fn readiness(r: &mut Report, runs: usize) {
     let mut cpu = Vec::new();
     for _ in 0..runs {
         let locked = Engine::new(cfg.clone().build().unwrap())
-            .check_vram()
+            .check_vram(Wait::Forever)
             .unwrap()
-            .lock()
+            .lock_gpu(Wait::Forever)
             .unwrap();
         let cpu_before = cpu_ns();
-        let engine = locked.start().unwrap();
+        let engine = locked.start(Wait::Forever).unwrap();
         let returned = unix_ns();
         cpu.push((cpu_ns() - cpu_before) as f64);
         lags.push(returned.saturating_sub(last_event(&h, "ready")) as f64);
@@ -241,7 +239,7 @@ fn pool_dispatch(r: &mut Report, frames_n: usize) {
         })
         .collect();
     let time = |configs: Vec<engine_core::EngineConfig>| {
-        let pool = EnginePool::launch(configs, WhenLocked::Wait, &AtomicBool::new(false)).unwrap();
+        let pool = EnginePool::launch(configs, WhenLocked::Wait, Wait::Forever).unwrap();
         let started = Instant::now();
         let done = pool.describe_many(&frames, |_, _| std::ops::ControlFlow::Continue(()));
         let took = started.elapsed().as_secs_f64();
@@ -294,7 +292,9 @@ fn pool_dispatch(r: &mut Report, frames_n: usize) {
     // The largest shard is the mean rounded up: within 1 % while the mean is 100 or more.
     for count in [4, 16, 64, 100] {
         let largest = (0..count)
-            .map(|index| engine_core::shard::positions(&names, Shard { index, count }).len())
+            .map(|index| {
+                engine_core::shard::positions(&names, Shard::new(index, count).unwrap()).len()
+            })
             .max()
             .unwrap();
         let mean = names.len() as f64 / count as f64;
@@ -489,9 +489,11 @@ fn slot_scaling(r: &mut Report) {
         )
         .unwrap();
         let t = Instant::now();
-        let results = engine.describe_many(&frames, slots as usize, |_, _| {
-            std::ops::ControlFlow::Continue(())
-        });
+        let results = engine
+            .describe_many(&frames, slots as usize, |_, _| {
+                std::ops::ControlFlow::Continue(())
+            })
+            .results;
         let elapsed = t.elapsed();
         assert!(results.iter().all(Result::is_ok));
         engine.shutdown().unwrap();

@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use engine_core::{Engine, KeyframeRecord};
+use engine_core::{Engine, KeyframeRecord, Wait};
 use tests::Harness;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -21,7 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "Engine<Unchecked>  configured (GPU {})",
         engine.config().gpu()
     );
-    let engine = engine.check_vram()?;
+    let engine = engine.check_vram(Wait::Forever)?;
     println!(
         "Engine<VramOk>     {} MiB free on GPU {} (need {})     [{:?}]",
         engine.vram().free_mib,
@@ -29,12 +29,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         engine.config().min_vram_mib(),
         t.elapsed()
     );
-    let engine = engine.lock()?;
+    let engine = engine.lock_gpu(Wait::Forever)?;
     println!(
         "Engine<Locked>     GPU lock held                              [{:?}]",
         t.elapsed()
     );
-    let engine = engine.start()?;
+    let engine = engine.start(Wait::Forever)?;
     println!(
         "Engine<Healthy>    llama-server pid {} at {}     [{:?}]",
         engine.pid(),
@@ -83,7 +83,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "process gone: {}, GPU lock free: {}",
         !tests::alive(pid),
-        engine_core::try_gpu_lock_for(h.gpu, std::time::Duration::ZERO).is_ok()
+        engine_core::gpu_lock(h.gpu, Wait::For(std::time::Duration::ZERO)).is_ok()
     );
     Ok(())
 }

@@ -9,7 +9,9 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use engine_core::{EngineConfig, EngineConfigBuilder};
+use engine_core::config::EngineConfigBuilder;
+use engine_core::gguf::{Gguf, Value};
+use engine_core::{EngineConfig, Wait};
 
 /// How many GPUs the default shim reports; harnesses take indices from 1 up.
 pub const SHIM_GPUS: u32 = 200;
@@ -85,23 +87,15 @@ pub fn cinecut_infer() -> &'static Path {
     &binaries().cinecut_infer
 }
 
-/// Writes a GGUF (version 3) file of string metadata keys and no tensors: all the engine's model
-/// check reads, and all the fake server needs.
+/// Writes a GGUF file of string metadata keys and no tensors: all the engine's model check reads,
+/// and all the fake server needs.
 pub fn write_gguf(path: &Path, keys: &[(&str, &str)]) {
-    let mut out = b"GGUF".to_vec();
-    out.extend(3u32.to_le_bytes());
-    out.extend(0u64.to_le_bytes());
-    out.extend((keys.len() as u64).to_le_bytes());
+    let mut file = Gguf::default();
     for (key, value) in keys {
-        for (i, s) in [key, value].into_iter().enumerate() {
-            out.extend((s.len() as u64).to_le_bytes());
-            out.extend(s.as_bytes());
-            if i == 0 {
-                out.extend(8u32.to_le_bytes()); // a string value
-            }
-        }
+        file.kv(key, Value::Str(value.to_string()));
     }
-    std::fs::write(path, out).unwrap();
+    file.write(&mut std::fs::File::create(path).unwrap())
+        .unwrap();
 }
 
 /// A scratch folder with a model, an mmproj, and helpers to make frames and shims.
@@ -418,7 +412,7 @@ pub fn assert_gone(pid: u32) {
 /// keeper lets go only once the server's tree is gone.
 pub fn wait_lock_free(gpu: u32) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while engine_core::try_gpu_lock_for(gpu, Duration::ZERO).is_err() {
+    while engine_core::gpu_lock(gpu, Wait::For(Duration::ZERO)).is_err() {
         assert!(
             std::time::Instant::now() < deadline,
             "the GPU {gpu} lock was never released"
@@ -429,7 +423,7 @@ pub fn wait_lock_free(gpu: u32) {
 
 /// Asserts that GPU `gpu`'s lock can be taken at once.
 pub fn assert_lock_free(gpu: u32) {
-    let guard = engine_core::try_gpu_lock_for(gpu, Duration::ZERO);
+    let guard = engine_core::gpu_lock(gpu, Wait::For(Duration::ZERO));
     assert!(guard.is_ok(), "GPU {gpu} lock is still held: {guard:?}");
 }
 
@@ -493,7 +487,7 @@ pub fn http_get(port: u16, path: &str, bearer: Option<&str>) -> (u16, String) {
         .unwrap_or_else(|| panic!("no answer to GET {path} on port {port}"))
 }
 
-/// CineCut's text-stage schema (DESIGN.md §6): where the story begins, escalates and peaks, in
+/// CineCut's text-stage schema (docs/design.md §6): where the story begins, escalates and peaks, in
 /// seconds; three required numbers, nothing else.
 pub fn anchors_schema() -> engine_core::Schema {
     engine_core::Schema::new(

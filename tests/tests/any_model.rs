@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use engine_core::{Engine, EngineError, InferenceError, KeyframeRecord, Prompt, Schema, VramError};
+use engine_core::{
+    Engine, EngineError, KeyframeRecord, Prompt, RequestError, Schema, StartError, VramError, Wait,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tests::Harness;
@@ -23,7 +25,7 @@ struct Anchors {
 }
 
 /// The harness's config without its projector: a text-only model.
-fn text_config(h: &Harness) -> engine_core::EngineConfigBuilder {
+fn text_config(h: &Harness) -> engine_core::config::EngineConfigBuilder {
     h.config().text_only()
 }
 
@@ -60,7 +62,7 @@ fn an_image_for_a_text_model_is_refused_before_anything_is_sent() {
         .complete::<Value>(&Prompt::new(&anchors(), "x").image(&frame))
         .unwrap_err();
     assert!(
-        matches!(&err, InferenceError::InvalidPrompt { .. }),
+        matches!(&err, RequestError::InvalidPrompt { .. }),
         "{err:?}"
     );
     assert!(err.to_string().contains("text-only model"), "{err}");
@@ -86,7 +88,7 @@ fn an_off_schema_answer_is_retried_and_the_error_names_the_schema() {
         .complete::<Anchors>(&Prompt::new(&anchors(), "subtitles").id("chunk-3"))
         .unwrap_err();
     match &err {
-        InferenceError::InvalidOutput {
+        RequestError::InvalidOutput {
             schema, attempts, ..
         } => {
             assert_eq!(schema, "structural_anchors");
@@ -138,10 +140,7 @@ fn model_files_that_llama_server_cannot_load_in_their_role_are_refused_before_an
     for (config, needle) in cases {
         let err = Engine::launch(config.build().unwrap()).unwrap_err();
         assert!(
-            matches!(
-                &err,
-                EngineError::Inference(InferenceError::BadModel { .. })
-            ),
+            matches!(&err, EngineError::Start(StartError::BadModel { .. })),
             "{err:?}"
         );
         assert!(err.to_string().contains(needle), "{err}");
@@ -231,7 +230,7 @@ fn a_swap_from_the_vision_model_to_the_text_model_never_lets_go_of_the_gpu() {
         scope.spawn(|| {
             while swapping.load(Ordering::Acquire) {
                 tries.fetch_add(1, Ordering::Relaxed);
-                if engine_core::try_gpu_lock_for(h.gpu, Duration::ZERO).is_ok() {
+                if engine_core::gpu_lock(h.gpu, Wait::For(Duration::ZERO)).is_ok() {
                     taken.fetch_add(1, Ordering::Relaxed);
                 }
             }

@@ -1,6 +1,7 @@
 //! The CLI at scale, end to end against the fake server and the shim: `--gpus` (a pool of servers),
 //! `--shard` and `merge` (many hosts), and `--vram-probe` (NVML, with nvidia-smi as the fallback).
 
+use engine_core::Wait;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -102,7 +103,7 @@ fn gpus_all_leaves_out_a_locked_gpu_and_a_dying_server_hands_over_its_frames() {
         tests::shim_uuid(h.gpu),
         tests::shim_uuid(other.gpu)
     );
-    let holder = engine_core::gpu_lock(other.gpu).unwrap();
+    let holder = engine_core::gpu_lock(other.gpu, Wait::Forever).unwrap();
     let out = pool_command(&h, "all")
         .env("CUDA_VISIBLE_DEVICES", &visible)
         .arg(&dir)
@@ -256,7 +257,10 @@ fn nvml_is_named_when_missing_and_nvidia_smi_is_the_fallback() {
             err.contains("NVML is not available") && err.contains("libnvidia-ml.so.1"),
             "{err}"
         );
-        assert!(err.contains("--vram-probe nvidia-smi"), "{err}");
+        assert!(
+            err.contains("use nvidia-smi instead (--vram-probe)"),
+            "{err}"
+        );
         // auto falls back to the nvidia-smi on PATH.
         let bin = h.dir.path().join("bin");
         std::fs::create_dir_all(&bin).unwrap();

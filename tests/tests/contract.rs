@@ -9,8 +9,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use engine_core::config::EngineConfigBuilder;
+use engine_core::error::ModelRole;
 use engine_core::process::{ChildExit, Escalation};
-use engine_core::{Engine, EngineConfigBuilder, InferenceError, KeyframeRecord};
+use engine_core::{Engine, KeyframeRecord, RequestError, StartError};
 use serde_json::{Value, json};
 use tests::Harness;
 
@@ -292,7 +294,7 @@ fn chat_completion_has_the_shape_the_engine_parses() {
     assert!(answer["choices"][0]["finish_reason"].is_string());
     assert!(answer["usage"].is_object());
     assert!(answer["timings"].is_object());
-    let parsed = engine_core::describe::parse_chat_response(&answer.to_string());
+    let parsed = engine_core::request::parse_chat_response(&answer.to_string());
     assert!(parsed.is_ok(), "{content:?}: {parsed:?}");
 
     // An image that does not decode.
@@ -395,7 +397,10 @@ fn the_engine_reports_a_taken_port_and_a_missing_model() {
     let err = Engine::launch(config.build().unwrap()).unwrap_err();
     assert!(matches!(
         err,
-        engine_core::EngineError::Inference(InferenceError::ModelNotFound { what: "mmproj", .. })
+        engine_core::EngineError::Start(StartError::ModelNotFound {
+            role: ModelRole::Mmproj,
+            ..
+        })
     ));
     tests::assert_lock_free(h.gpu);
 }
@@ -420,7 +425,9 @@ fn eight_slots_describe_every_frame() {
             )
         })
         .collect();
-    let results = engine.describe_many(&frames, 8, |_, _| std::ops::ControlFlow::Continue(()));
+    let results = engine
+        .describe_many(&frames, 8, |_, _| std::ops::ControlFlow::Continue(()))
+        .results;
     for result in &results {
         assert!(result.is_ok(), "{result:?}");
     }
@@ -436,7 +443,7 @@ fn a_request_larger_than_its_slot_is_a_context_error_that_is_not_retried() {
     let frame = KeyframeRecord::new(jpeg(&h, "big-prompt.jpg", [9, 90, 180]), 0.0, "contract");
     let err = engine.describe(&frame).unwrap_err();
     assert!(
-        matches!(err, InferenceError::ContextExhausted { .. }),
+        matches!(err, RequestError::ContextExhausted { .. }),
         "{err:?}"
     );
     assert!(
@@ -516,10 +523,10 @@ fn bounded_anchors() -> engine_core::Schema {
 /// CineCut's exact schema leaves numbers unbounded: the tiny model's random weights may write
 /// `4E40015904370`, which no f64 holds. Every answer is then valid, or an `InvalidOutput` about the
 /// content (never an HTTP, transport or context error).
-fn assert_anchors_or_invalid_content(result: Result<Value, InferenceError>) {
+fn assert_anchors_or_invalid_content(result: Result<Value, RequestError>) {
     match result {
         Ok(value) => assert!(anchors().validate(&value).is_ok(), "{value}"),
-        Err(InferenceError::InvalidOutput {
+        Err(RequestError::InvalidOutput {
             schema, attempts, ..
         }) => {
             assert_eq!(schema, "structural_anchors");

@@ -7,9 +7,10 @@ use std::ops::ControlFlow;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use engine_core::config::EngineConfigBuilder;
 use engine_core::process::ChildExit;
 use engine_core::typestate::Healthy;
-use engine_core::{DescribeOptions, Engine, EngineConfigBuilder, InferenceError, KeyframeRecord};
+use engine_core::{DescribeOptions, Engine, KeyframeRecord, RequestError};
 use tests::{Harness, assert_gone};
 
 fn start(config: EngineConfigBuilder) -> Engine<Healthy> {
@@ -69,7 +70,7 @@ fn invalid_output_is_retried_then_reported_with_every_attempt_and_the_engine_kee
     let frame = record(h.jpeg("f.jpg", 64, 64, [1, 2, 3]));
     let err = engine.describe(&frame).unwrap_err();
     match &err {
-        InferenceError::InvalidOutput { attempts, .. } => {
+        RequestError::InvalidOutput { attempts, .. } => {
             assert_eq!(attempts.len(), 3, "default: 2 retries");
             assert!(attempts[0].contains("content is not JSON"), "{attempts:?}");
             assert!(attempts[1].contains("mood"), "{attempts:?}");
@@ -104,7 +105,7 @@ fn an_http_500_is_reported_and_the_next_frame_works() {
     let frame = record(h.jpeg("f.jpg", 64, 64, [1, 2, 3]));
     let err = engine.describe(&frame).unwrap_err();
     assert!(
-        matches!(&err, InferenceError::Http { status: 500, body, .. } if body.contains("internal error")),
+        matches!(&err, RequestError::Http { status: 500, body, .. } if body.contains("internal error")),
         "{err:?}"
     );
     engine.describe(&frame).unwrap();
@@ -125,7 +126,7 @@ fn a_frame_the_server_cannot_decode_is_a_400_and_the_engine_goes_on() {
     .unwrap();
     let err = engine.describe(&record(corrupt)).unwrap_err();
     assert!(
-        matches!(&err, InferenceError::Http { status: 400, body, .. } if body.contains("Failed to load image")),
+        matches!(&err, RequestError::Http { status: 400, body, .. } if body.contains("Failed to load image")),
         "{err:?}"
     );
     engine
@@ -154,7 +155,7 @@ fn bad_frames_never_reach_the_server() {
     ];
     for (path, needle) in cases {
         let err = engine.describe(&record(path.clone())).unwrap_err();
-        assert!(matches!(err, InferenceError::BadImage { .. }), "{err:?}");
+        assert!(matches!(err, RequestError::BadImage { .. }), "{err:?}");
         assert!(err.to_string().contains(needle), "{err}");
         assert!(err.to_string().contains(&path.display().to_string()));
     }
@@ -175,10 +176,7 @@ fn a_slow_answer_times_out_and_shutdown_still_ends() {
     let err = engine
         .describe(&record(h.jpeg("f.jpg", 32, 32, [1, 2, 3])))
         .unwrap_err();
-    assert!(
-        matches!(err, InferenceError::RequestTimeout { .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, RequestError::Timeout { .. }), "{err:?}");
     let pid = engine.pid();
     engine.shutdown().unwrap();
     assert_gone(pid);
@@ -193,31 +191,34 @@ fn a_crash_mid_request_is_reported_with_the_signal_and_the_engine_reports_itself
     engine.describe(&frame).unwrap();
     let err = engine.describe(&frame).unwrap_err();
     match &err {
-        InferenceError::ServerDied {
+        RequestError::ServerDied {
             during: Some(during),
-            status,
-            output_tail,
+            death,
             ..
         } => {
             assert_eq!(
                 during,
-                &engine_core::Subject::Frame(frame.frame_path.clone())
+                &engine_core::request::Subject::Frame(frame.frame_path.clone())
             );
-            assert_eq!(*status, ChildExit::Signal(6));
-            assert!(output_tail.contains("GGML_ASSERT"), "{output_tail}");
+            assert_eq!(death.status, ChildExit::Signal(6));
+            assert!(
+                death.output_tail.contains("GGML_ASSERT"),
+                "{}",
+                death.output_tail
+            );
         }
         other => panic!("unexpected {other:?}"),
     }
     // Dead stays dead, at once, without contacting anything.
     let again = engine.describe(&frame).unwrap_err();
-    assert!(matches!(again, InferenceError::ServerDied { .. }));
+    assert!(matches!(again, RequestError::ServerDied { .. }));
     assert_eq!(
         requests(&h),
         1,
         "the crashing request never started its answer"
     );
     let shutdown = engine.shutdown();
-    assert!(matches!(shutdown, Err(InferenceError::ServerDied { .. })));
+    assert!(matches!(shutdown, Err(RequestError::ServerDied { .. })));
     h.assert_clean();
 }
 
@@ -233,11 +234,13 @@ fn describe_many_keeps_input_order_and_uses_the_slots() {
         })
         .collect();
     let done = Mutex::new(Vec::new());
-    let results = engine.describe_many(&frames, slots as usize, |i, result| {
-        assert!(result.is_ok());
-        done.lock().unwrap().push(i);
-        ControlFlow::Continue(())
-    });
+    let results = engine
+        .describe_many(&frames, slots as usize, |i, result| {
+            assert!(result.is_ok());
+            done.lock().unwrap().push(i);
+            ControlFlow::Continue(())
+        })
+        .results;
     for (i, result) in results.iter().enumerate() {
         let width = 16 + i * 8;
         assert!(
@@ -277,17 +280,19 @@ fn describe_many_stops_when_asked_and_cancels_the_rest() {
     let frames: Vec<KeyframeRecord> = (0..6)
         .map(|i| record(h.jpeg(&format!("f{i}.jpg"), 16, 16, [i as u8, 0, 0])))
         .collect();
-    let results = engine.describe_many(&frames, 1, |i, _| {
-        if i == 1 {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    });
+    let results = engine
+        .describe_many(&frames, 1, |i, _| {
+            if i == 1 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .results;
     assert!(results[0].is_ok() && results[1].is_ok());
     for result in &results[2..] {
         assert!(
-            matches!(result, Err(InferenceError::Cancelled { .. })),
+            matches!(result, Err(RequestError::Cancelled { .. })),
             "{result:?}"
         );
     }

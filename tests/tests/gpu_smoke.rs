@@ -10,10 +10,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use engine_core::vram::{GpuRow, NvidiaSmi, ProbeChoice, VramProbe, VramRecovery};
-use engine_core::{
-    Engine, EngineConfig, EnginePool, KeyframeRecord, WhenLocked, check_vram_free_mib,
-};
+use engine_core::gpu::{GpuRow, NvidiaSmi, ProbeChoice, VramProbe, VramRecovery};
+use engine_core::pool::WhenLocked;
+use engine_core::{Engine, EngineConfig, EnginePool, KeyframeRecord, check_vram_free_mib};
 use tests::Harness;
 
 fn env_path(name: &str) -> PathBuf {
@@ -108,7 +107,9 @@ fn gpu_smoke() {
 
     let engine = Engine::launch(config.clone().slots(4).build().unwrap()).unwrap();
     let t = Instant::now();
-    let results = engine.describe_many(&frames, 4, |_, _| ControlFlow::Continue(()));
+    let results = engine
+        .describe_many(&frames, 4, |_, _| ControlFlow::Continue(()))
+        .results;
     let slot4_rate = frames.len() as f64 / t.elapsed().as_secs_f64();
     assert!(results.iter().all(Result::is_ok), "{results:?}");
     let stop4 = engine.shutdown().unwrap();

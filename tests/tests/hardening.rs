@@ -5,8 +5,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use engine_core::vram::VramRecovery;
-use engine_core::{Engine, InferenceError};
+use engine_core::gpu::VramRecovery;
+use engine_core::{Engine, StartError, Wait};
 use tests::{Harness, SHIM_GPUS, running};
 
 /// A running `engine-holder` with its stdout lines.
@@ -157,15 +157,15 @@ fn two_processes_serialise_on_one_gpu_but_not_on_two() {
     let mut first = Holder::spawn(&["lock", &gpu], &[]);
     assert_eq!(first.line(), "locked");
     // Another process (this one) cannot take that GPU...
-    let err = engine_core::try_gpu_lock_for(h.gpu, Duration::from_millis(100)).unwrap_err();
+    let err = engine_core::gpu_lock(h.gpu, Wait::For(Duration::from_millis(100))).unwrap_err();
     assert!(err.to_string().contains("still locked"), "{err}");
     assert_eq!(
-        engine_core::lock::lock_holder(h.gpu),
+        engine_core::gpu::lockfile::lock_holder(h.gpu),
         Some(first.child.id())
     );
     // ...but another GPU is free.
     let other = Harness::new();
-    drop(engine_core::try_gpu_lock_for(other.gpu, Duration::ZERO).unwrap());
+    drop(engine_core::gpu_lock(other.gpu, Wait::For(Duration::ZERO)).unwrap());
     // A second process on the same GPU waits until the first lets go.
     let mut second = Holder::spawn(&["lock", &gpu], &[]);
     first.release();
@@ -362,7 +362,7 @@ fn a_server_that_refuses_our_key_is_not_our_server() {
     )
     .unwrap_err();
     assert!(
-        matches!(&err, engine_core::EngineError::Inference(InferenceError::PortInUse { detail, .. }) if detail.contains("API key")),
+        matches!(&err, engine_core::EngineError::Start(StartError::PortInUse { detail, .. }) if detail.contains("API key")),
         "{err}"
     );
     h.assert_clean();

@@ -1,34 +1,36 @@
 //! The engine's lifecycle against the real fake server: the happy path and every server failure of
-//! DESIGN.md §3. Each test ends by checking that no process is left and the GPU lock is free.
+//! docs/design.md §3. Each test ends by checking that no process is left and the GPU lock is free.
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
+use engine_core::config::EngineConfigBuilder;
+use engine_core::error::ModelRole;
 use engine_core::process::{ChildExit, Escalation};
-use engine_core::{Engine, EngineConfigBuilder, EngineError, InferenceError};
+use engine_core::{Engine, EngineError, StartError, Wait};
 use tests::{Harness, alive, assert_gone};
 
 fn start(
     config: EngineConfigBuilder,
-) -> Result<Engine<engine_core::typestate::Healthy>, InferenceError> {
+) -> Result<Engine<engine_core::typestate::Healthy>, StartError> {
     Engine::new(config.build().unwrap())
-        .check_vram()
+        .check_vram(Wait::Forever)
         .expect("vram")
-        .lock()
+        .lock_gpu(Wait::Forever)
         .expect("lock")
-        .start()
+        .start(Wait::Forever)
 }
 
 #[test]
 fn happy_path_runs_every_step_and_cleans_up() {
     let h = Harness::new();
     let engine = Engine::new(h.config().build().unwrap());
-    let engine = engine.check_vram().unwrap();
+    let engine = engine.check_vram(Wait::Forever).unwrap();
     assert_eq!(engine.vram().free_mib, 79000);
-    let engine = engine.lock().unwrap();
+    let engine = engine.lock_gpu(Wait::Forever).unwrap();
     // While locked, nobody else gets the GPU.
-    assert!(engine_core::try_gpu_lock_for(h.gpu, Duration::ZERO).is_err());
-    let engine = engine.start().unwrap();
+    assert!(engine_core::gpu_lock(h.gpu, Wait::For(Duration::ZERO)).is_err());
+    let engine = engine.start(Wait::Forever).unwrap();
     let pid = engine.pid();
     assert!(alive(pid));
     assert_ne!(engine.port(), 0);
@@ -141,7 +143,7 @@ fn exit_during_load_is_reported_at_once_with_code_and_message() {
     // "At once": far below the 60 s startup timeout (the fake loads in 30 ms).
     assert!(started.elapsed() < Duration::from_secs(30));
     match &err {
-        InferenceError::ExitedDuringStartup {
+        StartError::ExitedDuringStartup {
             status,
             output_tail,
         } => {
@@ -159,7 +161,7 @@ fn death_by_signal_during_load_names_the_signal() {
     let h = Harness::new();
     let err = start(h.config().env("FAKE_LLAMA_EXIT_DURING_LOAD", "abort")).unwrap_err();
     assert!(
-        matches!(&err, InferenceError::ExitedDuringStartup { status, .. } if *status == ChildExit::Signal(6)),
+        matches!(&err, StartError::ExitedDuringStartup { status, .. } if *status == ChildExit::Signal(6)),
         "{err}"
     );
     h.assert_clean();
@@ -174,7 +176,7 @@ fn never_healthy_times_out_and_the_child_is_reaped() {
         .env("FAKE_LLAMA_NEVER_READY", "1");
     let err = start(config).unwrap_err();
     match &err {
-        InferenceError::StartupTimeout { last_health, .. } => {
+        StartError::Timeout { last_health, .. } => {
             assert!(last_health.contains("503"), "{last_health}");
             assert!(last_health.contains("Loading model"), "{last_health}");
         }
@@ -193,7 +195,7 @@ fn a_200_without_status_ok_is_not_ready() {
         .env("FAKE_LLAMA_HEALTH_BODY", r#"{"status":"loading"}"#);
     let err = start(config).unwrap_err();
     match &err {
-        InferenceError::StartupTimeout { last_health, .. } => {
+        StartError::Timeout { last_health, .. } => {
             assert!(last_health.contains("HTTP 200"), "{last_health}");
             assert!(last_health.contains("loading"), "{last_health}");
         }
@@ -278,7 +280,7 @@ fn a_taken_port_is_reported_fast_and_nothing_is_spawned() {
     let port = holder.local_addr().unwrap().port();
     let err = start(h.config().port(port)).unwrap_err();
     match &err {
-        InferenceError::PortInUse { port: p, .. } => assert_eq!(*p, port),
+        StartError::PortInUse { port: p, .. } => assert_eq!(*p, port),
         other => panic!("unexpected {other:?}"),
     }
     assert!(
@@ -297,7 +299,7 @@ fn missing_model_or_mmproj_names_the_path_and_spawns_nothing() {
     config = config.model(&missing);
     let err = start(config).unwrap_err();
     assert!(
-        matches!(&err, InferenceError::ModelNotFound { what: "model", path } if *path == missing)
+        matches!(&err, StartError::ModelNotFound { role: ModelRole::Model, path } if *path == missing)
     );
     assert!(err.to_string().contains("nope.gguf"));
     let mut config = h.config();
@@ -305,7 +307,10 @@ fn missing_model_or_mmproj_names_the_path_and_spawns_nothing() {
     let err = start(config).unwrap_err();
     assert!(matches!(
         &err,
-        InferenceError::ModelNotFound { what: "mmproj", .. }
+        StartError::ModelNotFound {
+            role: ModelRole::Mmproj,
+            ..
+        }
     ));
     assert!(h.spawned_pids().is_empty());
     h.assert_clean();
@@ -313,12 +318,27 @@ fn missing_model_or_mmproj_names_the_path_and_spawns_nothing() {
 
 #[test]
 fn the_fake_itself_refuses_a_missing_model_like_the_real_server() {
-    // Bypass the engine's own pre-check: a model that vanishes between check and load.
+    // Bypass the engine's own pre-check: a model that vanishes between check and load (the
+    // server's wrapper removes it before the server starts).
     let h = Harness::new();
-    let config = h.config().arg("-m").arg(h.dir.path().join("gone.gguf"));
+    let gone = h.dir.path().join("gone.gguf");
+    std::fs::copy(&h.model, &gone).unwrap();
+    let wrapper = h.dir.path().join("vanishing-model");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nrm -f '{}'\nexec '{}' \"$@\"\n",
+            gone.display(),
+            tests::fake_server().display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = h.config().model(&gone).server_bin(&wrapper);
     let err = start(config).unwrap_err();
     match &err {
-        InferenceError::ExitedDuringStartup {
+        StartError::ExitedDuringStartup {
             status,
             output_tail,
         } => {
@@ -348,7 +368,7 @@ fn an_unknown_flag_fails_the_start_with_the_servers_reason() {
 fn a_missing_server_binary_says_how_to_fix_it() {
     let h = Harness::new();
     let err = start(h.config().server_bin(h.dir.path().join("no-llama-server"))).unwrap_err();
-    assert!(matches!(err, InferenceError::ServerNotFound { .. }));
+    assert!(matches!(err, StartError::ServerNotFound { .. }));
     assert!(err.to_string().contains("LLAMA_SERVER"));
     h.assert_clean();
 }
@@ -362,11 +382,11 @@ fn a_bad_config_is_refused_before_anything_runs() {
         .build()
         .unwrap_err();
     assert!(
-        err.to_string().contains("health_poll_interval is 50ms"),
+        err.to_string().contains("`health_poll_interval` is 50ms"),
         "{err}"
     );
     let err = h.config().slots(0).build().unwrap_err();
-    assert!(err.to_string().contains("slots is 0"), "{err}");
+    assert!(err.to_string().contains("`slots` is 0"), "{err}");
     assert!(h.spawned_pids().is_empty());
     h.assert_clean();
 }
@@ -376,9 +396,11 @@ fn a_second_engine_on_the_same_gpu_waits_for_the_lock() {
     let h = Harness::new();
     let first = start(h.config()).unwrap();
     let second = Engine::new(h.config().build().unwrap())
-        .check_vram()
+        .check_vram(Wait::Forever)
         .unwrap();
-    let err = second.try_lock_for(Duration::from_millis(50)).unwrap_err();
+    let err = second
+        .lock_gpu(Wait::For(Duration::from_millis(50)))
+        .unwrap_err();
     assert!(
         err.to_string()
             .contains(&format!("GPU {} is still locked", h.gpu)),

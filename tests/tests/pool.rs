@@ -4,9 +4,11 @@
 use std::ops::ControlFlow;
 use std::sync::atomic::AtomicBool;
 
+use engine_core::config::EngineConfigBuilder;
+use engine_core::gpu::LockError;
+use engine_core::pool::WhenLocked;
 use engine_core::{
-    EngineConfigBuilder, EngineError, EnginePool, InferenceError, KeyframeRecord, LockError,
-    VramError, WhenLocked,
+    EngineError, EnginePool, KeyframeRecord, RequestError, StartError, VramError, Wait,
 };
 use tests::Harness;
 
@@ -53,10 +55,10 @@ impl TwoGpus {
 }
 
 fn launch(configs: Vec<engine_core::EngineConfig>, when: WhenLocked) -> EnginePool {
-    EnginePool::launch(configs, when, &AtomicBool::new(false)).unwrap()
+    EnginePool::launch(configs, when, Wait::Forever).unwrap()
 }
 
-fn go_on<T>(_: usize, _: &Result<T, InferenceError>) -> ControlFlow<()> {
+fn go_on<T>(_: usize, _: &Result<T, RequestError>) -> ControlFlow<()> {
     ControlFlow::Continue(())
 }
 
@@ -76,8 +78,8 @@ fn every_gpu_serves_and_results_come_back_in_input_order() {
             "{frame:?}: {scene:?}"
         );
     }
-    assert!(done.deaths.is_empty());
-    assert_eq!(done.answered.iter().map(|(_, n)| n).sum::<usize>(), 40);
+    assert!(done.servers.iter().all(|s| s.died.is_none()));
+    assert_eq!(done.servers.iter().map(|s| s.answered).sum::<usize>(), 40);
     // Each server was shown only its own GPU.
     let shown: Vec<String> = two
         .h
@@ -107,11 +109,11 @@ fn the_faster_gpu_takes_more_of_the_work() {
     );
     let done = pool.describe_many(&two.frames(30), go_on);
     assert!(done.results.iter().all(Result::is_ok));
-    let count = |gpu: u32| done.answered.iter().find(|(g, _)| *g == gpu).unwrap().1;
+    let count = |gpu: u32| done.servers.iter().find(|s| s.gpu == gpu).unwrap().answered;
     assert!(
         count(fast) > 2 * count(slow),
         "no static split: the fast GPU answers most ({:?})",
-        done.answered
+        done.servers
     );
     drop(pool);
     two.assert_clean();
@@ -135,20 +137,18 @@ fn a_server_that_dies_hands_its_items_to_the_others() {
     for result in &done.results {
         assert!(result.is_ok(), "{result:?}");
     }
-    assert_eq!(done.deaths.len(), 1, "{:?}", done.deaths);
-    assert_eq!(done.deaths[0].gpu, dying);
-    assert!(done.deaths[0].handed_over >= 1);
-    assert!(
-        done.deaths[0].error.contains("signal 6"),
-        "{:?}",
-        done.deaths
+    let died: Vec<_> = done.servers.iter().filter(|s| s.died.is_some()).collect();
+    assert_eq!(died.len(), 1, "{died:?}");
+    assert_eq!(died[0].gpu, dying);
+    assert!(died[0].handed_over >= 1);
+    assert_eq!(
+        died[0].died.as_ref().unwrap().status,
+        engine_core::process::ChildExit::Signal(6),
+        "{died:?}"
     );
     let stops = pool.shutdown();
     let dead_stop = stops.iter().find(|(g, _)| *g == dying).unwrap();
-    assert!(matches!(
-        dead_stop.1,
-        Err(InferenceError::ServerDied { .. })
-    ));
+    assert!(matches!(dead_stop.1, Err(RequestError::ServerDied { .. })));
     two.assert_clean();
 }
 
@@ -162,15 +162,21 @@ fn when_every_server_dies_the_rest_fail_naming_the_last_death() {
     let done = pool.describe_many(&two.frames(12), go_on);
     let ok = done.results.iter().filter(|r| r.is_ok()).count();
     assert_eq!(ok, 4, "two answers from each server before it died");
+    // The item in flight when the last server died ends with that death; the rest were never sent.
+    let mut died_in_flight = 0;
     for result in done.results.iter().filter(|r| r.is_err()) {
         let err = result.as_ref().unwrap_err();
-        assert!(
-            matches!(err, InferenceError::PoolExhausted { .. })
-                && err.to_string().contains("every server of the pool died"),
-            "{err}"
-        );
+        match err {
+            RequestError::ServerDied { .. } => died_in_flight += 1,
+            RequestError::NoServerLeft { .. } => assert!(
+                err.to_string().contains("every server died before it"),
+                "{err}"
+            ),
+            other => panic!("{other}"),
+        }
     }
-    assert_eq!(done.deaths.len(), 2);
+    assert!(died_in_flight >= 1);
+    assert_eq!(done.servers.iter().filter(|s| s.died.is_some()).count(), 2);
     drop(pool);
     two.assert_clean();
 }
@@ -179,7 +185,7 @@ fn when_every_server_dies_the_rest_fail_naming_the_last_death() {
 fn busy_or_full_gpus_are_left_out_with_the_reason_and_the_rest_runs() {
     let two = TwoGpus::new();
     let [free, busy] = two.gpus();
-    let holder = engine_core::gpu_lock(busy).unwrap();
+    let holder = engine_core::gpu_lock(busy, Wait::Forever).unwrap();
     let pool = launch(two.configs(two.h.config()), WhenLocked::Skip);
     assert_eq!(pool.engines().len(), 1);
     assert_eq!(pool.engines()[0].gpu(), free);
@@ -212,7 +218,7 @@ fn busy_or_full_gpus_are_left_out_with_the_reason_and_the_rest_runs() {
     let err = EnginePool::launch(
         two.configs(two.h.config().min_vram_mib(100_000)),
         WhenLocked::Skip,
-        &AtomicBool::new(false),
+        Wait::Forever,
     )
     .unwrap_err();
     assert_eq!(err.failures.len(), 2);
@@ -227,11 +233,16 @@ fn busy_or_full_gpus_are_left_out_with_the_reason_and_the_rest_runs() {
 fn cancelling_a_wait_for_a_locked_gpu_releases_everything() {
     let two = TwoGpus::new();
     let [_, busy] = two.gpus();
-    let holder = engine_core::gpu_lock(busy).unwrap();
+    let holder = engine_core::gpu_lock(busy, Wait::Forever).unwrap();
     let cancel = AtomicBool::new(false);
     let err = std::thread::scope(|scope| {
-        let launching = scope
-            .spawn(|| EnginePool::launch(two.configs(two.h.config()), WhenLocked::Wait, &cancel));
+        let launching = scope.spawn(|| {
+            EnginePool::launch(
+                two.configs(two.h.config()),
+                WhenLocked::Wait,
+                Wait::Until(&cancel),
+            )
+        });
         // The free GPU's server comes up while the other waits for its lock.
         two.h.wait_for_event("ready");
         cancel.store(true, std::sync::atomic::Ordering::Release);
@@ -243,7 +254,7 @@ fn cancelling_a_wait_for_a_locked_gpu_releases_everything() {
         matches!(
             e,
             EngineError::Lock(LockError::Cancelled { .. })
-                | EngineError::Inference(InferenceError::StartCancelled)
+                | EngineError::Start(StartError::Cancelled)
         )
     };
     match err {
@@ -277,7 +288,7 @@ fn a_gpu_named_twice_is_left_out_instead_of_waiting_for_itself() {
         pool.left_out()[0]
             .error
             .to_string()
-            .contains("already in this pool"),
+            .contains("is named twice"),
         "{:?}",
         pool.left_out()
     );
@@ -289,20 +300,20 @@ fn a_gpu_named_twice_is_left_out_instead_of_waiting_for_itself() {
 fn is_locked_reads_the_lock_without_taking_it() {
     let two = TwoGpus::new();
     let gpu = two.other.gpu;
-    assert_eq!(engine_core::lock::is_locked(gpu), Some(false));
-    let guard = engine_core::gpu_lock(gpu).unwrap();
-    assert_eq!(engine_core::lock::is_locked(gpu), Some(true));
+    assert_eq!(engine_core::gpu::lockfile::is_locked(gpu), Some(false));
+    let guard = engine_core::gpu_lock(gpu, Wait::Forever).unwrap();
+    assert_eq!(engine_core::gpu::lockfile::is_locked(gpu), Some(true));
     drop(guard);
     // While it is asked about in a loop, a try-lock never fails on a free lock.
     let asking = AtomicBool::new(true);
     std::thread::scope(|scope| {
         scope.spawn(|| {
             while asking.load(std::sync::atomic::Ordering::Acquire) {
-                assert!(engine_core::lock::is_locked(gpu).is_some());
+                assert!(engine_core::gpu::lockfile::is_locked(gpu).is_some());
             }
         });
         for _ in 0..200 {
-            let taken = engine_core::try_gpu_lock_for(gpu, std::time::Duration::ZERO);
+            let taken = engine_core::gpu_lock(gpu, Wait::For(std::time::Duration::ZERO));
             assert!(taken.is_ok(), "{taken:?}");
             drop(taken);
         }

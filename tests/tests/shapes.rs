@@ -6,8 +6,9 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
+use engine_core::gpu::LockError;
 use engine_core::process::Escalation;
-use engine_core::{Engine, EngineError, GpuId, InferenceError, KeyframeRecord, LockError};
+use engine_core::{Engine, EngineError, GpuId, KeyframeRecord, RequestError, StartError, Wait};
 use tests::{Harness, alive, assert_gone};
 
 #[test]
@@ -95,12 +96,12 @@ fn vram_is_checked_again_once_the_lock_is_held() {
         .build()
         .unwrap();
     // Another holder has the GPU; our check passes meanwhile.
-    let other = engine_core::gpu_lock(h.gpu).unwrap();
-    let checked = Engine::new(config).check_vram().unwrap();
+    let other = engine_core::gpu_lock(h.gpu, Wait::Forever).unwrap();
+    let checked = Engine::new(config).check_vram(Wait::Forever).unwrap();
     let (tx, rx) = mpsc::channel();
     let waiter = std::thread::spawn(move || {
         tx.send(()).unwrap();
-        checked.lock()
+        checked.lock_gpu(Wait::Forever)
     });
     rx.recv().unwrap();
     // The other holder fills the GPU, then lets go.
@@ -153,7 +154,9 @@ fn eight_slots_each_get_the_whole_context_per_slot() {
         })
         .collect();
     // Before: -c 2048 -np 8 left 256 tokens a slot and every answer was cut off.
-    let results = engine.describe_many(&frames, 8, |_, _| std::ops::ControlFlow::Continue(()));
+    let results = engine
+        .describe_many(&frames, 8, |_, _| std::ops::ControlFlow::Continue(()))
+        .results;
     for result in &results {
         assert!(result.is_ok(), "{result:?}");
     }
@@ -174,7 +177,7 @@ fn a_full_context_is_reported_with_the_fix_and_not_retried() {
         ))
         .unwrap_err();
     assert!(
-        matches!(err, InferenceError::ContextExhausted { .. }),
+        matches!(err, RequestError::ContextExhausted { .. }),
         "{err:?}"
     );
     let text = err.to_string();
@@ -197,10 +200,7 @@ fn a_squatter_that_enforces_no_key_is_not_our_server() {
         Engine::launch(h.config().env("FAKE_LLAMA_NO_KEY", "1").build().unwrap()).unwrap_err();
     let text = err.to_string();
     assert!(
-        matches!(
-            &err,
-            EngineError::Inference(InferenceError::PortInUse { .. })
-        ),
+        matches!(&err, EngineError::Start(StartError::PortInUse { .. })),
         "{err:?}"
     );
     assert!(text.contains("without an API key"), "{text}");

@@ -1,11 +1,11 @@
-//! The VRAM pre-check against the nvidia-smi shim: every nvidia-smi failure of DESIGN.md §3. A failed
+//! The VRAM pre-check against the nvidia-smi shim: every nvidia-smi failure of docs/design.md §3. A failed
 //! check starts no server and takes no lock; the shim never outlives the check.
 
 use std::time::{Duration, Instant};
 
+use engine_core::gpu::{NvidiaSmi, VramProbe};
 use engine_core::process::ChildExit;
-use engine_core::vram::{NvidiaSmi, VramProbe};
-use engine_core::{Engine, GpuId, VramError, check_vram_free_mib};
+use engine_core::{Engine, GpuId, VramError, Wait, check_vram_free_mib};
 use tests::Harness;
 
 fn probe(program: std::path::PathBuf) -> VramProbe {
@@ -19,11 +19,15 @@ fn check(h: &Harness, knobs: &[(&str, &str)]) -> Result<u64, VramError> {
     check_vram_free_mib(&probe(h.shim(&all)), 0)
 }
 
-/// A knob that makes GPU 0's reading (or the whole answer) unreadable gives `Unparsable` naming it.
+/// A knob that makes GPU 0's reading (or the whole answer) unreadable gives `Unreadable` (that
+/// GPU's value) or `Unparsable` (the whole answer), naming it.
 fn unparsable(h: &Harness, knob: (&str, &str), needle: &str) {
     let err = check(h, &[knob]).unwrap_err();
     assert!(
-        matches!(err, VramError::Unparsable { .. }),
+        matches!(
+            err,
+            VramError::Unparsable { .. } | VramError::Unreadable { gpu: 0, .. }
+        ),
         "{knob:?}: {err:?}"
     );
     assert!(err.to_string().contains(needle), "{knob:?}: {err}");
@@ -137,7 +141,7 @@ fn too_little_vram_stops_before_the_lock_and_the_server() {
         .nvidia_smi(h.shim(&[("NVSMI_GPUS", "4000")]))
         .min_vram_mib(6144);
     let err = Engine::new(config.build().unwrap())
-        .check_vram()
+        .check_vram(Wait::Forever)
         .unwrap_err();
     assert_eq!(
         err.to_string().split(" (GPU").next().unwrap(),

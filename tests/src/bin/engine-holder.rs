@@ -8,7 +8,7 @@
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
-use engine_core::{Engine, EngineConfig};
+use engine_core::{Engine, EngineConfig, Wait};
 
 fn wait_for_stdin_eof() {
     let mut line = String::new();
@@ -50,9 +50,9 @@ fn main() {
         Some("lock") => {
             let gpu = args[1].parse().unwrap();
             let guard = if args.get(2).is_some_and(|a| a == "try") {
-                engine_core::try_gpu_lock_for(gpu, Duration::from_millis(100))
+                engine_core::gpu_lock(gpu, Wait::For(Duration::from_millis(100)))
             } else {
-                engine_core::gpu_lock(gpu)
+                engine_core::gpu_lock(gpu, Wait::Forever)
             };
             match guard {
                 Ok(guard) => {

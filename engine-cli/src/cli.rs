@@ -1,0 +1,240 @@
+//! The command line as clap reads it: every command's arguments, checked for shape only. What the
+//! values mean is for the commands (`describe.rs`, `run.rs`, ...) and `settings.rs` to say.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use engine_core::gpu::ProbeChoice;
+use engine_core::{GpuId, VRAM_MINIMUM_MIB};
+
+use crate::job::progress::Style;
+
+/// `--version`: the crate's version and the commit it was built from.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("CINECUT_COMMIT"), ")");
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cinecut-infer",
+    version = VERSION,
+    about = "Describe film keyframes, or answer any JSON schema, with a local llama-server"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Describe frames into JSON lines: {"frame_path","timestamp_s","source"?,"scene"} or {...,"error"}.
+    Describe(DescribeArgs),
+    /// Answer records (JSONL of {"id","text","images"}) under any JSON schema, with a text or vision
+    /// model: {"id","source"?,"result"} or {"id","source"?,"error"} per record, in input order.
+    Run(RunArgs),
+    /// Run only the VRAM check: print each GPU's free memory and whether the engine would start.
+    Check(CheckArgs),
+    /// Merge the outputs of a sharded job (--shard) into one JSONL in the original input order;
+    /// missing and doubled items are reported (exit 1 when any is missing).
+    Merge(MergeArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (roff: this program's and each subcommand's) into DIR; `cargo xtask dist`
+    /// runs it.
+    #[command(hide = true)]
+    Manpages {
+        /// The folder to write `cinecut-infer.1`, `cinecut-infer-describe.1`, … into.
+        dir: PathBuf,
+    },
+}
+
+/// CineCut's LLaVA file names in its models folder.
+pub const DEFAULT_MODEL: &str = "ggml-model-q4_k.gguf";
+pub const DEFAULT_MMPROJ: &str = "mmproj-model-f16.gguf";
+
+#[derive(Debug, Args)]
+pub struct DescribeArgs {
+    /// The language model GGUF [default: $CINECUT_MODELS_DIR/ggml-model-q4_k.gguf, else
+    /// ~/models/ggml-model-q4_k.gguf].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The vision projector GGUF [default: $CINECUT_MODELS_DIR/mmproj-model-f16.gguf, else
+    /// ~/models/mmproj-model-f16.gguf].
+    #[arg(long)]
+    pub mmproj: Option<PathBuf>,
+    #[command(flatten)]
+    pub ask: AskArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+    /// Image files, folders of images (*.jpg, *.jpeg, *.png, by name), or .jsonl KeyframeRecords.
+    #[arg(required = true, value_name = "FRAMES")]
+    pub frames: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The language model GGUF.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The vision projector GGUF; without it the model runs text-only (records carry no images).
+    #[arg(long)]
+    pub mmproj: Option<PathBuf>,
+    /// The JSON schema every answer must match (a file; its name is sent with it).
+    #[arg(long, value_name = "SCHEMA.json")]
+    pub schema: PathBuf,
+    /// The system message.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub ask: AskArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+    /// JSONL files of records {"id", "text", "images": [paths relative to the file], "source"}.
+    #[arg(required = true, value_name = "INPUT.jsonl")]
+    pub inputs: Vec<PathBuf>,
+}
+
+/// What each request asks.
+#[derive(Debug, Args)]
+pub struct AskArgs {
+    /// The instruction (describe: replaces the built-in one; run: sent before each record's text).
+    #[arg(long, conflicts_with = "prompt_file")]
+    pub prompt: Option<String>,
+    /// Read the instruction from a file.
+    #[arg(long, value_name = "FILE")]
+    pub prompt_file: Option<PathBuf>,
+    /// Upper bound on generated tokens per answer [default: describe 512, run 128].
+    #[arg(long)]
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature, 0 to 2.
+    #[arg(long, default_value_t = 0.1)]
+    pub temperature: f32,
+    /// Further tries after an invalid answer (not JSON, off-schema, cut off).
+    #[arg(long, default_value_t = 2)]
+    pub retries: u32,
+}
+
+/// How the server runs.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// The llama-server program (else $LLAMA_SERVER, else llama-server on PATH).
+    #[arg(long)]
+    pub server_bin: Option<PathBuf>,
+    /// Port on 127.0.0.1; 0 picks a free one.
+    #[arg(long, default_value_t = engine_core::config::DEFAULT_PORT)]
+    pub port: u16,
+    /// Parallel slots: requests served at once (each gets the whole context per slot).
+    #[arg(long, default_value_t = 1)]
+    pub slots: u32,
+    /// Context per slot in tokens (the server gets ctx-size × slots).
+    #[arg(long, default_value_t = 2048)]
+    pub ctx_size: u32,
+    /// Layers offloaded to the GPU (-ngl).
+    #[arg(long, default_value_t = 99)]
+    pub gpu_layers: u32,
+    /// One more argument for llama-server, passed through as given (repeat for several:
+    /// --server-arg=--flash-attn --server-arg=on).
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    pub server_arg: Vec<OsString>,
+    /// Minimum free VRAM in MiB.
+    #[arg(long, default_value_t = VRAM_MINIMUM_MIB)]
+    pub min_vram: u64,
+    /// GPU: an index among the GPUs this process may use (CUDA_VISIBLE_DEVICES), or a UUID.
+    #[arg(long, default_value = "0")]
+    pub gpu: GpuId,
+    /// Several GPUs, one server each, the work going to whichever has a free slot: a list of
+    /// indices or UUIDs (0,1: each waited for while another process holds it), or `all` (every GPU
+    /// this process may use; one that is locked or lacks the VRAM is left out). Servers get free ports.
+    #[arg(long, value_name = "LIST|all", conflicts_with = "gpu")]
+    pub gpus: Option<GpuList>,
+    /// How free VRAM is read: auto (nvidia-smi when NVIDIA_SMI is set, else NVML if the driver's
+    /// library loads, else nvidia-smi), nvml, nvidia-smi.
+    #[arg(long, default_value = "auto", value_name = "auto|nvml|nvidia-smi")]
+    pub vram_probe: ProbeChoice,
+    /// Startup timeout in seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub timeout: f64,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub request_timeout: f64,
+    /// Write the server's whole log to llama-server.log beside the model.
+    #[arg(long)]
+    pub debug: bool,
+}
+
+/// Where the lines go and how progress shows.
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Write JSON lines to FILE instead of stdout (locked against a second writer).
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Skip items already answered in --output (items that failed are tried again).
+    #[arg(long, requires = "output")]
+    pub resume: bool,
+    /// Progress on stderr: auto (a bar on a terminal, a line every 5 s otherwise), json (one JSON
+    /// line per finished item), off.
+    #[arg(long, value_enum, default_value_t = Style::Auto)]
+    pub progress: Style,
+    /// Take part I (from 0) of N of the input (sorted by frame path or id, dealt out in turn); lines
+    /// carry "index" and "of" for `merge`. Without it: JOB_COMPLETION_INDEX with --shards N
+    /// (Kubernetes), or SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT (Slurm).
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
+    /// The number of shards, where the index comes from JOB_COMPLETION_INDEX.
+    #[arg(long, value_name = "N")]
+    pub shards: Option<usize>,
+}
+
+/// `--gpus`: every usable GPU, or a list.
+#[derive(Debug, Clone)]
+pub enum GpuList {
+    All,
+    List(Vec<GpuId>),
+}
+
+impl std::str::FromStr for GpuList {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text == "all" {
+            return Ok(GpuList::All);
+        }
+        let gpus = text
+            .split(',')
+            .map(|g| g.trim().parse::<GpuId>().map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if gpus.is_empty() {
+            return Err("name at least one GPU, or all".into());
+        }
+        Ok(GpuList::List(gpus))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// GPU to decide for: an index among the GPUs this process may use, or a UUID.
+    #[arg(long, default_value = "0")]
+    pub gpu: GpuId,
+    /// How free VRAM is read: auto, nvml, nvidia-smi (as for describe).
+    #[arg(long, default_value = "auto", value_name = "auto|nvml|nvidia-smi")]
+    pub vram_probe: ProbeChoice,
+    /// Minimum free VRAM in MiB.
+    #[arg(long, default_value_t = VRAM_MINIMUM_MIB)]
+    pub min_vram: u64,
+}
+
+/// `merge OUT SHARD...`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The merged output (a file, or /dev/stdout; locked as --output is).
+    pub out: PathBuf,
+    /// The shards' outputs.
+    #[arg(required = true)]
+    pub shards: Vec<PathBuf>,
+}

@@ -1,0 +1,303 @@
+//! Running a planned `describe` or `run` job on its engines: brought up (in parallel, one per GPU),
+//! every item answered and its line written in input order, Ctrl-C and SIGTERM honoured from the
+//! first moment (while reading VRAM, waiting for a GPU lock and while the model loads too), and the
+//! counts for the summary.
+
+use std::ops::ControlFlow;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use engine_core::error::{LockError, VramError};
+use engine_core::pool::WhenLocked;
+use engine_core::{EngineConfig, EngineError, EnginePool, Prompt, RequestError, StartError, Wait};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::lines::{Ended, OrderedLines};
+use super::plan::{Head, Item, Plan};
+use super::progress::{Progress, Style};
+use super::summary::{Kind, Summary};
+use crate::settings::say;
+
+/// One output line: the head, then the answer (`scene` for `describe`, `result` for `run`) or `error`;
+/// under `--shard`, `index`, `of` and `job` too.
+#[derive(Serialize)]
+struct Line<'a, T> {
+    #[serde(flatten)]
+    head: &'a Head,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    of: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    job: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scene: Option<&'a T>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<&'a T>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+impl<'a, T: Serialize> Line<'a, T> {
+    fn new(kind: Kind, item: &'a Item, answer: Result<&'a T, String>) -> Self {
+        let (ok, error) = match answer {
+            Ok(answer) => (Some(answer), None),
+            Err(e) => (None, Some(e)),
+        };
+        let (scene, result) = match kind {
+            Kind::Frames => (ok, None),
+            Kind::Records => (None, ok),
+        };
+        Line {
+            head: &item.head,
+            index: item.position.as_ref().map(|p| p.index),
+            of: item.position.as_ref().map(|p| p.of),
+            job: item.position.as_ref().map(|p| &*p.job),
+            scene,
+            result,
+            error,
+        }
+    }
+
+    fn json(&self) -> String {
+        serde_json::to_string(self).expect("a line of strings, numbers and JSON serialises")
+    }
+}
+
+/// How the engines could not be brought up.
+pub enum StartFailed {
+    /// A signal arrived first; everything was cleaned up.
+    Interrupted,
+    /// Why (each GPU's reason, for several).
+    Failed(String),
+}
+
+fn cancelled(error: &EngineError) -> bool {
+    matches!(
+        error,
+        EngineError::Vram(VramError::Cancelled)
+            | EngineError::Lock(LockError::Cancelled { .. })
+            | EngineError::Start(StartError::Cancelled)
+    )
+}
+
+/// Says, before the wait, who holds a GPU's lock that this run is about to wait for: another engine
+/// (by its pid, while that process lives) or another process (a `flock` of a GPU job); nothing if
+/// the lock is free (a lock file left by a process that died holds nothing).
+fn say_who_holds(gpu: u32) {
+    if engine_core::gpu::lockfile::is_locked(gpu) != Some(true) {
+        return;
+    }
+    let holder = engine_core::gpu::lockfile::lock_holder(gpu)
+        .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .map_or_else(|| "another process".to_string(), |pid| format!("pid {pid}"));
+    let file = engine_core::gpu::lockfile::lock_file_path(gpu)
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    eprintln!("cinecut-infer: waiting for GPU {gpu}: its lock ({file}) is held by {holder}");
+}
+
+/// Brings one engine per configuration up (in parallel), giving up (cleanly) as soon as `stop` is
+/// set. GPUs left out are reported on stderr.
+pub fn start(
+    configs: Vec<EngineConfig>,
+    when_locked: WhenLocked,
+    stop: &AtomicBool,
+) -> Result<EnginePool, StartFailed> {
+    let several = configs.len() > 1;
+    let before_lock = |gpu: u32| {
+        if when_locked == WhenLocked::Wait {
+            say_who_holds(gpu);
+        }
+    };
+    let pool = match EnginePool::launch_with(configs, when_locked, Wait::Until(stop), &before_lock)
+    {
+        Ok(pool) => pool,
+        Err(e) if e.failures.iter().all(|f| cancelled(&f.error)) => {
+            return Err(StartFailed::Interrupted);
+        }
+        Err(e) if !several => {
+            let only = e.failures.into_iter().next().expect("one failure per GPU");
+            return Err(StartFailed::Failed(say(only.error)));
+        }
+        Err(e) => return Err(StartFailed::Failed(say(e))),
+    };
+    if stop.load(Ordering::Relaxed) {
+        // Some GPUs started before the signal: they are stopped and released like the rest.
+        drop(pool);
+        return Err(StartFailed::Interrupted);
+    }
+    for left in pool.left_out() {
+        eprintln!("cinecut-infer: {} left out: {}", left.gpu, say(&left.error));
+    }
+    if several {
+        let gpus: Vec<String> = pool.engines().iter().map(|e| e.gpu().to_string()).collect();
+        eprintln!(
+            "cinecut-infer: running on GPU {} ({} slots in all)",
+            gpus.join(", "),
+            pool.slots()
+        );
+    }
+    Ok(pool)
+}
+
+/// How a job shows itself: what its items are and how progress is drawn.
+#[derive(Debug, Clone, Copy)]
+pub struct Show {
+    pub kind: Kind,
+    pub progress: Style,
+}
+
+/// Answers every item of `plan` as a `T` on every engine of `pool` (each with its slots in flight),
+/// writes one line per item in input order, stops dispatching when `stop` is set, and shuts the
+/// engines down.
+pub fn run<T>(pool: EnginePool, plan: Plan, stop: &AtomicBool, show: Show) -> Summary
+where
+    T: Serialize + DeserializeOwned + Send,
+{
+    let Plan { items, out, .. } = plan;
+    let writer = Writer::new(out, items.len(), stop, show);
+    // Items that cannot be sent (a file name JSON cannot hold) get their error line at once.
+    let todo = writer.unsendable(&items);
+    let prompts: Vec<Prompt> = todo
+        .iter()
+        .filter_map(|&i| items[i].prompt.as_ref().ok().cloned())
+        .collect();
+    let done = pool.complete_many::<T, _>(&prompts, |k, outcome| {
+        let item = &items[todo[k]];
+        let ended = match outcome {
+            Ok(_) => Ended::Answered,
+            Err(e) if e.not_attempted() => Ended::NotAttempted,
+            Err(_) => Ended::Failed,
+        };
+        let answer = outcome.as_ref().map_err(say);
+        let line = Line::new(show.kind, item, answer).json();
+        writer.put(todo[k], &item.head, line, ended)
+    });
+    writer.progress.finish();
+    for server in done.servers.iter().filter(|s| s.died.is_some()) {
+        let death = server.died.as_ref().expect("filtered on a death");
+        eprintln!(
+            "cinecut-infer: GPU {}'s server died ({}); {}",
+            server.gpu,
+            death.status,
+            match server.handed_over {
+                0 => "its items' lines say what became of them".to_string(),
+                n => format!("the other GPUs took its {n} item(s) in flight"),
+            }
+        );
+    }
+    if done.servers.len() > 1 {
+        let per_gpu: Vec<String> = done
+            .servers
+            .iter()
+            .map(|s| format!("GPU {}: {}", s.gpu, s.answered))
+            .collect();
+        eprintln!("cinecut-infer: answered per GPU: {}", per_gpu.join(", "));
+    }
+    for (gpu, stopped) in pool.shutdown() {
+        match stopped {
+            Err(RequestError::ServerDied { .. }) => {}
+            Err(e) => eprintln!("cinecut-infer: {}", say(e)),
+            Ok(report) if !report.left_running.is_empty() => {
+                let left: Vec<String> = report.left_running.iter().map(|l| l.to_string()).collect();
+                eprintln!(
+                    "cinecut-infer: warning: processes of GPU {gpu}'s server could not be \
+                     stopped: {}",
+                    left.join(", ")
+                );
+            }
+            Ok(_) => {}
+        }
+    }
+    writer.summary(items.len())
+}
+
+/// Writes only the error lines of a plan none of whose items can be sent (no engine is started).
+pub fn write_unsendable(plan: Plan, show: Show) -> Summary {
+    let never = AtomicBool::new(false);
+    let writer = Writer::new(plan.out, plan.items.len(), &never, show);
+    writer.unsendable(&plan.items);
+    writer.progress.finish();
+    writer.summary(plan.items.len())
+}
+
+/// The output side of a run: lines in order, progress, the first write error.
+struct Writer<'a> {
+    lines: OrderedLines<Box<dyn std::io::Write + Send>>,
+    progress: Progress,
+    finished: AtomicUsize,
+    failed: AtomicUsize,
+    write_error: Mutex<Option<String>>,
+    stop: &'a AtomicBool,
+    kind: Kind,
+}
+
+impl<'a> Writer<'a> {
+    fn new(
+        out: Box<dyn std::io::Write + Send>,
+        total: usize,
+        stop: &'a AtomicBool,
+        show: Show,
+    ) -> Self {
+        Writer {
+            lines: OrderedLines::new(out),
+            progress: Progress::new(total, show.progress, show.kind.noun()),
+            kind: show.kind,
+            finished: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            write_error: Mutex::new(None),
+            stop,
+        }
+    }
+
+    /// Queues line `index`; says whether the batch should go on.
+    fn put(&self, index: usize, head: &Head, line: String, ended: Ended) -> ControlFlow<()> {
+        let ok = ended == Ended::Answered;
+        if !ok {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(e) = self.lines.put(index, line, ended) {
+            let mut first = self.write_error.lock().unwrap_or_else(|p| p.into_inner());
+            first.get_or_insert_with(|| e.to_string());
+            return ControlFlow::Break(());
+        }
+        let n = self.finished.fetch_add(1, Ordering::Relaxed) + 1;
+        self.progress
+            .tick(n, self.failed.load(Ordering::Relaxed), head, ok);
+        if self.stop.load(Ordering::Relaxed) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+
+    /// Writes the error line of every item that cannot be sent; returns the other indices.
+    fn unsendable(&self, items: &[Item]) -> Vec<usize> {
+        let mut todo = Vec::new();
+        for (index, item) in items.iter().enumerate() {
+            match &item.prompt {
+                Ok(_) => todo.push(index),
+                Err(reason) => {
+                    let line = Line::<()>::new(self.kind, item, Err(reason.clone())).json();
+                    let _ = self.put(index, &item.head, line, Ended::Failed);
+                }
+            }
+        }
+        todo
+    }
+
+    fn summary(self, total: usize) -> Summary {
+        Summary {
+            kind: self.kind,
+            total,
+            written: self.lines.written(),
+            write_error: self
+                .write_error
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner()),
+            interrupted: self.stop.load(Ordering::Relaxed),
+        }
+    }
+}

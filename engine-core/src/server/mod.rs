@@ -1,0 +1,11 @@
+//! The server room: our llama-server child, spawned with CineCut's flags on a free port, proven
+//! ready and ours, talked to over HTTP with its own API key, and stopped.
+
+mod client;
+mod log;
+mod port;
+mod ready;
+mod running;
+
+pub(crate) use client::Client;
+pub(crate) use running::Server;

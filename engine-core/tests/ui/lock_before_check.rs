@@ -1,7 +1,0 @@
-// lock() exists only on Engine<VramOk>: the VRAM check comes first.
-use engine_core::{Engine, EngineConfig};
-
-fn main() {
-    let engine = Engine::new(EngineConfig::builder("m.gguf", "p.gguf").build().unwrap());
-    let _ = engine.lock();
-}
