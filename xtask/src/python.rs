@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 
 use xshell::{Shell, cmd};
 
-use crate::{Steps, root, target_dir};
+use crate::steps::{Steps, root, target_dir};
 
-/// The virtual environment's Python, with maturin, pytest and requests (for the benchmark's seed
+/// The virtual environment's Python, with maturin, pytest and requests (for the benchmark's plain-Python
 /// engine) installed and the package built from this checkout; `None` after a failed step.
 pub fn environment(steps: &mut Steps, sh: &Shell) -> Option<PathBuf> {
     let venv = target_dir().join("py-venv");

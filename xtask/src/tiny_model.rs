@@ -14,9 +14,12 @@
 //! the server's JSON-schema grammar the `"` token then wins wherever it is allowed, so each string
 //! closes at once and every answer is short, complete and schema-valid.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
-use crate::gguf::{Gguf, Value};
+use crate::steps::target_dir;
+
+use engine_core::gguf::{Gguf, Value};
 
 const N_EMBD: u64 = 64;
 const N_HEAD: u32 = 4;
@@ -137,37 +140,37 @@ fn text_model(seed: u64) -> Gguf {
     for _ in 0..n_vocab {
         embd.extend(direction.iter().map(|d| d + rng.f32(0.05)));
     }
-    g.tensor("token_embd.weight", &[N_EMBD, n_vocab], embd);
-    g.tensor("output_norm.weight", &[N_EMBD], vec![1.0; N_EMBD as usize]);
+    g.tensor_f32("token_embd.weight", &[N_EMBD, n_vocab], embd);
+    g.tensor_f32("output_norm.weight", &[N_EMBD], vec![1.0; N_EMBD as usize]);
     let mut output = rng.vec(N_EMBD * n_vocab, 0.01);
     let row = quote_id * N_EMBD as usize;
     for (i, d) in direction.iter().enumerate() {
         output[row + i] = d * 0.5;
     }
-    g.tensor("output.weight", &[N_EMBD, n_vocab], output);
+    g.tensor_f32("output.weight", &[N_EMBD, n_vocab], output);
     for layer in 0..N_LAYER {
         let name = |t: &str| format!("blk.{layer}.{t}.weight");
-        g.tensor(&name("attn_norm"), &[N_EMBD], vec![1.0; N_EMBD as usize]);
+        g.tensor_f32(&name("attn_norm"), &[N_EMBD], vec![1.0; N_EMBD as usize]);
         for t in ["attn_q", "attn_k", "attn_v"] {
-            g.tensor(&name(t), &[N_EMBD, N_EMBD], rng.vec(N_EMBD * N_EMBD, 0.1));
+            g.tensor_f32(&name(t), &[N_EMBD, N_EMBD], rng.vec(N_EMBD * N_EMBD, 0.1));
         }
-        g.tensor(
+        g.tensor_f32(
             &name("attn_output"),
             &[N_EMBD, N_EMBD],
             vec![0.0; (N_EMBD * N_EMBD) as usize],
         );
-        g.tensor(&name("ffn_norm"), &[N_EMBD], vec![1.0; N_EMBD as usize]);
-        g.tensor(
+        g.tensor_f32(&name("ffn_norm"), &[N_EMBD], vec![1.0; N_EMBD as usize]);
+        g.tensor_f32(
             &name("ffn_gate"),
             &[N_EMBD, N_FF],
             rng.vec(N_EMBD * N_FF, 0.1),
         );
-        g.tensor(
+        g.tensor_f32(
             &name("ffn_up"),
             &[N_EMBD, N_FF],
             rng.vec(N_EMBD * N_FF, 0.1),
         );
-        g.tensor(
+        g.tensor_f32(
             &name("ffn_down"),
             &[N_FF, N_EMBD],
             vec![0.0; (N_FF * N_EMBD) as usize],
@@ -205,65 +208,83 @@ fn mmproj(seed: u64) -> Gguf {
             Value::ArrF32(vec![0.268_629_55, 0.261_302_6, 0.275_777_1]),
         );
     let p = u64::from(PATCH);
-    g.tensor("v.class_embd", &[V_EMBD], rng.vec(V_EMBD, 0.1));
-    g.tensor(
+    g.tensor_f32("v.class_embd", &[V_EMBD], rng.vec(V_EMBD, 0.1));
+    g.tensor_f32(
         "v.patch_embd.weight",
         &[p, p, 3, V_EMBD],
         rng.vec(p * p * 3 * V_EMBD, 0.1),
     );
-    g.tensor(
+    g.tensor_f32(
         "v.position_embd.weight",
         &[V_EMBD, n_pos],
         rng.vec(V_EMBD * n_pos, 0.1),
     );
-    g.tensor("v.pre_ln.weight", &[V_EMBD], vec![1.0; V_EMBD as usize]);
-    g.tensor("v.pre_ln.bias", &[V_EMBD], vec![0.0; V_EMBD as usize]);
+    g.tensor_f32("v.pre_ln.weight", &[V_EMBD], vec![1.0; V_EMBD as usize]);
+    g.tensor_f32("v.pre_ln.bias", &[V_EMBD], vec![0.0; V_EMBD as usize]);
     for layer in 0..V_LAYER {
         let name = |t: &str, part: &str| format!("v.blk.{layer}.{t}.{part}");
         for t in ["attn_q", "attn_k", "attn_v", "attn_out"] {
-            g.tensor(
+            g.tensor_f32(
                 &name(t, "weight"),
                 &[V_EMBD, V_EMBD],
                 rng.vec(V_EMBD * V_EMBD, 0.1),
             );
-            g.tensor(&name(t, "bias"), &[V_EMBD], rng.vec(V_EMBD, 0.01));
+            g.tensor_f32(&name(t, "bias"), &[V_EMBD], rng.vec(V_EMBD, 0.01));
         }
         for t in ["ln1", "ln2"] {
-            g.tensor(&name(t, "weight"), &[V_EMBD], vec![1.0; V_EMBD as usize]);
-            g.tensor(&name(t, "bias"), &[V_EMBD], vec![0.0; V_EMBD as usize]);
+            g.tensor_f32(&name(t, "weight"), &[V_EMBD], vec![1.0; V_EMBD as usize]);
+            g.tensor_f32(&name(t, "bias"), &[V_EMBD], vec![0.0; V_EMBD as usize]);
         }
-        g.tensor(
+        g.tensor_f32(
             &name("ffn_up", "weight"),
             &[V_EMBD, V_FF],
             rng.vec(V_EMBD * V_FF, 0.1),
         );
-        g.tensor(&name("ffn_up", "bias"), &[V_FF], rng.vec(V_FF, 0.01));
-        g.tensor(
+        g.tensor_f32(&name("ffn_up", "bias"), &[V_FF], rng.vec(V_FF, 0.01));
+        g.tensor_f32(
             &name("ffn_down", "weight"),
             &[V_FF, V_EMBD],
             rng.vec(V_FF * V_EMBD, 0.1),
         );
-        g.tensor(&name("ffn_down", "bias"), &[V_EMBD], rng.vec(V_EMBD, 0.01));
+        g.tensor_f32(&name("ffn_down", "bias"), &[V_EMBD], rng.vec(V_EMBD, 0.01));
     }
-    g.tensor(
+    g.tensor_f32(
         "mm.0.weight",
         &[V_EMBD, N_EMBD],
         rng.vec(V_EMBD * N_EMBD, 0.1),
     );
-    g.tensor("mm.0.bias", &[N_EMBD], rng.vec(N_EMBD, 0.01));
-    g.tensor(
+    g.tensor_f32("mm.0.bias", &[N_EMBD], rng.vec(N_EMBD, 0.01));
+    g.tensor_f32(
         "mm.2.weight",
         &[N_EMBD, N_EMBD],
         rng.vec(N_EMBD * N_EMBD, 0.1),
     );
-    g.tensor("mm.2.bias", &[N_EMBD], rng.vec(N_EMBD, 0.01));
+    g.tensor_f32("mm.2.bias", &[N_EMBD], rng.vec(N_EMBD, 0.01));
     g
+}
+
+/// `cargo xtask tiny-model [DIR]`: writes the pair and prints the folder.
+pub fn run(dir: Option<PathBuf>) -> ExitCode {
+    let dir = dir.unwrap_or_else(|| target_dir().join("tiny-model"));
+    match write(&dir, 42) {
+        Ok(()) => {
+            println!("{}", dir.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "xtask: cannot write the tiny model into {}: {e}",
+                dir.display()
+            );
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Writes `tiny-llava.gguf` and `tiny-mmproj.gguf` into `dir`.
 pub fn write(dir: &Path, seed: u64) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    for (name, model) in [
+    for (name, mut model) in [
         ("tiny-llava.gguf", text_model(seed)),
         ("tiny-mmproj.gguf", mmproj(seed)),
     ] {
