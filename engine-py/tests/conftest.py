@@ -25,6 +25,16 @@ def binary(env: str, name: str) -> str:
     return path
 
 
+# CI runs the suite against the wheel, installed into an environment with no Rust toolchain: the
+# package must come from there, and nothing may need cargo or rustc.
+if os.environ.get("CINECUT_EXPECT_INSTALLED"):
+    import shutil
+
+    import cinecut_engine
+
+    assert "site-packages" in cinecut_engine.__file__, cinecut_engine.__file__
+    assert shutil.which("cargo") is None and shutil.which("rustc") is None, os.environ["PATH"]
+
 FAKE_SERVER = binary("FAKE_SERVER", "fake-llama-server")
 NVSMI_SHIM = binary("NVSMI_SHIM", "nvsmi-shim")
 CINECUT_INFER = binary("CINECUT_INFER", "cinecut-infer")

@@ -75,8 +75,9 @@ def test_vram_checks_use_the_engine_and_name_the_shortfall(scene, tmp_path, monk
     threading.Timer(0.2, lambda: free.write_text("79000")).start()
     assert cinecut_engine.wait_for_vram(poll_interval_s=0.05, timeout_s=20) == 79000
     free.write_text("2000")
-    with pytest.raises(VramError, match="Only 2000 MiB free VRAM after waiting"):
+    with pytest.raises(VramError, match="only 2000 MiB free after waiting") as info:
         cinecut_engine.wait_for_vram(poll_interval_s=0.05, timeout_s=0.2)
+    assert (info.value.gpu, info.value.free_mib, info.value.required_mib) == (0, 2000, 6144)
 
 
 def test_describe_frame_health_and_one_server_for_many_frames(scene):
@@ -139,7 +140,7 @@ def test_gpu_lock_keeps_a_cinecut_infer_in_another_process_waiting(scene):
         )
         # It says who holds the lock, and waits: no server starts while we hold it.
         first = cli.stderr.readline()
-        assert f"waiting for GPU 0: its lock is held by pid {os.getpid()}" in first, first
+        assert "waiting for GPU 0: its lock" in first and f"is held by pid {os.getpid()}" in first, first
         assert cli.poll() is None, "cinecut-infer ran while GPU_LOCK was held"
         assert scene.spawned_pids() == []
     out, err = cli.communicate(timeout=30)

@@ -179,7 +179,9 @@ fn model_swap(r: &mut Report, runs: usize) {
     for i in 0..runs {
         let next = if i % 2 == 0 { &text } else { &vision };
         let started = Instant::now();
-        engine = engine.swap(next.clone().build().unwrap()).unwrap();
+        engine = engine
+            .swap(next.clone().build().unwrap(), Wait::Forever)
+            .unwrap();
         swaps.push(started.elapsed().as_nanos() as f64);
     }
     engine.shutdown().unwrap();

@@ -235,7 +235,7 @@ fn a_swap_from_the_vision_model_to_the_text_model_never_lets_go_of_the_gpu() {
                 }
             }
         });
-        let text = vision.swap(text_config(&h).port(0).build().unwrap());
+        let text = vision.swap(text_config(&h).port(0).build().unwrap(), Wait::Forever);
         swapping.store(false, Ordering::Release);
         text
     })
@@ -254,7 +254,9 @@ fn a_swap_from_the_vision_model_to_the_text_model_never_lets_go_of_the_gpu() {
         .unwrap();
     assert!(answer.climax_t.is_finite());
     // And back: the text model swaps to the vision model again.
-    let vision = text.swap(h.config().build().unwrap()).unwrap();
+    let vision = text
+        .swap(h.config().build().unwrap(), Wait::Forever)
+        .unwrap();
     vision
         .describe(&KeyframeRecord::new(
             h.jpeg("g.jpg", 32, 24, [9, 90, 9]),
@@ -286,6 +288,7 @@ fn a_failed_swap_leaves_nothing_running_and_the_gpu_free() {
                 .env("FAKE_LLAMA_EXIT_DURING_LOAD", "1")
                 .build()
                 .unwrap(),
+            Wait::Forever,
         )
         .unwrap_err();
     assert!(err.to_string().contains("exited during startup"), "{err}");
@@ -295,7 +298,10 @@ fn a_failed_swap_leaves_nothing_running_and_the_gpu_free() {
     // The next configuration names another GPU: refused, and everything still released.
     let engine = Engine::launch(h.config().build().unwrap()).unwrap();
     let err = engine
-        .swap(text_config(&h).gpu(h.gpu + 1).build().unwrap())
+        .swap(
+            text_config(&h).gpu(h.gpu + 1).build().unwrap(),
+            Wait::Forever,
+        )
         .unwrap_err();
     assert!(
         matches!(err, EngineError::Config(_)) && err.to_string().contains("keeps the GPU"),
@@ -313,7 +319,7 @@ fn a_failed_swap_leaves_nothing_running_and_the_gpu_free() {
         .build()
         .unwrap();
     let servers = h.spawned_pids().len();
-    let err = engine.swap(next).unwrap_err();
+    let err = engine.swap(next, Wait::Forever).unwrap_err();
     assert!(
         matches!(
             err,

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use engine_core::Wait;
 use engine_core::config::EngineConfigBuilder;
 use engine_core::error::ModelRole;
 use engine_core::process::{ChildExit, Escalation};
@@ -573,7 +574,10 @@ fn a_swap_between_the_vision_and_the_text_model_keeps_working() {
     let frame = KeyframeRecord::new(jpeg(&h, "s.jpg", [10, 200, 10]), 0.0, "contract");
     vision.describe(&frame).unwrap();
     let text = vision
-        .swap(engine_config(&h, &t).text_only().build().unwrap())
+        .swap(
+            engine_config(&h, &t).text_only().build().unwrap(),
+            Wait::Forever,
+        )
         .unwrap();
     let value: Value = text
         .complete(&engine_core::Prompt::new(
@@ -582,7 +586,9 @@ fn a_swap_between_the_vision_and_the_text_model_keeps_working() {
         ))
         .unwrap();
     assert!(bounded_anchors().validate(&value).is_ok(), "{value}");
-    let vision = text.swap(engine_config(&h, &t).build().unwrap()).unwrap();
+    let vision = text
+        .swap(engine_config(&h, &t).build().unwrap(), Wait::Forever)
+        .unwrap();
     vision.describe(&frame).unwrap();
     drop(vision);
     tests::assert_lock_free(h.gpu);

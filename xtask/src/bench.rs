@@ -58,7 +58,7 @@ pub fn run(quick: bool) -> ExitCode {
     if steps.cmd(
         "release-fakes",
         cmd!(sh, "{cargo} build --release --workspace --bins"),
-    ) && let Some(python) = python::environment(&mut steps, &sh)
+    ) && let Some((python, _)) = python::installed(&mut steps, &sh)
     {
         python::bench(&mut steps, &sh, &python, &python_section);
     }

@@ -82,8 +82,8 @@ pub fn run() -> ExitCode {
         ok
     });
     let ok = ok
-        && python::environment(&mut steps, &sh)
-            .is_some_and(|python| python::test(&mut steps, &sh, &python, "debug"));
+        && python::installed(&mut steps, &sh)
+            .is_some_and(|(python, tools)| python::test(&mut steps, &sh, &python, &tools, "debug"));
     if ok
         && steps.run("dist", || {
             dist::write(&target_dir().join("debug").join("cinecut-infer"))

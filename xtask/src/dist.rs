@@ -7,16 +7,25 @@ use std::process::ExitCode;
 use xshell::cmd;
 
 use crate::steps::{Steps, cargo, shell, target_dir};
+use crate::{prereq, python};
 
-/// Builds the CLI, then writes its man pages and completions.
+/// Builds the CLI, writes its man pages and completions, and builds the Python wheel (all into
+/// target/dist).
 pub fn run() -> ExitCode {
+    if let Err(e) = prereq::ensure(&[prereq::PYTHON, prereq::VENV]) {
+        eprintln!("xtask: {e}");
+        return ExitCode::FAILURE;
+    }
     let sh = shell();
     let cargo = cargo();
     let mut steps = Steps::new();
-    if steps.cmd("build", cmd!(sh, "{cargo} build -p engine-cli")) {
-        steps.run("dist", || {
-            write(&target_dir().join("debug").join("cinecut-infer"))
-        });
+    let cli = target_dir().join("debug").join("cinecut-infer");
+    if steps.cmd("build", cmd!(sh, "{cargo} build -p engine-cli"))
+        && steps.run("dist", || write(&cli))
+        && let Some(tools) = python::tools(&mut steps, &sh)
+        && let Some(wheel) = python::wheel(&mut steps, &sh, &tools)
+    {
+        println!("{}", wheel.display());
     }
     steps.report()
 }

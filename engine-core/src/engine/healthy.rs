@@ -176,7 +176,8 @@ impl Engine<Healthy> {
     /// Stops this model's server and starts `next` on the same GPU without letting go of the GPU
     /// lock, so that no other process can take the GPU between the two models: stop (as
     /// [`Engine::shutdown`], VRAM waited for), wait up to `next`'s `vram_recovery_timeout` for its
-    /// `min_vram_mib` to be free, start `next`'s server. `next` must name the same GPU.
+    /// `min_vram_mib` to be free, start `next`'s server (as long as `wait` allows, as
+    /// [`Engine::start`]). `next` must name the same GPU.
     ///
     /// A failed swap leaves nothing running and releases the lock (the error says which step failed);
     /// a server that had died before is only logged, since it is replaced anyway.
@@ -185,12 +186,13 @@ impl Engine<Healthy> {
     /// # use engine_core::{Engine, EngineConfig};
     /// let vision = Engine::launch(EngineConfig::builder("llava.gguf", "mmproj.gguf").build()?)?;
     /// // ... describe the keyframes ...
-    /// let text = vision.swap(EngineConfig::text("mistral.gguf").port(8090).ctx_size(8192).build()?)?;
+    /// let next = EngineConfig::text("mistral.gguf").port(8090).ctx_size(8192).build()?;
+    /// let text = vision.swap(next, engine_core::Wait::Forever)?;
     /// // ... read the subtitles; the GPU was never unlocked ...
     /// text.shutdown()?;
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn swap(self, next: EngineConfig) -> Result<Engine<Healthy>, EngineError> {
+    pub fn swap(self, next: EngineConfig, wait: Wait) -> Result<Engine<Healthy>, EngineError> {
         let Healthy { mut running, guard } = self.state;
         let gpu = guard.gpu();
         if let Some(died) = running.server.death(Duration::ZERO) {
@@ -199,8 +201,8 @@ impl Engine<Healthy> {
         let report = running.stop();
         drop(running);
         tracing::info!(gpu, took = ?report.took, vram = ?report.vram, "swap: server stopped");
-        match reading_for_next(&next, gpu) {
-            Ok((probe, reading)) => Ok(start_server(next, probe, reading, guard, Wait::Forever)?),
+        match reading_for_next(&next, gpu, wait) {
+            Ok((probe, reading)) => Ok(start_server(next, probe, reading, guard, wait)?),
             Err(e) => {
                 drop(guard);
                 Err(e)
@@ -243,9 +245,10 @@ impl Engine<Healthy> {
 fn reading_for_next(
     next: &EngineConfig,
     gpu: u32,
+    wait: Wait,
 ) -> Result<(VramProbe, VramReading), EngineError> {
     let probe = next.vram_probe()?;
-    let rows = probe.query(Wait::Forever)?;
+    let rows = probe.query(wait)?;
     let target = select(&rows, next.gpu(), &Visible::from_env(), 0)?;
     if target.gpu != gpu {
         return Err(ConfigError::new(
@@ -265,7 +268,7 @@ fn reading_for_next(
             &held,
             &Visible::All,
             FreeVram::within(next.min_vram_mib(), next.vram_recovery_timeout()),
-            Wait::Forever,
+            wait.without_limit(),
         )?,
         other => other?,
     };

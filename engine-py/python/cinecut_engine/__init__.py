@@ -1,4 +1,4 @@
-"""CineCut's inference engine from Python: the seed's ``cinecut.inference`` API, run by the Rust engine.
+"""CineCut's inference engine from Python: CineCut's ``cinecut.inference`` API, run by the Rust engine.
 
 Every call here runs the engine (``engine-core``): the VRAM checks, the machine-wide GPU lock, the
 supervised ``llama-server`` child and its requests. Long calls release the GIL, and Ctrl-C raises
@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
+import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterable, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, TypeVar, Union
 
 from . import _engine
 
@@ -36,27 +38,46 @@ __all__ = [
     "CineCutEngineError",
     "VramError",
     "InferenceError",
+    "StartError",
+    "RequestError",
     "run_inference_stage",
 ]
 
 log = logging.getLogger("cinecut_engine")
 
-#: Minimum free VRAM in MiB for LLaVA 1.5 7B Q4 and its context (the seed's 6 GB).
+#: Minimum free VRAM in MiB for LLaVA 1.5 7B Q4 and its context (CineCut's 6 GB).
 VRAM_MINIMUM_MIB: int = _engine.VRAM_MINIMUM_MIB
 
 #: The base of the engine's errors; ``.detail`` says what failed, with the value and the fix.
 CineCutEngineError = _engine.EngineFailure
-#: Free VRAM could not be read, or is below the minimum.
+#: Free VRAM could not be read, or is below the minimum: ``gpu``, ``free_mib`` and
+#: ``required_mib`` where known (else None).
 VramError = _engine.VramError
-#: Starting, using or stopping llama-server failed, or an answer was unusable.
+#: Starting, using or stopping llama-server failed, or an answer was unusable: the base of
+#: StartError and RequestError.
 InferenceError = _engine.InferenceError
+#: llama-server did not start (whatever was started was stopped, the lock released):
+#: ``exit_code`` or ``signal`` and ``output_tail`` where the server exited.
+StartError = _engine.StartError
+#: A request was not answered: ``kind`` (server_died, bad_image, invalid_prompt, http, timeout,
+#: transport, invalid_output, context_exhausted, not_attempted, cancelled), ``subject`` (the frame
+#: or request), ``status`` (HTTP), and ``exit_code`` or ``signal`` for a server that died.
+RequestError = _engine.RequestError
 
 
 def _detail(self: BaseException) -> str:
     return str(self.args[0]) if self.args else ""
 
 
-CineCutEngineError.detail = property(_detail, doc="What failed, with the value and the fix.")
+setattr(CineCutEngineError, "detail", property(_detail, doc="What failed, with the value and the fix."))
+# The attributes every instance has, None until the engine sets them (an exception made by hand
+# has them too).
+for _name in ("gpu", "free_mib", "required_mib"):
+    setattr(VramError, _name, None)
+for _name in ("exit_code", "signal", "output_tail"):
+    setattr(StartError, _name, None)
+for _name in ("kind", "subject", "status", "exit_code", "signal"):
+    setattr(RequestError, _name, None)
 
 PathLike = Union[str, Path]
 
@@ -71,8 +92,8 @@ class SceneDescription:
     setting: str
 
 
-#: The JSON schema of SceneDescription, exactly as the seed gives it (sent to llama-server).
-SCENE_DESCRIPTION_SCHEMA: dict = json.loads(_engine.scene_schema_json())
+#: The JSON schema of SceneDescription, exactly as CineCut's plan gives it (sent to llama-server).
+SCENE_DESCRIPTION_SCHEMA: Dict[str, Any] = json.loads(_engine.scene_schema_json())
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(SceneDescription))
 
@@ -81,7 +102,7 @@ class SceneValidationError(ValueError):
     """A value that is not a SceneDescription; the message names each field that is wrong."""
 
 
-def validate_scene_description(data: dict) -> SceneDescription:
+def validate_scene_description(data: Dict[str, Any]) -> SceneDescription:
     """Validates ``data`` against SCENE_DESCRIPTION_SCHEMA (the engine's validator) and converts it.
 
     Raises SceneValidationError (a ValueError) naming every field that is missing, of the wrong
@@ -130,22 +151,10 @@ def wait_for_vram(
 ) -> int:
     """Waits until GPU ``gpu`` has ``min_free_mib`` free (after another model's server stopped),
     asking every ``poll_interval_s``; returns the free MiB. Raises VramError naming the last reading
-    when ``timeout_s`` passes, or at once when VRAM cannot be read.
+    when ``timeout_s`` passes, or at once when VRAM cannot be read. The engine's own wait
+    (``wait_for_free``); Ctrl-C ends it at once.
     """
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        free = _engine.vram_free_mib(gpu, 0)
-        if free >= min_free_mib:
-            return free
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise VramError(
-                f"Only {free} MiB free VRAM after waiting {timeout_s} s, need at least "
-                f"{min_free_mib} MiB (GPU {gpu}) — check nvidia-smi for what holds the memory"
-            )
-        time.sleep(min(poll_interval_s, left))
+    return _engine.wait_for_vram(min_free_mib, poll_interval_s, timeout_s, gpu)
 
 
 class GpuLock:
@@ -156,6 +165,9 @@ class GpuLock:
 
     def __init__(self, gpu: int = 0) -> None:
         self._lock = _engine.GpuLock(gpu)
+        #: The thread that holds it (an engine started by that thread would wait for it for ever).
+        self._owner: Optional[int] = None
+        _ALL_LOCKS.add(self)
 
     @property
     def gpu(self) -> int:
@@ -165,11 +177,15 @@ class GpuLock:
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         """Takes the lock: waits (at most ``timeout`` seconds unless -1), or tries once
         (``blocking=False``). True when taken. Ctrl-C interrupts the wait."""
-        return self._lock.acquire(blocking, float(timeout))
+        taken: bool = self._lock.acquire(blocking, float(timeout))
+        if taken:
+            self._owner = threading.get_ident()
+        return taken
 
     def release(self) -> None:
         """Releases the lock; RuntimeError if this object does not hold it."""
         self._lock.release()
+        self._owner = None
 
     def locked(self) -> bool:
         """Whether anyone holds this GPU's lock."""
@@ -186,7 +202,14 @@ class GpuLock:
         return f"<cinecut_engine.GpuLock gpu={self.gpu} locked={self.locked()}>"
 
 
-_LOCKS: dict = {}
+_LOCKS: Dict[int, GpuLock] = {}
+_ALL_LOCKS: "weakref.WeakSet[GpuLock]" = weakref.WeakSet()
+
+
+def _held_here() -> List[int]:
+    """The GPUs whose lock this thread holds through a GpuLock."""
+    me = threading.get_ident()
+    return [lock.gpu for lock in list(_ALL_LOCKS) if lock._owner == me]
 
 
 def gpu_lock(gpu: int) -> GpuLock:
@@ -208,15 +231,24 @@ class KeyframeLike(Protocol):
     source: str
 
 
+_S = TypeVar("_S", bound="_Server")
+_R = TypeVar("_R", bound=KeyframeLike)
+
+
 class _Server:
-    """What LlavaEngine and TextEngine share: the engine's lifecycle as a context manager."""
+    """What LlavaEngine and TextEngine share: the engine's lifecycle as a context manager, on one
+    GPU or (``gpus=[0, 1]`` or ``gpus="all"``) one server per GPU used as one."""
 
     def __init__(self, engine: Any, port: int) -> None:
         self._engine = engine
         self._port = port
 
-    def __enter__(self):
-        self._engine.start()
+    def __enter__(self: _S) -> _S:
+        # Already running: the engine a swap started (``with vision.swap(TextEngine(...)) as text:``).
+        if not self._engine.running:
+            self._engine.start(_held_here())
+            for gpu, why in self._engine.left_out:
+                log.warning("%s left out: %s", gpu, why)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -225,10 +257,24 @@ class _Server:
         except InferenceError as e:
             log.warning("llama-server had died before the stop: %s", e.detail)
 
+    def swap(self, next: _S) -> _S:
+        """Stops this engine's server, waits for its VRAM and starts ``next``'s on the same GPU,
+        holding the GPU lock throughout (the engine's swap): no other process can take the GPU
+        between the two models. Returns ``next``, running (use it as ``with vision.swap(TextEngine(
+        ...)) as text:``); this engine is then stopped. A failed swap leaves nothing running and the
+        lock released, and raises."""
+        self._engine.swap(next._engine)
+        return next
+
+    @property
+    def running(self) -> bool:
+        """Whether the server runs."""
+        return bool(self._engine.running)
+
     @property
     def port(self) -> int:
-        """The port the server listens on (the one chosen, for port 0)."""
-        return self._engine.port if self._engine.running else self._port
+        """The port the (first) server listens on (the one chosen, for port 0)."""
+        return int(self._engine.port) if self._engine.running else self._port
 
     @property
     def base_url(self) -> str:
@@ -237,13 +283,23 @@ class _Server:
 
     @property
     def pid(self) -> int:
-        """The server's pid (while running)."""
-        return self._engine.pid
+        """The (first) server's pid (while running)."""
+        return int(self._engine.pid)
+
+    @property
+    def pids(self) -> List[int]:
+        """Every server's pid, one per GPU (while running)."""
+        return list(self._engine.pids)
+
+    @property
+    def gpus(self) -> List[int]:
+        """The GPUs (nvidia-smi indices) the servers run on (while running)."""
+        return list(self._engine.gpus)
 
     @property
     def api_key(self) -> str:
         """The server's API key: every endpoint but /health needs ``Authorization: Bearer KEY``."""
-        return self._engine.api_key
+        return str(self._engine.api_key)
 
 
 class LlavaEngine(_Server):
@@ -251,9 +307,10 @@ class LlavaEngine(_Server):
     and starts llama-server; ``__exit__`` stops it, waits for VRAM and releases the lock, also when
     the block raises.
 
-    ``options``: slots, ctx_size, gpu, gpu_layers, min_vram_mib, startup_timeout_s,
+    ``options``: slots, ctx_size, gpu, gpus (a list of GPUs, or "all": one server per GPU, the
+    frames going to whichever has a free slot), gpu_layers, min_vram_mib, startup_timeout_s,
     request_timeout_s, retries, prompt, max_tokens, temperature, server_bin, nvidia_smi,
-    server_args, vram_recovery_timeout_s.
+    server_args, vram_recovery_timeout_s, stop_grace_s.
     """
 
     def __init__(
@@ -273,7 +330,7 @@ class LlavaEngine(_Server):
         )
 
     def describe(self, record: KeyframeLike, timeout_s: float = 60.0) -> SceneDescription:
-        """Describes one keyframe; raises InferenceError (with ``.detail``) when it cannot."""
+        """Describes one keyframe; raises RequestError (with ``.detail``) when it cannot."""
         return _scene(self._engine.describe(str(record.frame_path), timeout_s))
 
     def describe_frame(self, record: KeyframeLike, timeout_s: float = 60.0) -> Optional[SceneDescription]:
@@ -291,12 +348,20 @@ class LlavaEngine(_Server):
         concurrency: Optional[int] = None,
         progress_callback: Optional[Callable[[int, int], Any]] = None,
     ) -> List[Optional[SceneDescription]]:
-        """Describes every record, ``concurrency`` at once (default: the slots), in input order;
-        None where a frame failed (logged). ``progress_callback(done, total)`` after each frame."""
+        """Describes every record with the slots busy (``concurrency`` at once on one GPU, default
+        the slots; every server's slots with ``gpus``), in input order; None where a frame failed
+        (logged). ``progress_callback(done, total)`` after each frame. A server that dies hands its
+        frames in flight to the others (logged)."""
         records = list(records)
-        pairs = self._engine.describe_many(
+        pairs, deaths = self._engine.describe_many(
             [str(r.frame_path) for r in records], concurrency or self._slots, progress_callback
         )
+        for gpu, status, handed_over in deaths:
+            log.warning(
+                "GPU %d's server died (%s); %s", gpu, status,
+                f"the other GPUs took its {handed_over} frame(s) in flight" if handed_over
+                else "its frames' results say what became of them",
+            )
         results: List[Optional[SceneDescription]] = []
         for record, (scene, error) in zip(records, pairs):
             if scene is None:
@@ -318,7 +383,7 @@ class TextEngine(_Server):
 
     def complete(
         self,
-        schema: dict,
+        schema: Dict[str, Any],
         text: str,
         system: Optional[str] = None,
         max_tokens: int = 128,
@@ -339,15 +404,20 @@ class TextEngine(_Server):
 
 
 def run_inference_stage(
-    records: Iterable[KeyframeLike],
+    records: Iterable[_R],
     model_path: PathLike,
     mmproj_path: PathLike,
     progress_callback: Optional[Callable[[int, int], Any]] = None,
+    gpus: Optional[Union[Sequence[Union[int, str]], str]] = None,
     **options: Any,
-) -> List[Tuple[KeyframeLike, Optional[SceneDescription]]]:
+) -> List[Tuple[_R, Optional[SceneDescription]]]:
     """CineCut's stage 4: every record with its description (None where a frame is missing or
-    bad), in input order; ``progress_callback(done, total)`` after each frame."""
+    bad), in input order; ``progress_callback(done, total)`` after each frame. ``gpus=[0, 1]`` (or
+    ``"all"``) runs one server per GPU, the frames going to whichever has a free slot, a dying
+    server's frames handed to the others."""
     records = list(records)
+    if gpus is not None:
+        options["gpus"] = gpus
     with LlavaEngine(model_path, mmproj_path, **options) as engine:
         scenes = engine.describe_frames(records, progress_callback=progress_callback)
     return list(zip(records, scenes))

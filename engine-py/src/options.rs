@@ -1,0 +1,184 @@
+//! The engines' `**options`, read into the engine's configuration by the engine's own rules (the
+//! durations by `config::seconds`, every value by the builder): a mistake is a `ValueError` that
+//! names the option.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use engine_core::config::{EngineConfigBuilder, Setting, Zero, seconds};
+use engine_core::{DescribeOptions, EngineConfig, GpuId};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::errors;
+
+/// The options an engine takes, besides its model, port and debug.
+pub const OPTIONS: [&str; 17] = [
+    "slots",
+    "ctx_size",
+    "gpu",
+    "gpus",
+    "gpu_layers",
+    "min_vram_mib",
+    "startup_timeout_s",
+    "request_timeout_s",
+    "retries",
+    "server_bin",
+    "nvidia_smi",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "server_args",
+    "vram_recovery_timeout_s",
+    "stop_grace_s",
+];
+
+/// Which GPUs an engine runs on: one (the `gpu` option), a list, or all this process may use.
+#[derive(Debug, Clone)]
+pub enum Gpus {
+    One,
+    List(Vec<GpuId>),
+    All,
+}
+
+/// A `**options` value read as `$type`, or a `ValueError` naming the option.
+macro_rules! option {
+    ($options:expr, $name:literal, $type:ty) => {
+        match $options.map(|o| o.get_item($name)).transpose()?.flatten() {
+            None => None,
+            Some(value) => Some(
+                value
+                    .extract::<$type>()
+                    .map_err(|e| PyValueError::new_err(format!("option {}: {e}", $name)))?,
+            ),
+        }
+    };
+}
+
+/// `value` seconds for `setting`, by the engine's rule for durations.
+pub fn duration(setting: Setting, value: f64, zero: Zero) -> PyResult<Duration> {
+    seconds(setting, value, zero).map_err(errors::config)
+}
+
+/// A GPU given as an index (an int) or a UUID (a str).
+fn gpu_id(value: &Bound<'_, PyAny>, name: &str) -> PyResult<GpuId> {
+    if let Ok(index) = value.extract::<u32>() {
+        return Ok(index.into());
+    }
+    value
+        .extract::<String>()
+        .map_err(|_| PyValueError::new_err(format!("option {name}: an index or a UUID")))?
+        .parse()
+        .map_err(|e: String| PyValueError::new_err(format!("option {name}: {e}")))
+}
+
+/// A port: 0 (a free one) to 65535.
+pub fn port(port: i64) -> PyResult<u16> {
+    u16::try_from(port).map_err(|_| {
+        PyValueError::new_err(format!(
+            "port is {port}: it must be 0 (any free port) to 65535"
+        ))
+    })
+}
+
+/// The configuration for `model` (and `mmproj`, a vision model), and the GPUs it runs on.
+pub fn configure(
+    model: PathBuf,
+    mmproj: Option<PathBuf>,
+    port: u16,
+    debug: bool,
+    options: Option<&Bound<'_, PyDict>>,
+) -> PyResult<(EngineConfig, Gpus)> {
+    if let Some(options) = options {
+        for key in options.keys() {
+            let key: String = key.extract()?;
+            if !OPTIONS.contains(&key.as_str()) {
+                return Err(PyValueError::new_err(format!(
+                    "unknown option {key:?}: the options are {}",
+                    OPTIONS.join(", ")
+                )));
+            }
+        }
+    }
+    let mut builder: EngineConfigBuilder = match mmproj {
+        Some(mmproj) => EngineConfig::builder(model, mmproj),
+        None => EngineConfig::text(model),
+    };
+    builder = builder.port(port).debug(debug);
+    if let Some(v) = option!(options, "slots", u32) {
+        builder = builder.slots(v);
+    }
+    if let Some(v) = option!(options, "ctx_size", u32) {
+        builder = builder.ctx_size(v);
+    }
+    if let Some(v) = option!(options, "gpu", Bound<'_, PyAny>) {
+        builder = builder.gpu(gpu_id(&v, "gpu")?);
+    }
+    let gpus = match option!(options, "gpus", Bound<'_, PyAny>) {
+        None => Gpus::One,
+        Some(v) if v.extract::<String>().is_ok_and(|s| s == "all") => Gpus::All,
+        Some(v) => {
+            let list: Vec<Bound<'_, PyAny>> = v.extract().map_err(|_| {
+                PyValueError::new_err("option gpus: a list of indices or UUIDs, or \"all\"")
+            })?;
+            if list.is_empty() {
+                return Err(PyValueError::new_err(
+                    "option gpus: name at least one GPU, or \"all\"",
+                ));
+            }
+            Gpus::List(
+                list.iter()
+                    .map(|g| gpu_id(g, "gpus"))
+                    .collect::<PyResult<_>>()?,
+            )
+        }
+    };
+    if let Some(v) = option!(options, "gpu_layers", u32) {
+        builder = builder.gpu_layers(v);
+    }
+    if let Some(v) = option!(options, "min_vram_mib", u64) {
+        builder = builder.min_vram_mib(v);
+    }
+    if let Some(v) = option!(options, "startup_timeout_s", f64) {
+        builder = builder.startup_timeout(duration(Setting::StartupTimeout, v, Zero::Refused)?);
+    }
+    if let Some(v) = option!(options, "stop_grace_s", f64) {
+        builder = builder.stop_grace(duration(Setting::StopGrace, v, Zero::Allowed)?);
+    }
+    if let Some(v) = option!(options, "vram_recovery_timeout_s", f64) {
+        let timeout = duration(Setting::VramRecoveryTimeout, v, Zero::Allowed)?;
+        builder = builder.vram_recovery_timeout(timeout);
+    }
+    if let Some(v) = option!(options, "server_bin", PathBuf) {
+        builder = builder.server_bin(v);
+    }
+    if let Some(v) = option!(options, "nvidia_smi", PathBuf) {
+        builder = builder.nvidia_smi(v);
+    }
+    for arg in option!(options, "server_args", Vec<String>).unwrap_or_default() {
+        builder = builder.arg(arg);
+    }
+    // CineCut's request: 60 s a frame.
+    let mut describe = DescribeOptions::default().request_timeout(Duration::from_secs(60));
+    if let Some(v) = option!(options, "request_timeout_s", f64) {
+        describe = describe.request_timeout(duration(Setting::RequestTimeout, v, Zero::Refused)?);
+    }
+    if let Some(v) = option!(options, "retries", u32) {
+        describe = describe.retries(v);
+    }
+    if let Some(v) = option!(options, "prompt", String) {
+        describe = describe.prompt(v);
+    }
+    if let Some(v) = option!(options, "max_tokens", u32) {
+        describe = describe.max_tokens(v);
+    }
+    if let Some(v) = option!(options, "temperature", f32) {
+        describe = describe.temperature(v);
+    }
+    let config = builder
+        .describe_options(describe)
+        .build()
+        .map_err(errors::config)?;
+    Ok((config, gpus))
+}
