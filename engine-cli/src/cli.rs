@@ -166,6 +166,32 @@ pub struct ServerArgs {
     /// Write the server's whole log to llama-server.log beside the model.
     #[arg(long)]
     pub debug: bool,
+    /// CPU threads of each server (-t) [default: the server's own; with --gpus, each server's share
+    /// of this host's cores].
+    #[arg(long)]
+    pub threads: Option<u32>,
+    /// How frames reach the server: auto (a file:// reference where the server offers
+    /// --media-path, else base64), base64.
+    #[arg(long, value_enum, default_value_t = Transport::Auto)]
+    pub image_transport: Transport,
+}
+
+/// `--image-transport`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// A file:// reference where the server offers --media-path, else base64.
+    Auto,
+    /// Always a base64 data URI.
+    Base64,
+}
+
+impl From<Transport> for engine_core::config::ImageTransport {
+    fn from(transport: Transport) -> Self {
+        match transport {
+            Transport::Auto => engine_core::config::ImageTransport::Auto,
+            Transport::Base64 => engine_core::config::ImageTransport::Base64,
+        }
+    }
 }
 
 /// Where the lines go and how progress shows.

@@ -27,6 +27,8 @@ pub fn flag(setting: Setting) -> String {
         Setting::StartupTimeout => "--timeout",
         Setting::RequestTimeout => "--request-timeout",
         Setting::Args => "--server-arg",
+        Setting::Threads => "--threads",
+        Setting::ImageTransport => "--image-transport",
         Setting::Prompt => "--prompt",
         Setting::Temperature => "--temperature",
         Setting::MaxTokens => "--max-tokens",
@@ -78,6 +80,10 @@ pub fn config(
     if let Some(bin) = &server.server_bin {
         builder = builder.server_bin(bin);
     }
+    if let Some(threads) = server.threads {
+        builder = builder.threads(threads);
+    }
+    builder = builder.image_transport(server.image_transport.into());
     for arg in &server.server_arg {
         builder = builder.arg(arg);
     }

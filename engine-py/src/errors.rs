@@ -52,6 +52,7 @@ pub fn keyword(setting: Setting) -> String {
         Setting::VramRecoveryTimeout => "vram_recovery_timeout_s",
         Setting::RequestTimeout => "request_timeout_s",
         Setting::Args => "server_args",
+        Setting::ImageTransport => "image_transport",
         Setting::VramQueryTimeout => return "the nvidia-smi timeout".into(),
         Setting::HealthPollInterval => return "the readiness poll".into(),
         Setting::MaxFrameBytes => return "the frame size limit".into(),

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use engine_core::config::{EngineConfigBuilder, Setting, Zero, seconds};
+use engine_core::config::{EngineConfigBuilder, ImageTransport, Setting, Zero, seconds};
 use engine_core::{DescribeOptions, EngineConfig, GpuId};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -14,7 +14,7 @@ use pyo3::types::PyDict;
 use crate::errors;
 
 /// The options an engine takes, besides its model, port and debug.
-pub const OPTIONS: [&str; 17] = [
+pub const OPTIONS: [&str; 19] = [
     "slots",
     "ctx_size",
     "gpu",
@@ -32,6 +32,8 @@ pub const OPTIONS: [&str; 17] = [
     "server_args",
     "vram_recovery_timeout_s",
     "stop_grace_s",
+    "threads",
+    "image_transport",
 ];
 
 /// Which GPUs an engine runs on: one (the `gpu` option), a list, or all this process may use.
@@ -155,6 +157,20 @@ pub fn configure(
     }
     if let Some(v) = option!(options, "nvidia_smi", PathBuf) {
         builder = builder.nvidia_smi(v);
+    }
+    if let Some(v) = option!(options, "threads", u32) {
+        builder = builder.threads(v);
+    }
+    if let Some(v) = option!(options, "image_transport", String) {
+        builder = builder.image_transport(match v.as_str() {
+            "auto" => ImageTransport::Auto,
+            "base64" => ImageTransport::Base64,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "option image_transport: {other:?} — \"auto\" or \"base64\""
+                )));
+            }
+        });
     }
     for arg in option!(options, "server_args", Vec<String>).unwrap_or_default() {
         builder = builder.arg(arg);

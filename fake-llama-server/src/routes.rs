@@ -111,6 +111,9 @@ fn chat_image(fake: &Fake, body: &Value) -> Result<Option<Vec<u8>>, Reply> {
                 ));
             }
             let url = part["image_url"]["url"].as_str().unwrap_or("");
+            if let Some(file) = url.strip_prefix("file://") {
+                return media_file(fake, file).map(Some);
+            }
             let Some(data) = url.strip_prefix("data:") else {
                 // The real server would fetch a remote URL; the fake refuses, and says why.
                 return Err(bad_request(
@@ -125,6 +128,45 @@ fn chat_image(fake: &Fake, body: &Value) -> Result<Option<Vec<u8>>, Reply> {
         }
     }
     Ok(None)
+}
+
+/// A `file://` image, read as the real server reads it (tools/server/server-common.cpp,
+/// `handle_media`): only with `--media-path`, the name checked by its rules, relative to that folder.
+fn media_file(fake: &Fake, name: &str) -> Result<Vec<u8>, Reply> {
+    let Some(folder) = &fake.args.media_path else {
+        return Err(bad_request(
+            "file:// URLs are not allowed unless --media-path is specified",
+        ));
+    };
+    let allowed = !name.is_empty()
+        && name.len() <= 255
+        && !name.contains("..")
+        && !name
+            .chars()
+            .any(|c| c.is_control() || ":*?\"<>|".contains(c))
+        && !name.starts_with(' ')
+        && !name.ends_with([' ', '.']);
+    if !allowed {
+        return Err(bad_request(&format!("file path is not allowed: {name}")));
+    }
+    std::fs::read(format!("{folder}{name}"))
+        .map_err(|_| bad_request(&format!("file does not exist or cannot be opened: {name}")))
+}
+
+/// How each image of a chat request came: "file" (a `file://` reference) or "data" (a data URI).
+fn image_sources(body: &Value) -> Vec<&'static str> {
+    body["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["content"].as_array())
+        .flatten()
+        .filter(|part| part["type"] == "image_url")
+        .map(|part| match part["image_url"]["url"].as_str() {
+            Some(url) if url.starts_with("file://") => "file",
+            _ => "data",
+        })
+        .collect()
 }
 
 /// The text of a chat request's messages, joined: what a text-only answer is derived from.
@@ -229,7 +271,8 @@ fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
         fake,
         "request_start",
         json!({"n": number, "text": text, "max_tokens": body["max_tokens"],
-               "temperature": body["temperature"], "schema_name": body["response_format"]["json_schema"]["name"]}),
+               "temperature": body["temperature"], "schema_name": body["response_format"]["json_schema"]["name"],
+               "image_sources": image_sources(&body)}),
     );
     if let Some(ms) = fake.knobs.latency_ms {
         std::thread::sleep(Duration::from_millis(ms));

@@ -10,6 +10,17 @@ use std::time::Duration;
 
 pub use setting::{ConfigError, MAX_DURATION, Setting, Zero, seconds};
 
+/// How images reach the server ([`EngineConfigBuilder::image_transport`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ImageTransport {
+    /// A `file://` reference where the server offers `--media-path` and the frame's path is one it
+    /// takes; else a base64 data URI.
+    #[default]
+    Auto,
+    /// Always a base64 data URI (the only way the server takes an image that is not a local file).
+    Base64,
+}
+
 use crate::error::{ModelRole, StartError};
 use crate::gpu::{GpuId, NvidiaSmi, ProbeChoice, VRAM_MINIMUM_MIB, VramProbe};
 use crate::request::DescribeOptions;
@@ -53,6 +64,8 @@ pub struct EngineConfig {
     vram_recovery_timeout: Duration,
     debug: bool,
     log_disable: bool,
+    image_transport: ImageTransport,
+    threads: Option<u32>,
     extra_args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
     describe: DescribeOptions,
@@ -103,6 +116,8 @@ impl EngineConfig {
                 vram_recovery_timeout: Duration::from_secs(5),
                 debug: false,
                 log_disable: false,
+                image_transport: ImageTransport::Auto,
+                threads: None,
                 extra_args: Vec::new(),
                 env: Vec::new(),
                 describe: DescribeOptions::default(),
@@ -196,6 +211,14 @@ impl EngineConfig {
     pub fn log_disable(&self) -> bool {
         self.log_disable
     }
+    /// How images reach the server.
+    pub fn image_transport(&self) -> ImageTransport {
+        self.image_transport
+    }
+    /// CPU threads the server uses (`-t`); `None`: the server's own default.
+    pub fn threads(&self) -> Option<u32> {
+        self.threads
+    }
     /// Arguments appended to the server's command line.
     pub fn extra_args(&self) -> &[OsString] {
         &self.extra_args
@@ -274,6 +297,9 @@ impl EngineConfig {
         ]);
         if self.log_disable {
             args.push("--log-disable".into());
+        }
+        if let Some(threads) = self.threads {
+            args.extend(["-t".into(), threads.to_string().into()]);
         }
         args.extend(self.extra_args.iter().cloned());
         args
@@ -376,6 +402,19 @@ impl EngineConfigBuilder {
         self.config.log_disable = on;
         self
     }
+    /// Sets how images reach the server: `Auto` (the default) sends a local frame as a `file://`
+    /// reference where the server offers `--media-path` (no encode, no copy through HTTP), else as
+    /// a base64 data URI; `Base64` always inlines it.
+    pub fn image_transport(mut self, transport: ImageTransport) -> Self {
+        self.config.image_transport = transport;
+        self
+    }
+    /// Sets the CPU threads the server uses (`-t`): a pool gives each server its share of the host's
+    /// cores, where several servers would otherwise each take them all.
+    pub fn threads(mut self, threads: u32) -> Self {
+        self.config.threads = Some(threads);
+        self
+    }
     /// Appends one argument to the server's command line.
     pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
         self.config.extra_args.push(arg.into());
@@ -413,6 +452,9 @@ impl EngineConfigBuilder {
                     c.ctx_size, c.slots
                 ),
             );
+        }
+        if c.threads == Some(0) {
+            return fail(Setting::Threads, "is 0: it must be at least 1".into());
         }
         if c.health_poll_interval.is_zero() || c.health_poll_interval > Duration::from_millis(10) {
             return fail(
@@ -486,6 +528,11 @@ const OWNED_FLAGS: &[(&[&str], &str)] = &[
         "the engine reads the server's log: use `debug` for a file",
     ),
     (&["--path"], "the engine serves no files"),
+    (
+        &["--media-path"],
+        "the engine sets it when it sends frames as files: use `image_transport`",
+    ),
+    (&["-t", "--threads"], "use `threads`"),
 ];
 
 /// Refuses an extra argument that overrides a flag the engine owns, naming the setting to use.

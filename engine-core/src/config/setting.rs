@@ -49,6 +49,10 @@ pub enum Setting {
     VramRecoveryTimeout,
     /// Extra server arguments.
     Args,
+    /// CPU threads of the server.
+    Threads,
+    /// How images reach the server.
+    ImageTransport,
     /// The instruction sent with every frame.
     Prompt,
     /// Sampling temperature.
@@ -65,7 +69,7 @@ pub enum Setting {
 
 impl Setting {
     /// Every setting, in the builder's order.
-    pub const ALL: [Setting; 23] = [
+    pub const ALL: [Setting; 25] = [
         Setting::Model,
         Setting::Mmproj,
         Setting::Port,
@@ -83,6 +87,8 @@ impl Setting {
         Setting::HealthPollInterval,
         Setting::VramRecoveryTimeout,
         Setting::Args,
+        Setting::Threads,
+        Setting::ImageTransport,
         Setting::Prompt,
         Setting::Temperature,
         Setting::MaxTokens,
@@ -111,6 +117,8 @@ impl Setting {
             Setting::HealthPollInterval => "health_poll_interval",
             Setting::VramRecoveryTimeout => "vram_recovery_timeout",
             Setting::Args => "arg",
+            Setting::Threads => "threads",
+            Setting::ImageTransport => "image_transport",
             Setting::Prompt => "prompt",
             Setting::Temperature => "temperature",
             Setting::MaxTokens => "max_tokens",

@@ -14,7 +14,9 @@ use crate::error::{EngineError, RequestError};
 use crate::gpu::{
     FreeVram, GpuId, Visible, VramError, VramProbe, VramReading, select, wait_for_free,
 };
-use crate::request::{KeyframeRecord, Modality, Prompt, SceneDescription, Subject, complete};
+use crate::request::{
+    KeyframeRecord, Modality, Prompt, SceneDescription, Subject, Transport, complete,
+};
 use crate::wait::Wait;
 
 impl Engine<Healthy> {
@@ -95,9 +97,10 @@ impl Engine<Healthy> {
         if let Some(died) = server.death(Duration::ZERO) {
             return Err(died.during(&prompt.subject()));
         }
-        let modality = match self.config.mmproj() {
-            Some(_) => Modality::Vision,
-            None => Modality::Text,
+        let modality = match (self.config.mmproj(), server.reads_files()) {
+            (None, _) => Modality::Text,
+            (Some(_), true) => Modality::Vision(Transport::Files),
+            (Some(_), false) => Modality::Vision(Transport::Inline),
         };
         complete(
             server.client(),

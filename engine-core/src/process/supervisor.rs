@@ -52,6 +52,8 @@ pub(crate) enum Scope {
     Tree {
         /// A descriptor the keeper keeps open until the tree is gone.
         keep_fd: Option<RawFd>,
+        /// The end of the line the command writes when it is ready, if it writes one.
+        ready_line: Option<&'static str>,
     },
 }
 
@@ -108,7 +110,7 @@ impl SupervisedChild {
             .stderr(Stdio::piped())
             .process_group(0);
         let parent = rustix::process::getpid();
-        if let Scope::Tree { keep_fd } = scope {
+        if let Scope::Tree { keep_fd, .. } = scope {
             // SAFETY: `split` makes only async-signal-safe calls on stack memory (see keeper.rs).
             unsafe {
                 command.pre_exec(move || super::keeper::split(parent, keep_fd));
@@ -129,11 +131,25 @@ impl SupervisedChild {
         }
 
         let state: Shared = Arc::new((Mutex::new(LeaderState::default()), Condvar::new()));
+        let ready_line = match scope {
+            Scope::Tree { ready_line, .. } => ready_line,
+            Scope::Leader => None,
+        };
+        let output = Arc::new(Output::watching(ready_line));
         let (spawned_tx, spawned_rx) = mpsc::channel();
         let supervisor_state = Arc::clone(&state);
+        let supervisor_output = Arc::clone(&output);
         let supervisor = thread::Builder::new()
             .name("child-supervisor".into())
-            .spawn(move || supervise(command, spawned_tx, supervisor_state, scope))?;
+            .spawn(move || {
+                supervise(
+                    command,
+                    spawned_tx,
+                    supervisor_state,
+                    scope,
+                    &supervisor_output,
+                )
+            })?;
 
         let (pid, stdout, stderr) = match spawned_rx.recv() {
             Ok(Ok(spawned)) => spawned,
@@ -149,7 +165,6 @@ impl SupervisedChild {
             }
         };
 
-        let output = Arc::new(Output::default());
         let log = log.map(|f| Arc::new(Mutex::new(f)));
         let leader = pid.as_raw_nonzero().get() as u32;
         // The keeper forked the command before our spawn returned (see keeper.rs).
@@ -444,6 +459,7 @@ fn supervise(
     spawned: mpsc::Sender<io::Result<Spawned>>,
     state: Shared,
     scope: Scope,
+    output: &Output,
 ) {
     let mut child = match spawn_retrying_busy(&mut command) {
         Ok(child) => child,
@@ -483,6 +499,7 @@ fn supervise(
     guard.exit = Some(exit);
     guard.reap |= matches!(scope, Scope::Leader);
     cvar.notify_all();
+    output.mark_exited();
     let mut guard = cvar
         .wait_while(guard, |s| !s.reap)
         .unwrap_or_else(PoisonError::into_inner);
@@ -496,7 +513,10 @@ fn supervise(
 mod tests {
     use super::*;
 
-    const TREE: Scope = Scope::Tree { keep_fd: None };
+    const TREE: Scope = Scope::Tree {
+        keep_fd: None,
+        ready_line: None,
+    };
 
     #[test]
     fn exit_of_child_is_noticed_and_reaped() {

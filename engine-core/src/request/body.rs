@@ -1,9 +1,10 @@
-//! The `POST /v1/chat/completions` body: a prompt, its images as data URIs, its schema.
+//! The `POST /v1/chat/completions` body: a prompt, its images (as data URIs, or as `file://`
+//! references for a server that reads local frames itself), its schema.
 
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use super::image::Image;
+use super::image::Part;
 use super::prompt::Prompt;
 
 /// Stands in for image `i`'s URL in the JSON skeleton; replaced by its data URI.
@@ -12,21 +13,25 @@ fn image_slot(i: usize) -> String {
 }
 
 /// The `POST /v1/chat/completions` body: the system message, then the text and the images as data
-/// URIs (never `http://` URLs, which the server would fetch), constrained by the schema. Without
-/// images the user's content is a plain string, which every server version takes.
+/// URIs or `file://` references (never `http://` URLs, which the server would fetch), constrained by
+/// the schema. Without images the user's content is a plain string, which every server version
+/// takes.
 ///
 /// An image is a megabyte or more of base64: it is encoded straight into a buffer of the final size,
 /// spliced into a small serialised skeleton, instead of passing through a JSON value (several copies
 /// into growing buffers cost about 2 ms per 1080p frame, more than everything else the client does).
-pub(crate) fn chat_request(prompt: &Prompt, images: &[Image]) -> Vec<u8> {
+pub(crate) fn chat_request(prompt: &Prompt, images: &[Part]) -> Vec<u8> {
     let content = if images.is_empty() {
         json!(prompt.text)
     } else {
         let mut parts = vec![json!({"type": "text", "text": prompt.text})];
-        parts.extend(
-            (0..images.len())
-                .map(|i| json!({"type": "image_url", "image_url": {"url": image_slot(i)}})),
-        );
+        parts.extend(images.iter().enumerate().map(|(i, part)| {
+            let url = match part {
+                Part::Inline(_) => image_slot(i),
+                Part::File(url) => url.clone(),
+            };
+            json!({"type": "image_url", "image_url": {"url": url}})
+        }));
         Value::Array(parts)
     };
     let mut messages = Vec::new();
@@ -45,13 +50,22 @@ pub(crate) fn chat_request(prompt: &Prompt, images: &[Image]) -> Vec<u8> {
         "stream": false,
     })
     .to_string();
-    let encoded: usize = images
+    let inline = images
         .iter()
-        .map(|image| base64::encoded_len(image.bytes.len(), true).expect("an image fits in memory"))
+        .enumerate()
+        .filter_map(|(i, part)| match part {
+            Part::Inline(image) => Some((i, image)),
+            Part::File(_) => None,
+        });
+    let encoded: usize = inline
+        .clone()
+        .map(|(_, image)| {
+            base64::encoded_len(image.bytes.len(), true).expect("an image fits in memory")
+        })
         .sum();
     let mut body = Vec::with_capacity(skeleton.len() + encoded + 64 * images.len());
     let mut rest = skeleton.as_str();
-    for (i, image) in images.iter().enumerate() {
+    for (i, image) in inline {
         // Each slot appears once as a JSON token of its own; text holding the same words would be a
         // different, escaped token inside a text part, so `"url":"SLOT"` is unambiguous.
         let token = format!("\"url\":\"{}\"", image_slot(i));
@@ -77,6 +91,7 @@ pub(crate) fn chat_request(prompt: &Prompt, images: &[Image]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request::image::Image;
     use crate::request::schema::Schema;
 
     #[test]
@@ -101,14 +116,15 @@ mod tests {
         let text = format!("\"url\":\"{}\" {}", image_slot(0), image_slot(1));
         let prompt = Prompt::new(&schema, text.clone());
         let images = [
-            Image {
+            Part::Inline(Image {
                 mime: "image/png",
                 bytes: vec![0x89, b'P', b'N', b'G'],
-            },
-            Image {
+            }),
+            Part::File("file:///frames/a.jpg".into()),
+            Part::Inline(Image {
                 mime: "image/jpeg",
                 bytes: vec![0xFF, 0xD8, 0xFF, 0xE0],
-            },
+            }),
         ];
         let body: Value = serde_json::from_slice(&chat_request(&prompt, &images)).unwrap();
         let parts = &body["messages"][0]["content"];
@@ -117,8 +133,9 @@ mod tests {
             parts[1]["image_url"]["url"],
             "data:image/png;base64,iVBORw=="
         );
+        assert_eq!(parts[2]["image_url"]["url"], "file:///frames/a.jpg");
         assert_eq!(
-            parts[2]["image_url"]["url"],
+            parts[3]["image_url"]["url"],
             "data:image/jpeg;base64,/9j/4A=="
         );
     }

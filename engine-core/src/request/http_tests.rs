@@ -9,7 +9,7 @@ use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
 use super::options::DescribeOptions;
 use super::scene::{KeyframeRecord, SCENE_DESCRIPTION_SCHEMA, SceneDescription};
-use super::send::{Modality, complete};
+use super::send::{Modality, Transport, complete};
 use crate::error::{RequestError, ServerDeath};
 use crate::server::Client;
 
@@ -54,12 +54,18 @@ async fn describe(
     tokio::task::spawn_blocking(move || {
         let client = Client::new(port, KEY, 1);
         let prompt = options.frame_prompt(&frame.frame_path);
-        complete(&client, &options, Modality::Vision, &prompt, &|_| {
-            dead.then(|| RequestError::ServerDied {
-                during: None,
-                death: ServerDeath::new(crate::process::ChildExit::Signal(9), String::new()),
-            })
-        })
+        complete(
+            &client,
+            &options,
+            Modality::Vision(Transport::Inline),
+            &prompt,
+            &|_| {
+                dead.then(|| RequestError::ServerDied {
+                    during: None,
+                    death: ServerDeath::new(crate::process::ChildExit::Signal(9), String::new()),
+                })
+            },
+        )
     })
     .await
     .unwrap()
@@ -218,7 +224,13 @@ async fn a_refused_connection_from_a_dead_server_says_it_died() {
         let options = DescribeOptions::default();
         let prompt = options.frame_prompt(&frame.frame_path);
         let send = |death: &dyn Fn(Duration) -> Option<RequestError>| {
-            complete::<SceneDescription>(&client, &options, Modality::Vision, &prompt, death)
+            complete::<SceneDescription>(
+                &client,
+                &options,
+                Modality::Vision(Transport::Inline),
+                &prompt,
+                death,
+            )
         };
         let alive = send(&|_| None);
         let dead = send(&|_| {
@@ -279,7 +291,13 @@ async fn bad_frames_are_refused_before_any_request() {
         let result = tokio::task::spawn_blocking(move || {
             let prompt = options.frame_prompt(&frame.frame_path);
             let client = Client::new(port, KEY, 1);
-            complete::<SceneDescription>(&client, &options, Modality::Vision, &prompt, &|_| None)
+            complete::<SceneDescription>(
+                &client,
+                &options,
+                Modality::Vision(Transport::Inline),
+                &prompt,
+                &|_| None,
+            )
         })
         .await
         .unwrap();

@@ -22,4 +22,4 @@ pub use scene::{
 };
 pub use schema::{Schema, SchemaError, SchemaViolation};
 
-pub(crate) use send::{Modality, complete};
+pub(crate) use send::{Modality, Transport, complete};

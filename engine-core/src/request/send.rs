@@ -8,18 +8,28 @@ use serde::de::DeserializeOwned;
 
 use super::answer::{Unusable, is_context_exceeded, is_invalid_output_status, parse_answer};
 use super::body::chat_request;
-use super::image::load_image;
+use super::image::{Part, file_reference, load_image};
 use super::options::DescribeOptions;
 use super::prompt::Prompt;
 use crate::error::RequestError;
 use crate::server::Client;
 use crate::util::truncate;
 
-/// Whether the server has a vision projector: a text-only model takes no images.
+/// Whether the server has a vision projector (a text-only model takes no images), and how it
+/// takes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Modality {
-    Vision,
+    Vision(Transport),
     Text,
+}
+
+/// How images reach a vision server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transport {
+    /// As base64 data URIs.
+    Inline,
+    /// As `file://` references it reads itself, where their paths allow (else inline).
+    Files,
 }
 
 /// Checks `prompt` and its images, then builds its request body. A text-only model's images are
@@ -41,10 +51,18 @@ pub(crate) fn prepare(
             prompt.images.len()
         )));
     }
+    let max = options.max_frame_bytes;
+    let part = |path: &std::path::PathBuf| match modality {
+        Modality::Vision(Transport::Files) => match file_reference(path, max)? {
+            Some(url) => Ok(Part::File(url)),
+            None => load_image(path, max).map(Part::Inline),
+        },
+        _ => load_image(path, max).map(Part::Inline),
+    };
     let images = prompt
         .images
         .iter()
-        .map(|path| load_image(path, options.max_frame_bytes))
+        .map(part)
         .collect::<Result<Vec<_>, _>>()?;
     Ok(chat_request(prompt, &images))
 }
@@ -133,7 +151,11 @@ impl DescribeOptions {
     /// The exact `POST /v1/chat/completions` body the engine sends for `frame_path` (after the same
     /// checks `describe` makes): for debugging a server by hand, and for benchmarks.
     pub fn request_body(&self, frame_path: &Path) -> Result<Vec<u8>, RequestError> {
-        prepare(&self.frame_prompt(frame_path), self, Modality::Vision)
+        prepare(
+            &self.frame_prompt(frame_path),
+            self,
+            Modality::Vision(Transport::Inline),
+        )
     }
 }
 
@@ -169,17 +191,17 @@ mod tests {
         let cases = [
             (
                 Prompt::new(&schema, "x").temperature(3.0),
-                Modality::Vision,
+                Modality::Vision(Transport::Inline),
                 "`temperature` is 3",
             ),
             (
                 Prompt::new(&schema, "x").max_tokens(0),
-                Modality::Vision,
+                Modality::Vision(Transport::Inline),
                 "`max_tokens` is 0",
             ),
             (
                 Prompt::new(&schema, ""),
-                Modality::Vision,
+                Modality::Vision(Transport::Inline),
                 "neither text nor images",
             ),
             (

@@ -3,6 +3,7 @@
 
 mod client;
 mod log;
+mod media;
 mod port;
 mod ready;
 mod running;

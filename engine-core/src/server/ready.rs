@@ -1,6 +1,9 @@
-//! Readiness: when a starting server is ready *and ours*. The `/health` answer is polled (every
-//! `health_poll_interval`, 5 ms by default) until it is 200 `{"status":"ok"}`; then the answer must
-//! be proven to come from our child, not from another server on the same port.
+//! Readiness: when a starting server is ready *and ours*. The server's log says so first: it writes
+//! `main: model loaded` right after it turns ready, and the output drain wakes the wait on that line,
+//! which is then confirmed by one `/health` and the `/props` ownership check. For builds or logs that
+//! say nothing (`--log-disable`), `/health` is polled every `health_poll_interval` (5 ms by default)
+//! until it is 200 `{"status":"ok"}`. Either way the answer must be proven to come from our child,
+//! not from another server on the same port.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -58,6 +61,8 @@ impl Starting<'_> {
         // The last answer /health gave says more than the last connection error, so keep both.
         let mut last_answer: Option<String> = None;
         let mut last_failure = String::from("no answer yet");
+        // Once the ready line has woken a check, the later waits are plain polls.
+        let mut line_acted_on = false;
         loop {
             if let Some(status) = self.child.status() {
                 return Err(StartFailure::Exited(status));
@@ -87,8 +92,12 @@ impl Starting<'_> {
                     last_health: last_answer.unwrap_or(last_failure),
                 });
             }
-            // Sleeps until the next poll, or wakes the moment the child exits.
-            self.child.wait_timeout(poll.min(left));
+            // Sleeps until the next poll, or wakes the moment the child says it is ready or exits.
+            if line_acted_on {
+                self.child.wait_timeout(poll.min(left));
+            } else {
+                line_acted_on = self.child.output().wait_said(poll.min(left)).ready;
+            }
         }
     }
 

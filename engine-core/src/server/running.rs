@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use super::client::Client;
 use super::log::open_log;
+use super::media::offers_media_path;
 use super::port::free_port;
 use super::ready::{StartFailure, Starting};
-use crate::config::EngineConfig;
+use crate::config::{EngineConfig, ImageTransport};
 use crate::error::{RequestError, ServerDeath, StartError};
 use crate::process::{Scope, Stopped, SupervisedChild};
 use crate::util::{hex128, unpoisoned};
@@ -19,6 +20,11 @@ use crate::wait::Wait;
 
 /// How many lines of the server's output an error carries.
 const TAIL_LINES: usize = 20;
+
+/// How the server's log ends the line it writes right after it turns ready: 11434's `srv
+/// main: model loaded`, 9093's `main: model loaded` (docs/real-server.md; the contract suite checks
+/// that the real servers still write it). Readiness wakes on it instead of waiting for the next poll.
+const READY_LINE: &str = "main: model loaded";
 
 /// A running llama-server that answered ready and proved it is ours.
 pub(crate) struct Server {
@@ -30,6 +36,8 @@ pub(crate) struct Server {
     died: Mutex<Option<ServerDeath>>,
     /// Set by `abort`: a death that follows was asked for.
     aborted: AtomicBool,
+    /// Whether it reads local frames itself (`--media-path /`): they are sent as `file://`.
+    reads_files: bool,
 }
 
 impl std::fmt::Debug for Server {
@@ -66,15 +74,27 @@ impl Server {
         } else {
             None
         };
+        // A vision server that offers --media-path reads local frames itself: no encode, no copy
+        // through HTTP. The folder is the root: the server runs as us and can read our files
+        // anyway, and only a holder of this engine's API key can ask it to.
+        let reads_files = config.mmproj().is_some()
+            && config.image_transport() == ImageTransport::Auto
+            && offers_media_path(&program);
         let mut command = Command::new(&program);
+        command.args(config.server_args(port));
+        if reads_files {
+            command.args(["--media-path", "/"]);
+        }
         command
-            .args(config.server_args(port))
             .envs(config.env().iter().map(|(k, v)| (k, v)))
             // The server sees only the GPU we locked (llama-server spreads over every GPU it sees).
             .env("CUDA_VISIBLE_DEVICES", visible_gpu)
             // The key goes through the environment, never argv (argv is world-readable in /proc).
             .env("LLAMA_API_KEY", &api_key);
-        let scope = Scope::Tree { keep_fd: lock_fd };
+        let scope = Scope::Tree {
+            keep_fd: lock_fd,
+            ready_line: Some(READY_LINE),
+        };
         let child = SupervisedChild::spawn(command, log, scope).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
                 StartError::ServerNotFound {
@@ -95,6 +115,7 @@ impl Server {
             api_key,
             died: Mutex::new(None),
             aborted: AtomicBool::new(false),
+            reads_files,
         };
         let starting = Starting {
             child: &server.child,
@@ -177,6 +198,11 @@ impl Server {
         tracing::warn!(pid = self.child.pid(), "llama-server aborted");
         self.aborted.store(true, Ordering::Release);
         self.child.start_kill();
+    }
+
+    /// Whether the server reads local frames itself (they go as `file://` references).
+    pub(crate) fn reads_files(&self) -> bool {
+        self.reads_files
     }
 
     /// Whether [`Server::abort`] was called.
