@@ -59,9 +59,11 @@ pub mod typestate {
 }
 
 /// What a batch returns ([`Engine::describe_many`], [`EnginePool::complete_many`], ...): the one
-/// scheduler's contract is that every item gets exactly one outcome, exactly once, in every path.
+/// scheduler's contract is that every item gets exactly one outcome, exactly once, in every path;
+/// and a run's [`Summary`](batch::Summary) ([`Batch::summary`](batch::Batch::summary) of an
+/// [`answer_many`](crate::EnginePool::answer_many)).
 pub mod batch {
-    pub use crate::engine::{Batch, ServerRun};
+    pub use crate::engine::{Batch, GpuSummary, Latency, RunTimes, ServerRun, Summary, Tokens};
 }
 
 /// One engine per GPU of a host ([`EnginePool`](crate::EnginePool)): what it does with a GPU

@@ -15,7 +15,7 @@ use crate::gpu::{
     FreeVram, GpuId, Visible, VramError, VramProbe, VramReading, select, wait_for_free,
 };
 use crate::request::{
-    KeyframeRecord, Modality, Prompt, SceneDescription, Subject, Transport, complete,
+    Answer, KeyframeRecord, Modality, Prompt, SceneDescription, Subject, Transport, complete,
 };
 use crate::wait::Wait;
 
@@ -93,6 +93,12 @@ impl Engine<Healthy> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn complete<T: DeserializeOwned>(&self, prompt: &Prompt) -> Result<T, RequestError> {
+        self.answer(prompt).map(|answer| answer.value)
+    }
+
+    /// [`Engine::complete`], with what the answer cost: the server's token counts and timings, the
+    /// attempts made and the latency.
+    pub fn answer<T: DeserializeOwned>(&self, prompt: &Prompt) -> Result<Answer<T>, RequestError> {
         let server = &self.state.running.server;
         if let Some(died) = server.death(Duration::ZERO) {
             return Err(died.during(&prompt.subject()));
@@ -168,10 +174,32 @@ impl Engine<Healthy> {
         )
     }
 
+    /// [`Engine::complete_many`], each outcome with what it cost ([`Engine::answer`]): what a
+    /// run's [`crate::batch::Summary`] is made from.
+    pub fn answer_many<T, F>(
+        &self,
+        prompts: &[Prompt],
+        concurrency: usize,
+        on_done: F,
+    ) -> Batch<Answer<T>>
+    where
+        T: DeserializeOwned + Send,
+        F: Fn(usize, &Result<Answer<T>, RequestError>) -> ControlFlow<()> + Sync,
+    {
+        schedule::run(
+            &[self.lanes(concurrency)],
+            prompts,
+            |_, prompt| self.answer(prompt),
+            Prompt::subject,
+            on_done,
+        )
+    }
+
     /// This engine's share of a batch: `slots` requests at once on its GPU.
     pub(super) fn lanes(&self, slots: usize) -> Lanes {
         Lanes {
             gpu: self.gpu(),
+            uuid: self.vram().uuid.clone(),
             slots,
         }
     }

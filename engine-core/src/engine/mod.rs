@@ -6,9 +6,11 @@ mod healthy;
 pub(crate) mod pool;
 mod running;
 pub(crate) mod schedule;
+mod summary;
 mod typestate;
 
 pub use pool::EnginePool;
 pub use running::ShutdownReport;
 pub use schedule::{Batch, ServerRun};
+pub use summary::{GpuSummary, Latency, RunTimes, Summary, Tokens};
 pub use typestate::{Engine, Healthy, Locked, State, Unchecked, VramOk};

@@ -12,7 +12,7 @@ use super::typestate::{Engine, Healthy};
 use crate::config::{ConfigError, EngineConfig, Setting};
 use crate::error::{EngineError, RequestError};
 use crate::gpu::{GpuId, LockError, Visible, distinct};
-use crate::request::{KeyframeRecord, Prompt, SceneDescription, Subject};
+use crate::request::{Answer, KeyframeRecord, Prompt, SceneDescription, Subject};
 use crate::wait::Wait;
 
 /// What a pool does with a GPU whose lock another process holds.
@@ -169,6 +169,22 @@ impl EnginePool {
             &self.lanes(),
             prompts,
             |e, prompt| self.engines[e].complete(prompt),
+            Prompt::subject,
+            on_done,
+        )
+    }
+
+    /// [`EnginePool::complete_many`], each outcome with what it cost: what a run's
+    /// [`crate::batch::Summary`] is made from.
+    pub fn answer_many<T, F>(&self, prompts: &[Prompt], on_done: F) -> Batch<Answer<T>>
+    where
+        T: DeserializeOwned + Send,
+        F: Fn(usize, &Result<Answer<T>, RequestError>) -> ControlFlow<()> + Sync,
+    {
+        schedule::run(
+            &self.lanes(),
+            prompts,
+            |e, prompt| self.engines[e].answer(prompt),
             Prompt::subject,
             on_done,
         )

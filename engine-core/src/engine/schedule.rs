@@ -41,6 +41,8 @@ pub struct Batch<R> {
 pub struct ServerRun {
     /// Its GPU (nvidia-smi index).
     pub gpu: u32,
+    /// Its GPU's UUID.
+    pub uuid: String,
     /// Items it answered.
     pub answered: usize,
     /// Items it failed (a death excluded).
@@ -52,9 +54,10 @@ pub struct ServerRun {
 }
 
 /// A server's share of the work: its GPU, and how many requests it serves at once.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Lanes {
     pub(crate) gpu: u32,
+    pub(crate) uuid: String,
     pub(crate) slots: usize,
 }
 
@@ -232,6 +235,7 @@ where
                 .iter()
                 .map(|lanes| ServerRun {
                     gpu: lanes.gpu,
+                    uuid: lanes.uuid.clone(),
                     answered: 0,
                     failed: 0,
                     died: None,
@@ -325,7 +329,7 @@ mod tests {
             let lanes: Vec<Lanes> = scripts
                 .iter()
                 .enumerate()
-                .map(|(gpu, s)| Lanes { gpu: gpu as u32, slots: s.slots })
+                .map(|(gpu, s)| Lanes { gpu: gpu as u32, uuid: String::new(), slots: s.slots })
                 .collect();
             let ids: Vec<usize> = (0..items).collect();
             let batch = run(
@@ -406,7 +410,11 @@ mod tests {
         let calls = AtomicUsize::new(0);
         let ids: Vec<usize> = (0..20).collect();
         let batch = run(
-            &[Lanes { gpu: 0, slots: 3 }],
+            &[Lanes {
+                gpu: 0,
+                uuid: String::new(),
+                slots: 3,
+            }],
             &ids,
             |_, &id| {
                 if calls.fetch_add(1, Ordering::SeqCst) >= 5 {

@@ -2,6 +2,8 @@
 //! validated against the request's schema, and told apart when it cannot be used (invalid output
 //! is worth a retry; a full context is not).
 
+use std::time::Duration;
+
 use serde_json::Value;
 
 use super::scene::{SceneDescription, scene_schema};
@@ -17,13 +19,70 @@ pub(crate) enum Unusable {
     ContextFull(String),
 }
 
+/// A request's answer, read into `T`, and what it cost.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Answer<T> {
+    /// The answer.
+    pub value: T,
+    /// The tokens of every attempt (a retried invalid answer's too), as the server counted them.
+    pub usage: Usage,
+    /// The server's `timings` of the accepted attempt (prompt and generation, in tokens and ms).
+    pub timings: Option<Value>,
+    /// Attempts made: 1, unless invalid output was retried.
+    pub attempts: u32,
+    /// From the request's first attempt to its answer read.
+    pub latency: Duration,
+}
+
+/// Tokens a request cost, as the server counted them (its `usage`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct Usage {
+    /// Prompt tokens (an image's embeddings included).
+    pub prompt_tokens: u64,
+    /// Generated tokens.
+    pub generated_tokens: u64,
+}
+
+impl Usage {
+    /// The `usage` of a chat completion's body (zero where it has none).
+    pub(crate) fn of(body: &str) -> Usage {
+        let value: Value = serde_json::from_str(body).unwrap_or_default();
+        Usage::in_response(&value)
+    }
+
+    fn in_response(response: &Value) -> Usage {
+        let count = |key: &str| response["usage"][key].as_u64().unwrap_or(0);
+        Usage {
+            prompt_tokens: count("prompt_tokens"),
+            generated_tokens: count("completion_tokens"),
+        }
+    }
+
+    pub(crate) fn plus(self, other: Usage) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens + other.prompt_tokens,
+            generated_tokens: self.generated_tokens + other.generated_tokens,
+        }
+    }
+}
+
+/// A usable answer: its value, validated, and what the server said of its cost.
+#[derive(Debug)]
+pub(crate) struct Parsed {
+    pub(crate) value: Value,
+    pub(crate) usage: Usage,
+    pub(crate) timings: Option<Value>,
+}
+
 /// Parses an answer to a request that asked for at most `max_tokens`, and validates it against
 /// `schema`.
 pub(crate) fn parse_answer(
     body: &str,
     max_tokens: u32,
     schema: &Schema,
-) -> Result<Value, Unusable> {
+) -> Result<Parsed, Unusable> {
     let invalid = Unusable::Invalid;
     let response: Value = serde_json::from_str(body).map_err(|e| {
         invalid(format!(
@@ -77,7 +136,11 @@ pub(crate) fn parse_answer(
     schema
         .validate(&value)
         .map_err(|e| invalid(format!("{e}: {}", truncate(content, 200))))?;
-    Ok(value)
+    Ok(Parsed {
+        value,
+        usage: Usage::in_response(&response),
+        timings: response.get("timings").cloned(),
+    })
 }
 
 /// Whether an HTTP error is the server's way of saying the request does not fit the slot's context
@@ -111,11 +174,11 @@ pub fn strip_code_fence(text: &str) -> &str {
 /// Parses a chat-completion response body into a validated description. The error says why the
 /// answer is unusable, with the raw text (truncated).
 pub fn parse_chat_response(body: &str) -> Result<SceneDescription, String> {
-    let value =
+    let parsed =
         parse_answer(body, u32::MAX, scene_schema()).map_err(|unusable| match unusable {
             Unusable::Invalid(reason) | Unusable::ContextFull(reason) => reason,
         })?;
-    serde_json::from_value(value).map_err(|e| e.to_string())
+    serde_json::from_value(parsed.value).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -140,7 +203,7 @@ pub(crate) mod tests {
         )
         .unwrap();
         let ok = parse_answer(&response(r#"{"climax_t": 81.5}"#, "stop"), 128, &schema);
-        assert_eq!(ok.unwrap()["climax_t"], 81.5);
+        assert_eq!(ok.unwrap().value["climax_t"], 81.5);
         match parse_answer(&response(r#"{"climax_t": "late"}"#, "stop"), 128, &schema) {
             Err(Unusable::Invalid(reason)) => {
                 assert!(

@@ -69,6 +69,7 @@ async fn describe(
     })
     .await
     .unwrap()
+    .map(|answer| answer.value)
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ mod send;
 #[cfg(test)]
 mod http_tests;
 
-pub use answer::{parse_chat_response, strip_code_fence};
+pub use answer::{Answer, Usage, parse_chat_response, strip_code_fence};
 pub use options::{DEFAULT_PROMPT, DescribeOptions};
 pub use prompt::{Prompt, Subject, check_sampling};
 pub use scene::{

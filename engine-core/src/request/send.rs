@@ -2,11 +2,13 @@
 //! post it, read and validate the answer, retry invalid output. `describe` is a preset over it.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
-use super::answer::{Unusable, is_context_exceeded, is_invalid_output_status, parse_answer};
+use super::answer::{
+    Answer, Unusable, Usage, is_context_exceeded, is_invalid_output_status, parse_answer,
+};
 use super::body::chat_request;
 use super::image::{Part, file_reference, load_image};
 use super::options::DescribeOptions;
@@ -67,19 +69,21 @@ pub(crate) fn prepare(
     Ok(chat_request(prompt, &images))
 }
 
-/// Sends `prompt` through `client` and returns its validated answer as `T`; retries answers that
-/// are invalid (not JSON, off-schema, cut off, not a `T`). `death(wait)` says whether the server has
-/// died (waiting up to `wait` for an exit under way); it is asked when a request fails at the
-/// transport level, so that a dead server is reported as such.
+/// Sends `prompt` through `client` and returns its validated answer as `T`, with what it cost;
+/// retries answers that are invalid (not JSON, off-schema, cut off, not a `T`). `death(wait)` says
+/// whether the server has died (waiting up to `wait` for an exit under way); it is asked when a
+/// request fails at the transport level, so that a dead server is reported as such.
 pub(crate) fn complete<T: DeserializeOwned>(
     client: &Client,
     options: &DescribeOptions,
     modality: Modality,
     prompt: &Prompt,
     death: &dyn Fn(Duration) -> Option<RequestError>,
-) -> Result<T, RequestError> {
+) -> Result<Answer<T>, RequestError> {
     let body = prepare(prompt, options, modality)?;
     let subject = prompt.subject();
+    let started = Instant::now();
+    let mut usage = Usage::default();
     let mut attempts = Vec::new();
     for attempt in 0..=options.retries {
         let reply = match client.post_json("/v1/chat/completions", &body, options.request_timeout) {
@@ -103,10 +107,16 @@ pub(crate) fn complete<T: DeserializeOwned>(
         };
         let reason = match reply.status {
             200 => match parse_answer(&reply.body, prompt.max_tokens, &prompt.schema) {
-                Ok(value) => match serde_json::from_value::<T>(value) {
-                    Ok(answer) => {
+                Ok(parsed) => match serde_json::from_value::<T>(parsed.value) {
+                    Ok(value) => {
                         tracing::debug!(%subject, attempt, "answered");
-                        return Ok(answer);
+                        return Ok(Answer {
+                            value,
+                            usage: usage.plus(parsed.usage),
+                            timings: parsed.timings,
+                            attempts: attempt + 1,
+                            latency: started.elapsed(),
+                        });
                     }
                     Err(e) => format!(
                         "the answer matches the schema but not the type it is read into ({e})"
@@ -115,7 +125,10 @@ pub(crate) fn complete<T: DeserializeOwned>(
                 Err(Unusable::ContextFull(detail)) => {
                     return Err(RequestError::ContextExhausted { subject, detail });
                 }
-                Err(Unusable::Invalid(reason)) => reason,
+                Err(Unusable::Invalid(reason)) => {
+                    usage = usage.plus(Usage::of(&reply.body));
+                    reason
+                }
             },
             status if is_context_exceeded(status, &reply.body) => {
                 return Err(RequestError::ContextExhausted {
