@@ -129,9 +129,11 @@ pub struct ServerArgs {
     /// Port on 127.0.0.1; 0 picks a free one.
     #[arg(long, default_value_t = engine_core::config::DEFAULT_PORT)]
     pub port: u16,
-    /// Parallel slots: requests served at once (each gets the whole context per slot).
-    #[arg(long, default_value_t = 1)]
-    pub slots: u32,
+    /// Parallel slots: requests served at once (each gets the whole context per slot); auto: as
+    /// many as the GPU's free VRAM holds after the weights, from the model's own KV numbers (at
+    /// most 16; the choice and why on stderr).
+    #[arg(long, default_value = "1", value_name = "N|auto")]
+    pub slots: Slots,
     /// Context per slot in tokens (the server gets ctx-size × slots).
     #[arg(long, default_value_t = 2048)]
     pub ctx_size: u32,
@@ -176,6 +178,27 @@ pub struct ServerArgs {
     pub image_transport: Transport,
 }
 
+/// `--slots`: a count, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slots {
+    Auto,
+    Count(u32),
+}
+
+impl std::str::FromStr for Slots {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "auto" => Ok(Slots::Auto),
+            n => n
+                .parse()
+                .map(Slots::Count)
+                .map_err(|_| format!("{n:?} is neither a number of slots nor auto")),
+        }
+    }
+}
+
 /// `--image-transport`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Transport {
@@ -215,6 +238,14 @@ pub struct OutputArgs {
     /// The number of shards, where the index comes from JOB_COMPLETION_INDEX.
     #[arg(long, value_name = "N")]
     pub shards: Option<usize>,
+    /// At the end, write what the run did to FILE as one JSON object: items, answered, failed,
+    /// not_attempted, retries, wall_s, items_per_s, latency_ms, tokens, gpus, and its moments.
+    #[arg(long, value_name = "FILE")]
+    pub summary: Option<PathBuf>,
+    /// Add each answer's cost to its line: "timings" {latency_ms, attempts, prompt_tokens,
+    /// generated_tokens, server (the server's own timings)}.
+    #[arg(long)]
+    pub timings: bool,
 }
 
 /// `--gpus`: every usable GPU, or a list.

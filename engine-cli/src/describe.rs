@@ -45,6 +45,7 @@ pub fn describe(args: DescribeArgs) -> ExitCode {
         extra_protected: args.ask.prompt_file.iter().cloned().collect(),
         key_of: frames::key_of_line,
         kind: Kind::Frames,
+        auto_slots: args.server.slots == crate::cli::Slots::Auto,
     };
     execute::<SceneDescription>(config, items, job, &stop)
 }

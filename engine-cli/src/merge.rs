@@ -3,23 +3,20 @@
 //! input's length) and `job` (a name of the whole input); the merged lines drop them and keep every
 //! other value exactly as written.
 //!
-//! OUT is written whole or not at all: a regular file (or a new one) is replaced by a temporary file
+//! OUT is written whole or not at all (`outfile::write_whole`): a regular file (or a new one) is replaced by a temporary file
 //! created beside it (exclusively, never through a link, under an unpredictable name) and renamed
 //! over it, while OUT's lock is held (the lock `--output` takes, so a run writing OUT is never
 //! clobbered). A symlink OUT stands for the file it points to, which is replaced; the link stays.
 //! A special file (a terminal, a pipe, `/dev/stdout`, `/dev/null`) is written in place.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::cli::MergeArgs;
 use crate::job::summary::EXIT_FRAMES_FAILED;
 use crate::line::RawLine;
-use crate::outfile::{open_locked, same_file};
+use crate::outfile::{same_file, write_whole};
 
 /// What a merge found.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -225,77 +222,8 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<Merged, String> {
         serde_json::to_writer(&mut text, &kept.line).map_err(|e| e.to_string())?;
         text.push(b'\n');
     }
-    write_out(out, &text)?;
+    write_whole(out, &text)?;
     Ok(merged)
-}
-
-/// Writes `text` to `out` as the module says: a special file in place; a regular one (or a new one,
-/// or a symlink's target) whole, through an exclusive temporary file beside it, under its lock.
-fn write_out(out: &Path, text: &[u8]) -> Result<(), String> {
-    let shown = out.display();
-    let cannot = |e: std::io::Error| format!("cannot write {shown}: {e}");
-    match std::fs::metadata(out) {
-        Ok(meta) if !meta.is_file() && !meta.is_dir() => {
-            let mut special = OpenOptions::new().write(true).open(out).map_err(cannot)?;
-            return special.write_all(text).map_err(cannot);
-        }
-        Ok(meta) if meta.is_dir() => return Err(format!("{shown} is a folder: name a file")),
-        Err(_) if std::fs::symlink_metadata(out).is_ok() => {
-            return Err(format!(
-                "{shown} is a symlink to a file that does not exist — merge writes through a link \
-                 only to an existing file: name the file itself"
-            ));
-        }
-        _ => {}
-    }
-    // The file itself, through any links: its folder holds the temporary file.
-    let real = match std::fs::canonicalize(out) {
-        Ok(real) => real,
-        Err(_) => out.to_path_buf(),
-    };
-    let _lock = open_locked(&real)?;
-    let folder = real
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = real
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "merged".into());
-    let mode = std::fs::metadata(&real).map_or(0o644, |m| m.permissions().mode() & 0o777);
-    let (temporary, mut file) = create_temporary(folder, &name).map_err(cannot)?;
-    let written = (|| {
-        file.write_all(text)?;
-        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, &real)
-    })();
-    written.map_err(|e| {
-        let _ = std::fs::remove_file(&temporary);
-        cannot(e)
-    })
-}
-
-/// Creates `.{name}.merging-{random}` in `folder`: exclusively (`O_EXCL`: never a file that is
-/// there, so never one planted in advance) and never through a symlink (`O_NOFOLLOW`).
-fn create_temporary(folder: &Path, name: &str) -> std::io::Result<(PathBuf, std::fs::File)> {
-    loop {
-        let mut random = [0u8; 8];
-        rustix::rand::getrandom(&mut random, rustix::rand::GetRandomFlags::empty())?;
-        let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
-        let path = folder.join(format!(".{name}.merging-{suffix}"));
-        let created = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-            .open(&path);
-        match created {
-            Ok(file) => return Ok((path, file)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -303,6 +231,7 @@ mod tests {
     use super::*;
     use serde_json::{Value, json};
 
+    use crate::outfile::open_locked;
     use crate::records::tests::write as shard;
 
     fn read(path: &Path) -> Vec<Value> {
@@ -439,7 +368,7 @@ mod tests {
         let victim = dir.path().join("victim");
         std::fs::write(&victim, "precious").unwrap();
         let out = dir.path().join("out.jsonl");
-        std::os::unix::fs::symlink(&victim, dir.path().join(".out.jsonl.merging")).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join(".out.jsonl.writing")).unwrap();
         merge(&out, std::slice::from_ref(&a)).unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
         assert_eq!(read(&out), [json!({"id": 1, "result": {}})]);
@@ -467,7 +396,7 @@ mod tests {
         let left: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().contains(".merging-"))
+            .filter(|e| e.file_name().to_string_lossy().contains(".writing-"))
             .collect();
         assert!(left.is_empty());
     }

@@ -3,8 +3,9 @@
 //! nothing.
 
 use std::fs::{File, OpenOptions, TryLockError};
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
 /// Opens `path` for reading and writing (creating it), without truncating, and takes its lock. A
 /// symlink is followed: the file it points to is the one written and locked.
@@ -43,6 +44,77 @@ pub fn is_our_stdout(path: &Path) -> bool {
         return false;
     };
     std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == (stdout.st_dev, stdout.st_ino))
+}
+
+/// Writes `text` to `out` whole or not at all: a special file (a terminal, a pipe, `/dev/stdout`,
+/// `/dev/null`) in place; a regular one (or a new one, or an existing symlink's target) through an
+/// exclusive temporary file beside it, renamed over it under its lock (the lock `--output` takes,
+/// so a run writing it is never clobbered). `merge`'s OUT and `--summary` are written so.
+pub fn write_whole(out: &Path, text: &[u8]) -> Result<(), String> {
+    let shown = out.display();
+    let cannot = |e: std::io::Error| format!("cannot write {shown}: {e}");
+    match std::fs::metadata(out) {
+        Ok(meta) if !meta.is_file() && !meta.is_dir() => {
+            let mut special = OpenOptions::new().write(true).open(out).map_err(cannot)?;
+            return special.write_all(text).map_err(cannot);
+        }
+        Ok(meta) if meta.is_dir() => return Err(format!("{shown} is a folder: name a file")),
+        Err(_) if std::fs::symlink_metadata(out).is_ok() => {
+            return Err(format!(
+                "{shown} is a symlink to a file that does not exist — this program writes through a link \
+                 only to an existing file: name the file itself"
+            ));
+        }
+        _ => {}
+    }
+    // The file itself, through any links: its folder holds the temporary file.
+    let real = match std::fs::canonicalize(out) {
+        Ok(real) => real,
+        Err(_) => out.to_path_buf(),
+    };
+    let _lock = open_locked(&real)?;
+    let folder = real
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = real
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".into());
+    let mode = std::fs::metadata(&real).map_or(0o644, |m| m.permissions().mode() & 0o777);
+    let (temporary, mut file) = create_temporary(folder, &name).map_err(cannot)?;
+    let written = (|| {
+        file.write_all(text)?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, &real)
+    })();
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&temporary);
+        cannot(e)
+    })
+}
+
+/// Creates `.{name}.writing-{random}` in `folder`: exclusively (`O_EXCL`: never a file that is
+/// there, so never one planted in advance) and never through a symlink (`O_NOFOLLOW`).
+fn create_temporary(folder: &Path, name: &str) -> std::io::Result<(PathBuf, std::fs::File)> {
+    loop {
+        let mut random = [0u8; 8];
+        rustix::rand::getrandom(&mut random, rustix::rand::GetRandomFlags::empty())?;
+        let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
+        let path = folder.join(format!(".{name}.writing-{suffix}"));
+        let created = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(&path);
+        match created {
+            Ok(file) => return Ok((path, file)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -81,6 +81,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         extra_protected,
         key_of: records::key_of_line,
         kind: Kind::Records,
+        auto_slots: args.server.slots == crate::cli::Slots::Auto,
     };
     execute::<serde_json::Value>(config, items, job, &stop)
 }

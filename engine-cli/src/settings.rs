@@ -8,7 +8,7 @@ use engine_core::config::{Setting, Zero, seconds};
 use engine_core::request::check_sampling;
 use engine_core::{DescribeOptions, EngineConfig};
 
-use crate::cli::{AskArgs, ServerArgs};
+use crate::cli::{AskArgs, ServerArgs, Slots};
 
 /// How this CLI names what the library calls `setting`.
 pub fn flag(setting: Setting) -> String {
@@ -65,7 +65,11 @@ pub fn config(
     let request = duration(Setting::RequestTimeout, server.request_timeout)?;
     let mut builder = EngineConfig::text(model)
         .port(server.port)
-        .slots(server.slots)
+        // auto: decided once the GPU's free VRAM is read (`job::slots`).
+        .slots(match server.slots {
+            Slots::Count(n) => n,
+            Slots::Auto => 1,
+        })
         .ctx_size(server.ctx_size)
         .gpu_layers(server.gpu_layers)
         .min_vram_mib(server.min_vram)

@@ -69,7 +69,7 @@ pub mod batch {
 /// One engine per GPU of a host ([`EnginePool`](crate::EnginePool)): what it does with a GPU
 /// another process holds, and the GPUs it left out.
 pub mod pool {
-    pub use crate::engine::pool::{LeftOut, PoolError, WhenLocked};
+    pub use crate::engine::pool::{Event, LeftOut, PoolError, Served, WhenLocked};
 }
 
 /// The workspace README's Rust examples, compiled as doc tests so they stay true.

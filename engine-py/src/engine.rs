@@ -6,13 +6,13 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use engine_core::batch::Batch;
+use engine_core::batch::{Batch, RunTimes};
 use engine_core::config::{Setting, Zero};
 use engine_core::gpu::{Visible, distinct};
 use engine_core::pool::WhenLocked;
-use engine_core::request::check_sampling;
+use engine_core::request::{Answer, check_sampling};
 use engine_core::typestate::Healthy;
 use engine_core::{
     EngineConfig, EngineError, EnginePool, GpuId, KeyframeRecord, Prompt, RequestError,
@@ -44,23 +44,31 @@ impl Running {
     }
 
     /// Describes `frames` with the slots busy (`concurrency` at once for one engine; every engine's
-    /// slots for a pool), under the scheduler's contract.
+    /// slots for a pool), under the scheduler's contract, each answer with its cost.
     fn describe_many(
         &self,
         frames: &[KeyframeRecord],
         concurrency: usize,
-        on_done: impl Fn(usize, &Result<SceneDescription, RequestError>) -> ControlFlow<()> + Sync,
-    ) -> Batch<SceneDescription> {
+        on_done: impl Fn(usize, &Result<Answer<SceneDescription>, RequestError>) -> ControlFlow<()>
+        + Sync,
+    ) -> Batch<Answer<SceneDescription>> {
+        let options = self.engines()[0].config().describe_options();
+        let prompts: Vec<Prompt> = frames
+            .iter()
+            .map(|frame| options.frame_prompt(&frame.frame_path))
+            .collect();
         match self {
-            Running::One(engine) => engine.describe_many(frames, concurrency, on_done),
-            Running::Pool(pool) => pool.describe_many(frames, on_done),
+            Running::One(engine) => engine.answer_many(&prompts, concurrency, on_done),
+            Running::Pool(pool) => pool.answer_many(&prompts, on_done),
         }
     }
 
     fn describe(&self, frame: KeyframeRecord) -> Result<SceneDescription, RequestError> {
         match self {
             Running::One(engine) => engine.describe(&frame),
-            Running::Pool(_) => take_one(self.describe_many(&[frame], 1, |_, _| go_on())),
+            Running::Pool(_) => {
+                take_one(self.describe_many(&[frame], 1, |_, _| go_on())).map(|a| a.value)
+            }
         }
     }
 
@@ -387,7 +395,8 @@ impl Engine {
 
     /// Describes many frames with the slots busy, in input order: for each, (JSON, None) or (None,
     /// error). `progress(done, total)` runs after each frame. Also returns the servers that died:
-    /// (GPU, how, frames they handed over).
+    /// (GPU, how, frames they handed over), and the batch's summary as JSON (the CLI's
+    /// `--summary`).
     #[pyo3(signature = (frame_paths, concurrency = 1, progress = None))]
     #[allow(clippy::type_complexity)]
     fn describe_many(
@@ -399,6 +408,7 @@ impl Engine {
     ) -> PyResult<(
         Vec<(Option<String>, Option<String>)>,
         Vec<(u32, String, usize)>,
+        String,
     )> {
         let running = self.live()?;
         let cancel = Arc::new(AtomicBool::new(false));
@@ -409,6 +419,7 @@ impl Engine {
                 .map(|p| KeyframeRecord::new(p, 0.0, "python"))
                 .collect();
             let total = records.len();
+            let started = SystemTime::now();
             let done = AtomicUsize::new(0);
             let callback_error: Mutex<Option<PyErr>> = Mutex::new(None);
             let batch = running.describe_many(&records, concurrency, |_, _| {
@@ -426,12 +437,18 @@ impl Engine {
                     ControlFlow::Continue(())
                 }
             });
+            let summary = batch.summary(RunTimes {
+                started,
+                ready: started,
+                finished: SystemTime::now(),
+            });
+            let summary = serde_json::to_string(&summary).expect("a summary serialises");
             let pairs: Vec<(Option<String>, Option<String>)> = batch
                 .results
                 .into_iter()
                 .map(|r| match r {
-                    Ok(scene) => (
-                        Some(serde_json::to_string(&scene).expect("serialises")),
+                    Ok(answer) => (
+                        Some(serde_json::to_string(&answer.value).expect("serialises")),
                         None,
                     ),
                     Err(e) => (None, Some(errors::say(e))),
@@ -448,6 +465,7 @@ impl Engine {
             (
                 pairs,
                 deaths,
+                summary,
                 callback_error
                     .into_inner()
                     .unwrap_or_else(|p| p.into_inner()),
@@ -455,8 +473,8 @@ impl Engine {
         })?
         .expect("no deadline");
         match results {
-            (_, _, Some(error)) => Err(error),
-            (pairs, deaths, None) => Ok((pairs, deaths)),
+            (_, _, _, Some(error)) => Err(error),
+            (pairs, deaths, summary, None) => Ok((pairs, deaths, summary)),
         }
     }
 

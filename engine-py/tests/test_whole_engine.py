@@ -50,6 +50,13 @@ def test_a_pool_shares_the_frames_and_a_dying_server_hands_its_frames_over(two_g
         assert sorted(engine.gpus) == [0, 1] and len(engine.pids) == 2
         scenes = engine.describe_frames(records)
         assert all(s is not None and f"{20 + i}x20" in s.visual_content for i, s in enumerate(scenes))
+        # The batch's summary, as the CLI's --summary writes it: per GPU, adding up.
+        summary = engine.last_summary
+        assert summary is not None
+        assert (summary["items"], summary["answered"], summary["failed"]) == (24, 24, 0)
+        assert sorted(g["gpu"] for g in summary["gpus"]) == [0, 1]
+        assert sum(g["answered"] for g in summary["gpus"]) == 24
+        assert summary["tokens"]["generated"] > 0 and summary["latency_ms"]["max"] > 0
         # A single frame goes to whichever GPU has a free slot.
         assert engine.describe_frame(records[0]) == scenes[0]
     # GPU 0's server crashes on its third request: GPU 1 takes its frames, the death is logged.

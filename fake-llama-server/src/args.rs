@@ -41,6 +41,10 @@ const IGNORED_WITH_VALUE: &[&str] = &[
     "--timeout",
     "--threads-http",
     "--media-marker",
+    "-ctk",
+    "--cache-type-k",
+    "-ctv",
+    "--cache-type-v",
 ];
 
 /// Flags without a value that are accepted but have no effect on the fake.
@@ -72,6 +76,7 @@ Flags (as llama-server):
   --media-path PATH           read file:// image URLs from PATH (without it they are refused, as
                               by the real server; its rules for the file name apply)
   -t, --threads N             accepted, no effect
+  -ctk, -ctv, --cache-type-k/v T  accepted, no effect
 
 Knobs (environment variables):
   FAKE_LLAMA_LOAD_MS=N             model load time (default 30): /health answers 503 meanwhile
@@ -85,7 +90,7 @@ Knobs (environment variables):
   FAKE_LLAMA_FLOOD_BYTES=N         write N bytes to stdout and N to stderr while loading
   FAKE_LLAMA_CRASH_AFTER=N         abort (SIGABRT) in the middle of completion request N+1
                                    (N@UUID[,N@UUID]: only the server shown that GPU; likewise
-                                   for FAKE_LLAMA_LATENCY_MS)
+                                   for FAKE_LLAMA_LATENCY_MS and FAKE_LLAMA_LOAD_MS)
   FAKE_LLAMA_RESPONSE=M[,M...]     what completion requests answer, in turn (the last repeats):
                                    valid, fence, not-json, bad-schema, length, peg-500, http-500
   FAKE_LLAMA_LATENCY_MS=N          time per completion request, holding a slot

@@ -91,7 +91,7 @@ impl Knobs {
                 .collect::<Result<_, _>>()?,
         };
         Ok(Knobs {
-            load_ms: env_num("FAKE_LLAMA_LOAD_MS")?.unwrap_or(30),
+            load_ms: env_num_for_gpu("FAKE_LLAMA_LOAD_MS")?.unwrap_or(30),
             never_ready: env("FAKE_LLAMA_NEVER_READY").is_some_and(|v| v == "1"),
             log_style: env("FAKE_LLAMA_LOG")
                 .or_else(|| env("FAKE_LLAMA_AS"))

@@ -63,15 +63,53 @@ fn gpus_share_the_frames_and_lines_stay_in_input_order() {
     assert_eq!(frame_paths(&written), sorted, "input order");
     assert_eq!(written.len(), 16);
     let err = stderr(&out);
+    for gpu in [h.gpu, other.gpu] {
+        assert!(
+            err.contains(&format!("GPU {gpu} ready (2 slots); serving")),
+            "{err}"
+        );
+    }
+    assert!(err.contains("answered per GPU"), "{err}");
+    h.assert_clean();
+    tests::assert_lock_free(other.gpu);
+}
+
+#[test]
+fn the_pool_serves_on_the_first_gpu_ready_and_gives_up_a_start_it_no_longer_needs() {
+    let (h, other) = two_gpus();
+    let dir = h.frames(8);
+    let summary = h.dir.path().join("summary.json");
+    // The second GPU's server would take a minute to load: the first does all the work meanwhile,
+    // and the second's start is given up (its server stopped, its lock released) once it is done.
+    let slow = format!("60000@{}", tests::shim_uuid(other.gpu));
+    let out = pool_command(&h, &format!("{},{}", h.gpu, other.gpu))
+        .env("FAKE_LLAMA_LOAD_MS", &slow)
+        .arg("--summary")
+        .arg(&summary)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(lines(&String::from_utf8_lossy(&out.stdout)).len(), 8);
+    let err = stderr(&out);
     assert!(
         err.contains(&format!(
-            "running on GPU {}, {} (4 slots in all)",
-            h.gpu, other.gpu
+            "{} left out: not needed: every item was done before its server was ready",
+            other.gpu
         )),
         "{err}"
     );
-    assert!(err.contains("answered per GPU"), "{err}");
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!(summary["answered"], 8, "{summary}");
+    let gpus: Vec<u64> = summary["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["gpu"].as_u64().unwrap())
+        .collect();
+    assert_eq!(gpus, [u64::from(h.gpu)], "{summary}");
     h.assert_clean();
+    tests::assert_lock_free(h.gpu);
     tests::assert_lock_free(other.gpu);
 }
 

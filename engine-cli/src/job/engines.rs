@@ -4,11 +4,14 @@
 //! counts for the summary.
 
 use std::ops::ControlFlow;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, Once};
+use std::time::SystemTime;
 
+use engine_core::batch::{RunTimes, Summary as RunSummary};
 use engine_core::error::{LockError, VramError};
-use engine_core::pool::WhenLocked;
+use engine_core::pool::{Event, WhenLocked};
+use engine_core::request::Answer;
 use engine_core::{EngineConfig, EngineError, EnginePool, Prompt, RequestError, StartError, Wait};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -37,15 +40,36 @@ struct Line<'a, T> {
     result: Option<&'a T>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timings: Option<Cost<'a>>,
+}
+
+/// What an answer cost (`--timings`): the time from its first attempt, the attempts, the tokens,
+/// and the server's own timings of the accepted attempt.
+#[derive(Serialize)]
+struct Cost<'a> {
+    latency_ms: f64,
+    attempts: u32,
+    prompt_tokens: u64,
+    generated_tokens: u64,
+    server: Option<&'a serde_json::Value>,
 }
 
 impl<'a, T: Serialize> Line<'a, T> {
-    fn new(kind: Kind, item: &'a Item, answer: Result<&'a T, String>) -> Self {
+    fn new(show: Show, item: &'a Item, answer: Result<&'a Answer<T>, String>) -> Self {
         let (ok, error) = match answer {
             Ok(answer) => (Some(answer), None),
             Err(e) => (None, Some(e)),
         };
-        let (scene, result) = match kind {
+        let timings = ok.filter(|_| show.timings).map(|a| Cost {
+            latency_ms: a.latency.as_secs_f64() * 1000.0,
+            attempts: a.attempts,
+            prompt_tokens: a.usage.prompt_tokens,
+            generated_tokens: a.usage.generated_tokens,
+            server: a.timings.as_ref(),
+        });
+        let ok = ok.map(|a| &a.value);
+        let (scene, result) = match show.kind {
             Kind::Frames => (ok, None),
             Kind::Records => (None, ok),
         };
@@ -57,6 +81,7 @@ impl<'a, T: Serialize> Line<'a, T> {
             scene,
             result,
             error,
+            timings,
         }
     }
 
@@ -98,22 +123,90 @@ fn say_who_holds(gpu: u32) {
     eprintln!("cinecut-infer: waiting for GPU {gpu}: its lock ({file}) is held by {holder}");
 }
 
-/// Brings one engine per configuration up (in parallel), giving up (cleanly) as soon as `stop` is
-/// set. GPUs left out are reported on stderr.
-pub fn start(
+/// How a job shows itself: what its items are, how progress is drawn, and whether lines carry
+/// their cost.
+#[derive(Debug, Clone, Copy)]
+pub struct Show {
+    pub kind: Kind,
+    pub progress: Style,
+    /// `--timings`: each answer's line gets its cost.
+    pub timings: bool,
+}
+
+/// What a served job did: its lines' counts, and the run's summary (`--summary`).
+pub struct Served {
+    pub summary: Summary,
+    pub run: RunSummary,
+}
+
+/// Brings one engine per configuration up (in parallel) and answers every item of `plan` as a `T`
+/// on each as soon as it is ready (each with its slots in flight); writes one line per item in
+/// input order, stops dispatching when `stop` is set (giving up starts still under way, cleanly),
+/// and shuts the engines down. `started` is when the job began (for the summary's wall time).
+pub fn serve<T>(
     configs: Vec<EngineConfig>,
     when_locked: WhenLocked,
+    plan: Plan,
     stop: &AtomicBool,
-) -> Result<EnginePool, StartFailed> {
+    show: Show,
+    started: SystemTime,
+) -> Result<Served, StartFailed>
+where
+    T: Serialize + DeserializeOwned + Send,
+{
     let several = configs.len() > 1;
-    let before_lock = |gpu: u32| {
-        if when_locked == WhenLocked::Wait {
-            say_who_holds(gpu);
+    let Plan { items, out, .. } = plan;
+    let writer = Writer::new(out, items.len(), stop, show);
+    let todo: Vec<usize> = (0..items.len())
+        .filter(|&i| items[i].prompt.is_ok())
+        .collect();
+    let prompts: Vec<Prompt> = todo
+        .iter()
+        .filter_map(|&i| items[i].prompt.as_ref().ok().cloned())
+        .collect();
+    // Items that cannot be sent get their error lines once a server is up (a run that never
+    // starts leaves the output as it was).
+    let unsendable_written = Once::new();
+    let events = |event: Event| match event {
+        Event::Locking { gpu } if when_locked == WhenLocked::Wait => say_who_holds(gpu),
+        Event::Ready { gpu, slots } => {
+            unsendable_written.call_once(|| {
+                writer.unsendable(&items);
+            });
+            if several {
+                eprintln!("cinecut-infer: GPU {gpu} ready ({slots} slots); serving");
+            }
         }
+        Event::LeftOut(left) if several && !stop.load(Ordering::Relaxed) => {
+            let why = if cancelled(&left.error) {
+                "not needed: every item was done before its server was ready".to_string()
+            } else {
+                say(&left.error)
+            };
+            eprintln!("cinecut-infer: {} left out: {why}", left.gpu);
+        }
+        _ => {}
     };
-    let pool = match EnginePool::launch_with(configs, when_locked, Wait::Until(stop), &before_lock)
-    {
-        Ok(pool) => pool,
+    let launched = EnginePool::launch_answering::<T, _>(
+        configs,
+        when_locked,
+        Wait::Until(stop),
+        &events,
+        &prompts,
+        |k, outcome| {
+            let item = &items[todo[k]];
+            let ended = match outcome {
+                Ok(_) => Ended::Answered,
+                Err(e) if e.not_attempted() => Ended::NotAttempted,
+                Err(_) => Ended::Failed,
+            };
+            let answer = outcome.as_ref().map_err(say);
+            let line = Line::new(show, item, answer).json();
+            writer.put(todo[k], &item.head, line, ended)
+        },
+    );
+    let served = match launched {
+        Ok(served) => served,
         Err(e) if e.failures.iter().all(|f| cancelled(&f.error)) => {
             return Err(StartFailed::Interrupted);
         }
@@ -123,59 +216,8 @@ pub fn start(
         }
         Err(e) => return Err(StartFailed::Failed(say(e))),
     };
-    if stop.load(Ordering::Relaxed) {
-        // Some GPUs started before the signal: they are stopped and released like the rest.
-        drop(pool);
-        return Err(StartFailed::Interrupted);
-    }
-    for left in pool.left_out() {
-        eprintln!("cinecut-infer: {} left out: {}", left.gpu, say(&left.error));
-    }
-    if several {
-        let gpus: Vec<String> = pool.engines().iter().map(|e| e.gpu().to_string()).collect();
-        eprintln!(
-            "cinecut-infer: running on GPU {} ({} slots in all)",
-            gpus.join(", "),
-            pool.slots()
-        );
-    }
-    Ok(pool)
-}
-
-/// How a job shows itself: what its items are and how progress is drawn.
-#[derive(Debug, Clone, Copy)]
-pub struct Show {
-    pub kind: Kind,
-    pub progress: Style,
-}
-
-/// Answers every item of `plan` as a `T` on every engine of `pool` (each with its slots in flight),
-/// writes one line per item in input order, stops dispatching when `stop` is set, and shuts the
-/// engines down.
-pub fn run<T>(pool: EnginePool, plan: Plan, stop: &AtomicBool, show: Show) -> Summary
-where
-    T: Serialize + DeserializeOwned + Send,
-{
-    let Plan { items, out, .. } = plan;
-    let writer = Writer::new(out, items.len(), stop, show);
-    // Items that cannot be sent (a file name JSON cannot hold) get their error line at once.
-    let todo = writer.unsendable(&items);
-    let prompts: Vec<Prompt> = todo
-        .iter()
-        .filter_map(|&i| items[i].prompt.as_ref().ok().cloned())
-        .collect();
-    let done = pool.complete_many::<T, _>(&prompts, |k, outcome| {
-        let item = &items[todo[k]];
-        let ended = match outcome {
-            Ok(_) => Ended::Answered,
-            Err(e) if e.not_attempted() => Ended::NotAttempted,
-            Err(_) => Ended::Failed,
-        };
-        let answer = outcome.as_ref().map_err(say);
-        let line = Line::new(show.kind, item, answer).json();
-        writer.put(todo[k], &item.head, line, ended)
-    });
     writer.progress.finish();
+    let done = &served.batch;
     for server in done.servers.iter().filter(|s| s.died.is_some()) {
         let death = server.died.as_ref().expect("filtered on a death");
         eprintln!(
@@ -196,7 +238,16 @@ where
             .collect();
         eprintln!("cinecut-infer: answered per GPU: {}", per_gpu.join(", "));
     }
-    for (gpu, stopped) in pool.shutdown() {
+    let mut run = done.summary(RunTimes {
+        started,
+        ready: served.first_ready,
+        finished: SystemTime::now(),
+    });
+    // The items refused before sending are the run's too: their lines say they failed.
+    let unsendable = items.len() - todo.len();
+    run.items += unsendable;
+    run.failed += unsendable;
+    for (gpu, stopped) in served.pool.shutdown() {
         match stopped {
             Err(RequestError::ServerDied { .. }) => {}
             Err(e) => eprintln!("cinecut-infer: {}", say(e)),
@@ -211,16 +262,28 @@ where
             Ok(_) => {}
         }
     }
-    writer.summary(items.len())
+    Ok(Served {
+        summary: writer.summary(items.len()),
+        run,
+    })
 }
 
 /// Writes only the error lines of a plan none of whose items can be sent (no engine is started).
-pub fn write_unsendable(plan: Plan, show: Show) -> Summary {
+pub fn write_unsendable(plan: Plan, show: Show, started: SystemTime) -> Served {
     let never = AtomicBool::new(false);
     let writer = Writer::new(plan.out, plan.items.len(), &never, show);
     writer.unsendable(&plan.items);
     writer.progress.finish();
-    writer.summary(plan.items.len())
+    let now = SystemTime::now();
+    let times = RunTimes {
+        started,
+        ready: now,
+        finished: now,
+    };
+    Served {
+        summary: writer.summary(plan.items.len()),
+        run: RunSummary::unsent(plan.items.len(), times),
+    }
 }
 
 /// The output side of a run: lines in order, progress, the first write error.
@@ -231,7 +294,7 @@ struct Writer<'a> {
     failed: AtomicUsize,
     write_error: Mutex<Option<String>>,
     stop: &'a AtomicBool,
-    kind: Kind,
+    show: Show,
 }
 
 impl<'a> Writer<'a> {
@@ -244,7 +307,7 @@ impl<'a> Writer<'a> {
         Writer {
             lines: OrderedLines::new(out),
             progress: Progress::new(total, show.progress, show.kind.noun()),
-            kind: show.kind,
+            show,
             finished: AtomicUsize::new(0),
             failed: AtomicUsize::new(0),
             write_error: Mutex::new(None),
@@ -280,7 +343,7 @@ impl<'a> Writer<'a> {
             match &item.prompt {
                 Ok(_) => todo.push(index),
                 Err(reason) => {
-                    let line = Line::<()>::new(self.kind, item, Err(reason.clone())).json();
+                    let line = Line::<()>::new(self.show, item, Err(reason.clone())).json();
                     let _ = self.put(index, &item.head, line, Ended::Failed);
                 }
             }
@@ -290,7 +353,7 @@ impl<'a> Writer<'a> {
 
     fn summary(self, total: usize) -> Summary {
         Summary {
-            kind: self.kind,
+            kind: self.show.kind,
             total,
             written: self.lines.written(),
             write_error: self

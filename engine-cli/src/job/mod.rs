@@ -6,11 +6,13 @@ mod lines;
 pub mod plan;
 pub mod progress;
 mod shard;
+mod slots;
 pub mod summary;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
+use std::time::SystemTime;
 
 use engine_core::gpu::{Visible, distinct};
 use engine_core::pool::WhenLocked;
@@ -34,6 +36,8 @@ pub struct Job<'a> {
     pub extra_protected: Vec<PathBuf>,
     pub key_of: fn(&RawLine) -> Option<String>,
     pub kind: Kind,
+    /// `--slots auto`: each GPU's slots from its free VRAM.
+    pub auto_slots: bool,
 }
 
 /// Plans the job (every input error before any wait), starts the engines, answers every item as a
@@ -42,6 +46,7 @@ pub fn execute<T>(config: EngineConfig, items: Vec<Item>, job: Job, stop: &Atomi
 where
     T: Serialize + DeserializeOwned + Send,
 {
+    let started = SystemTime::now();
     if let Err(e) = config.check_model_files() {
         return crate::fail(say(e));
     }
@@ -57,6 +62,14 @@ where
         Ok(pool) => pool,
         Err(e) => return crate::fail(e),
     };
+    let configs = if job.auto_slots {
+        match slots::resolve(configs, stop) {
+            Ok(configs) => configs,
+            Err(e) => return crate::fail(e),
+        }
+    } else {
+        configs
+    };
     let request = plan::Request {
         items,
         inputs: job.inputs,
@@ -64,6 +77,7 @@ where
         resume: job.out.resume,
         protected: &protected,
         key_of: job.key_of,
+        summary: job.out.summary.as_deref(),
     };
     let plan = match plan::plan(request) {
         Ok(plan) => plan,
@@ -83,23 +97,30 @@ where
     let show = Show {
         kind: job.kind,
         progress: job.out.progress,
+        timings: job.out.timings,
     };
-    if plan.items.iter().all(|item| item.prompt.is_err()) {
+    let served = if plan.items.iter().all(|item| item.prompt.is_err()) {
         // Nothing the engine could send: no GPU, no server, just the error lines.
-        let summary = engines::write_unsendable(plan, show);
-        eprintln!("cinecut-infer: {}", summary.line());
-        return summary.exit_code();
-    }
-    let pool = match engines::start(configs, when_locked, stop) {
-        Ok(pool) => pool,
-        Err(StartFailed::Interrupted) => {
-            eprintln!("cinecut-infer: interrupted before any of the {noun} was {done}");
-            return ExitCode::from(EXIT_INTERRUPTED);
+        engines::write_unsendable(plan, show, started)
+    } else {
+        match engines::serve::<T>(configs, when_locked, plan, stop, show, started) {
+            Ok(served) => served,
+            Err(StartFailed::Interrupted) => {
+                eprintln!("cinecut-infer: interrupted before any of the {noun} was {done}");
+                return ExitCode::from(EXIT_INTERRUPTED);
+            }
+            Err(StartFailed::Failed(e)) => return crate::fail(e),
         }
-        Err(StartFailed::Failed(e)) => return crate::fail(e),
     };
-    let summary = engines::run::<T>(pool, plan, stop, show);
+    let summary = served.summary;
     eprintln!("cinecut-infer: {}", summary.line());
+    if let Some(path) = &job.out.summary {
+        let json = serde_json::to_string_pretty(&served.run).expect("a summary serialises");
+        if let Err(e) = crate::outfile::write_whole(path, format!("{json}\n").as_bytes()) {
+            eprintln!("cinecut-infer: error: --summary: {e}");
+            return ExitCode::from(summary::EXIT_FRAMES_FAILED);
+        }
+    }
     if let Some(e) = &summary.write_error {
         eprintln!("cinecut-infer: error: writing the output failed: {e}");
     }

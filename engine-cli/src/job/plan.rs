@@ -90,9 +90,23 @@ pub struct Request<'a> {
     pub protected: &'a [PathBuf],
     /// The resume key of an earlier output line (the same as [`Item::key`] of its item).
     pub key_of: fn(&RawLine) -> Option<String>,
+    /// `--summary`: never an input, a protected file, nor the output.
+    pub summary: Option<&'a Path>,
 }
 
 pub fn plan(request: Request) -> Result<Plan, String> {
+    if let Some(summary) = request.summary {
+        let files = request.items.iter().flat_map(|item| &item.files);
+        let mut taken = request.inputs.iter().chain(request.protected).chain(files);
+        if let Some(input) = taken.find(|input| same_file(input, summary)) {
+            return Err(format!(
+                "--summary {} is {}, which this run reads: writing it would destroy it — choose \
+                 another file",
+                summary.display(),
+                input.display()
+            ));
+        }
+    }
     let (out, done): (Box<dyn Write + Send>, HashSet<String>) = match request.output {
         None => (Box::new(io::stdout()), HashSet::new()),
         Some(path) if is_our_stdout(path) => {
@@ -113,6 +127,16 @@ pub fn plan(request: Request) -> Result<Plan, String> {
             (Box::new(file), done)
         }
     };
+    // Checked once the output exists (it may be new): one file cannot be both.
+    if let (Some(summary), Some(output)) = (request.summary, request.output)
+        && same_file(output, summary)
+    {
+        return Err(format!(
+            "--summary {} is the --output file: the summary would replace the lines — choose \
+             another file",
+            summary.display()
+        ));
+    }
     let total = request.items.len();
     let items: Vec<Item> = request
         .items

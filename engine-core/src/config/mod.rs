@@ -3,12 +3,16 @@
 //! front ends share ([`seconds`]).
 
 mod setting;
+mod slots;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use setting::{ConfigError, MAX_DURATION, Setting, Zero, seconds};
+pub use slots::{
+    CacheType, CacheTypes, KvShape, MARGIN_MIB, MAX_AUTO_SLOTS, SlotChoice, choose_slots,
+};
 
 /// How images reach the server ([`EngineConfigBuilder::image_transport`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -2,12 +2,15 @@
 //! whichever GPU has a free slot (the one scheduler, over every engine's slots).
 
 use std::ops::ControlFlow;
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
 
 use serde::de::DeserializeOwned;
 
 use super::running::ShutdownReport;
-use super::schedule::{self, Batch, Lanes};
+use super::schedule::{self, Batch, Lanes, Opener};
+use super::summary::RunTimes;
 use super::typestate::{Engine, Healthy};
 use crate::config::{ConfigError, EngineConfig, Setting};
 use crate::error::{EngineError, RequestError};
@@ -56,6 +59,53 @@ pub struct EnginePool {
     left_out: Vec<LeftOut>,
 }
 
+/// What happens to a pool as it starts ([`EnginePool::launch_answering`]'s `events`).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event<'a> {
+    /// The engine of this GPU (nvidia-smi index) is about to take its lock (which another process
+    /// may hold: say so before the wait).
+    Locking {
+        /// The GPU.
+        gpu: u32,
+    },
+    /// This GPU's server is ready and takes work.
+    Ready {
+        /// The GPU.
+        gpu: u32,
+        /// Requests it serves at once.
+        slots: u32,
+    },
+    /// This GPU did not start, and why.
+    LeftOut(&'a LeftOut),
+}
+
+/// What [`EnginePool::launch_answering`] did: the pool of the GPUs that started, the batch, and
+/// when the run began and its first GPU was ready.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Served<T> {
+    /// The GPUs that started (shut them down, or run more on them).
+    pub pool: EnginePool,
+    /// Every prompt's outcome, and what each started GPU did.
+    pub batch: Batch<Answer<T>>,
+    /// When the launch began.
+    pub started: SystemTime,
+    /// When the first GPU was ready.
+    pub first_ready: SystemTime,
+}
+
+impl<T> Served<T> {
+    /// The run's moments, for [`Batch::summary`]: its start, its first GPU ready, and `finished`.
+    pub fn times(&self, finished: SystemTime) -> RunTimes {
+        RunTimes {
+            started: self.started,
+            ready: self.first_ready,
+            finished,
+        }
+    }
+}
+
 /// No GPU of the pool started.
 #[derive(Debug, thiserror::Error)]
 #[error("no GPU of the pool started: {}", failures.iter().map(|f| format!("{}: {}", f.gpu, f.error)).collect::<Vec<_>>().join("; "))]
@@ -77,17 +127,6 @@ impl EnginePool {
         when_locked: WhenLocked,
         wait: Wait,
     ) -> Result<EnginePool, PoolError> {
-        Self::launch_with(configs, when_locked, wait, &|_| {})
-    }
-
-    /// As [`EnginePool::launch`], calling `before_lock(gpu)` (the nvidia-smi index) just before each
-    /// engine takes its GPU's lock: where a front end says who holds a lock it is about to wait for.
-    pub fn launch_with(
-        configs: Vec<EngineConfig>,
-        when_locked: WhenLocked,
-        wait: Wait,
-        before_lock: &(dyn Fn(u32) + Sync),
-    ) -> Result<EnginePool, PoolError> {
         let (unique, mut left_out) = name_each_gpu_once(configs, wait);
         let unique = share_the_cores(unique);
         let outcomes: Vec<(GpuId, Result<Engine<Healthy>, EngineError>)> =
@@ -96,7 +135,7 @@ impl EnginePool {
                     .into_iter()
                     .map(|config| {
                         let gpu = config.gpu().clone();
-                        let start = move || start(config, when_locked, wait, before_lock);
+                        let start = move || start(config, when_locked, wait, &|_| {});
                         (gpu, scope.spawn(start))
                     })
                     .collect();
@@ -188,6 +227,154 @@ impl EnginePool {
             Prompt::subject,
             on_done,
         )
+    }
+
+    /// Starts the pool as [`EnginePool::launch`] does and answers `prompts` on it at the same
+    /// time: each GPU takes work as soon as its server is ready, so a GPU that loads (or waits for
+    /// its lock) longer holds nobody back. The batch is as [`EnginePool::answer_many`]'s, under the
+    /// scheduler's contract; a GPU whose start is still under way when the work is done is left out
+    /// (its start given up, everything cleaned up). `events` hears of each GPU's lock, readiness
+    /// and failure as they happen. With no GPU started, no item is told of and the error names
+    /// every GPU's failure.
+    ///
+    /// ```no_run
+    /// use engine_core::{EngineConfig, EnginePool, Prompt, Wait};
+    /// use engine_core::pool::{Event, WhenLocked};
+    ///
+    /// let base = EngineConfig::builder("llava.gguf", "mmproj.gguf").port(0).slots(4);
+    /// let configs = (0..2).map(|gpu| base.clone().gpu(gpu).build()).collect::<Result<Vec<_>, _>>()?;
+    /// let prompts: Vec<Prompt> = Vec::new();
+    /// let say = |event: Event| if let Event::Ready { gpu, .. } = event { eprintln!("GPU {gpu} ready") };
+    /// let served = EnginePool::launch_answering::<serde_json::Value, _>(
+    ///     configs, WhenLocked::Wait, Wait::Forever, &say, &prompts, |_, _| std::ops::ControlFlow::Continue(()),
+    /// )?;
+    /// println!("{:?}", served.batch.summary(served.times(std::time::SystemTime::now())));
+    /// served.pool.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn launch_answering<T, F>(
+        configs: Vec<EngineConfig>,
+        when_locked: WhenLocked,
+        wait: Wait,
+        events: &(dyn Fn(Event) + Sync),
+        prompts: &[Prompt],
+        on_done: F,
+    ) -> Result<Served<T>, PoolError>
+    where
+        T: DeserializeOwned + Send,
+        F: Fn(usize, &Result<Answer<T>, RequestError>) -> ControlFlow<()> + Sync,
+    {
+        let started_at = SystemTime::now();
+        let (unique, left) = name_each_gpu_once(configs, wait);
+        for left in &left {
+            events(Event::LeftOut(left));
+        }
+        let unique = share_the_cores(unique);
+        let lanes: Vec<Lanes> = unique
+            .iter()
+            .map(|c| Lanes {
+                gpu: 0,
+                uuid: String::new(),
+                slots: c.slots() as usize,
+            })
+            .collect();
+        let engines: Vec<OnceLock<Engine<Healthy>>> =
+            unique.iter().map(|_| OnceLock::new()).collect();
+        let failures: Vec<OnceLock<LeftOut>> = unique.iter().map(|_| OnceLock::new()).collect();
+        let first_ready: OnceLock<SystemTime> = OnceLock::new();
+        // Starts end on the caller's flag, and once the work is done (a bounded wait ends by itself).
+        let give_up = AtomicBool::new(false);
+        let start_wait = match wait {
+            Wait::For(_) => wait,
+            Wait::Forever | Wait::Until(_) => Wait::Until(&give_up),
+        };
+        let caller_flag = match wait {
+            Wait::Until(flag) => Some(flag),
+            _ => None,
+        };
+        let stopped = || caller_flag.is_some_and(|f| f.load(Ordering::Acquire));
+        let starts = |opener: &Opener<Answer<T>>| {
+            std::thread::scope(|scope| {
+                if caller_flag.is_some() {
+                    // The caller's flag, passed on to the starts (which also end on the work's end).
+                    scope.spawn(|| {
+                        while !give_up.load(Ordering::Acquire) {
+                            if stopped() {
+                                give_up.store(true, Ordering::Release);
+                            }
+                            std::thread::sleep(crate::wait::FLAG_CHECK);
+                        }
+                    });
+                }
+                for (server, config) in unique.into_iter().enumerate() {
+                    let (engines, failures, first_ready) = (&engines, &failures, &first_ready);
+                    let gpu = config.gpu().clone();
+                    let before_lock = |gpu| events(Event::Locking { gpu });
+                    scope.spawn(move || {
+                        match start(config, when_locked, start_wait, &before_lock) {
+                            Ok(engine) => {
+                                let _ = first_ready.set(SystemTime::now());
+                                let (gpu, uuid) = (engine.gpu(), engine.vram().uuid.clone());
+                                events(Event::Ready {
+                                    gpu,
+                                    slots: engine.config().slots(),
+                                });
+                                let _ = engines[server].set(engine);
+                                opener.ready(server, gpu, &uuid);
+                            }
+                            Err(error) => {
+                                tracing::warn!(%gpu, %error, "GPU left out of the pool");
+                                let left = failures[server].get_or_init(|| LeftOut { gpu, error });
+                                events(Event::LeftOut(left));
+                                opener.open(server, false);
+                            }
+                        }
+                    });
+                }
+            });
+        };
+        let mut batch = schedule::run_opening(
+            &lanes,
+            prompts,
+            |server, prompt| {
+                if stopped() {
+                    return Err(RequestError::Cancelled {
+                        subject: prompt.subject(),
+                    });
+                }
+                let engine = engines[server]
+                    .get()
+                    .expect("a lane works only once its server is open");
+                engine.answer(prompt)
+            },
+            Prompt::subject,
+            on_done,
+            starts,
+            || give_up.store(true, Ordering::Release),
+        );
+        let mut left_out = left;
+        let mut started = Vec::new();
+        let mut servers = Vec::new();
+        for ((engine, failure), run) in engines.into_iter().zip(failures).zip(batch.servers) {
+            if let Some(engine) = engine.into_inner() {
+                started.push(engine);
+                servers.push(run);
+            }
+            left_out.extend(failure.into_inner());
+        }
+        batch.servers = servers;
+        let Some(first_ready) = first_ready.into_inner() else {
+            return Err(PoolError { failures: left_out });
+        };
+        Ok(Served {
+            pool: EnginePool {
+                engines: started,
+                left_out,
+            },
+            batch,
+            started: started_at,
+            first_ready,
+        })
     }
 
     fn lanes(&self) -> Vec<Lanes> {

@@ -16,6 +16,11 @@
 //! Outcomes of items never sent are given after the last worker ends, in input order. The property
 //! test `every_item_gets_exactly_one_outcome_exactly_once` checks the contract over random item and
 //! slot counts, failures, server deaths and cancellations.
+//!
+//! Servers may join while the batch runs ([`run_opening`]): each server's lanes wait until it is
+//! open (started) or out (never started), so a pool serves on the first GPU ready while the others
+//! load. A server that never starts takes nothing; if none starts, no item is told of (there was no
+//! batch to speak of, and the caller reports the starts' failures instead).
 
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
@@ -71,7 +76,10 @@ struct State<R> {
     /// For an item handed back: the death it met, its outcome if no server is left to try again.
     deaths: Vec<Option<RequestError>>,
     servers: Vec<ServerRun>,
+    /// Servers not dead nor out (one still starting counts: it may yet take the work).
     alive: usize,
+    /// Each server: started (`Some(true)`), never started (`Some(false)`), or starting.
+    open: Vec<Option<bool>>,
     stopped: bool,
     last_death: Option<ServerDeath>,
 }
@@ -80,6 +88,35 @@ struct State<R> {
 struct Queue<R> {
     state: Mutex<State<R>>,
     changed: Condvar,
+}
+
+impl<R> State<R> {
+    /// No item is left to take, and none in flight can come back.
+    fn nothing_left(&self) -> bool {
+        self.in_flight == 0 && self.handed_back.is_empty() && self.next >= self.results.len()
+    }
+}
+
+/// How a server joining a running batch ([`run_opening`]) says it started, or never will.
+pub(crate) struct Opener<'q, R> {
+    queue: &'q Queue<R>,
+}
+
+impl<R> Opener<'_, R> {
+    /// `server` is ready (`true`: its lanes start taking work) or out (`false`: they end).
+    pub(crate) fn open(&self, server: usize, ready: bool) {
+        self.queue.open(server, ready);
+    }
+
+    /// `server` is ready, on the GPU its start found (index and UUID, for [`Batch::servers`]).
+    pub(crate) fn ready(&self, server: usize, gpu: u32, uuid: &str) {
+        {
+            let mut state = self.queue.lock();
+            let run = &mut state.servers[server];
+            (run.gpu, run.uuid) = (gpu, uuid.to_string());
+        }
+        self.queue.open(server, true);
+    }
 }
 
 /// What a worker does with the item it took.
@@ -102,6 +139,19 @@ impl<R> Queue<R> {
             if state.stopped || state.servers[server].died.is_some() {
                 return Next::Done;
             }
+            match state.open[server] {
+                Some(true) => {}
+                Some(false) => return Next::Done,
+                // Still starting: wait for it, unless the others have already done everything.
+                None if state.nothing_left() => return Next::Done,
+                None => {
+                    state = self
+                        .changed
+                        .wait(state)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    continue;
+                }
+            }
             if let Some(i) = state.handed_back.pop_front() {
                 state.in_flight += 1;
                 return Next::Take(i);
@@ -111,7 +161,7 @@ impl<R> Queue<R> {
                 state.in_flight += 1;
                 return Next::Take(state.next - 1);
             }
-            if state.in_flight == 0 {
+            if state.nothing_left() {
                 return Next::Done;
             }
             state = self
@@ -119,6 +169,18 @@ impl<R> Queue<R> {
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
         }
+    }
+
+    /// `server` started (`ready`) or never will: its lanes take work, or end.
+    fn open(&self, server: usize, ready: bool) {
+        let mut state = self.lock();
+        if state.open[server].is_none() {
+            state.open[server] = Some(ready);
+            if !ready {
+                state.alive -= 1;
+            }
+        }
+        self.changed.notify_all();
     }
 
     /// Item `i` ended with `outcome` on `server`; the caller already told `on_done`.
@@ -224,6 +286,27 @@ where
     I: Sync,
     R: Send,
 {
+    let all_open = |opener: &Opener<R>| (0..servers.len()).for_each(|s| opener.open(s, true));
+    run_opening(servers, items, work, subject, on_done, all_open, || {})
+}
+
+/// [`run`], with servers that join as they start: `starts(opener)` runs beside the workers and
+/// says, through the opener, when each server is ready or out; a server's lanes wait for it.
+/// `drained()` is called once every lane has ended (so that starts still under way can give up),
+/// before `starts` is waited for.
+pub(crate) fn run_opening<I, R>(
+    servers: &[Lanes],
+    items: &[I],
+    work: impl Fn(usize, &I) -> Result<R, RequestError> + Sync,
+    subject: impl Fn(&I) -> Subject,
+    on_done: impl Fn(usize, &Result<R, RequestError>) -> ControlFlow<()> + Sync,
+    starts: impl FnOnce(&Opener<R>) + Send,
+    drained: impl FnOnce(),
+) -> Batch<R>
+where
+    I: Sync,
+    R: Send,
+{
     let queue = Queue {
         state: Mutex::new(State {
             next: 0,
@@ -243,17 +326,21 @@ where
                 })
                 .collect(),
             alive: servers.len(),
+            open: vec![None; servers.len()],
             stopped: false,
             last_death: None,
         }),
         changed: Condvar::new(),
     };
     std::thread::scope(|scope| {
+        let opener = Opener { queue: &queue };
+        let starting = scope.spawn(move || starts(&opener));
+        let mut lanes_running = Vec::new();
         for (server, lanes) in servers.iter().enumerate() {
             // No more lanes than items: a thread per slot would otherwise wait for nothing.
             for _ in 0..lanes.slots.clamp(1, items.len().max(1)) {
                 let (queue, work, on_done) = (&queue, &work, &on_done);
-                scope.spawn(move || {
+                lanes_running.push(scope.spawn(move || {
                     while let Next::Take(i) = queue.take(server) {
                         match work(server, &items[i]) {
                             Err(death @ RequestError::ServerDied { .. }) => {
@@ -270,15 +357,23 @@ where
                             }
                         }
                     }
-                });
+                }));
             }
         }
+        for lane in lanes_running {
+            lane.join().expect("a lane does not panic");
+        }
+        drained();
+        starting.join().expect("the starts do not panic");
     });
+    let any_started = unpoisoned(&queue.state).open.contains(&Some(true));
     let (batch, late) = queue.into_batch(|i| subject(&items[i]));
-    // The items that ended without a worker to tell of them: in input order, once each.
-    for (i, outcome) in batch.results.iter().enumerate() {
-        if late[i] {
-            let _ = on_done(i, outcome);
+    if any_started {
+        // The items that ended without a worker to tell of them: in input order, once each.
+        for (i, outcome) in batch.results.iter().enumerate() {
+            if late[i] {
+                let _ = on_done(i, outcome);
+            }
         }
     }
     batch
@@ -304,6 +399,8 @@ mod tests {
         slots: usize,
         /// It dies at this request (counting from 0), and stays dead.
         dies_at: Option<usize>,
+        /// It starts (else it never does, and takes nothing).
+        starts: bool,
     }
 
     proptest! {
@@ -312,8 +409,8 @@ mod tests {
         fn every_item_gets_exactly_one_outcome_exactly_once(
             items in 0usize..40,
             scripts in proptest::collection::vec(
-                (1usize..5, proptest::option::weighted(0.5, 0usize..30))
-                    .prop_map(|(slots, dies_at)| Script { slots, dies_at }),
+                (1usize..5, proptest::option::weighted(0.5, 0usize..30), proptest::bool::weighted(0.8))
+                    .prop_map(|(slots, dies_at, starts)| Script { slots, dies_at, starts }),
                 1..4,
             ),
             // Every item whose id is divisible by `fail_every` fails (an HTTP error).
@@ -332,7 +429,8 @@ mod tests {
                 .map(|(gpu, s)| Lanes { gpu: gpu as u32, uuid: String::new(), slots: s.slots })
                 .collect();
             let ids: Vec<usize> = (0..items).collect();
-            let batch = run(
+            let drained = AtomicUsize::new(0);
+            let batch = run_opening(
                 &lanes,
                 &ids,
                 |server, &id| {
@@ -363,9 +461,31 @@ mod tests {
                         ControlFlow::Continue(())
                     }
                 },
+                // Servers join one by one, in their order, as the others already work.
+                |opener| {
+                    for (server, script) in scripts.iter().enumerate() {
+                        opener.open(server, script.starts);
+                    }
+                },
+                || {
+                    drained.fetch_add(1, Ordering::SeqCst);
+                },
             );
+            prop_assert_eq!(drained.load(Ordering::SeqCst), 1);
             prop_assert_eq!(batch.results.len(), items);
-            let alive = batch.servers.iter().any(|s| s.died.is_none());
+            if scripts.iter().all(|s| !s.starts) {
+                // No server started: nothing was sent, and nobody was told of anything.
+                prop_assert!(told.iter().all(|t| t.load(Ordering::SeqCst) == 0));
+                prop_assert!(calls.iter().all(|c| c.load(Ordering::SeqCst) == 0));
+                let cancelled = |r: &Result<usize, RequestError>| matches!(r, Err(RequestError::Cancelled { .. }));
+                prop_assert!(batch.results.iter().all(cancelled));
+                return Ok(());
+            }
+            let alive = batch
+                .servers
+                .iter()
+                .zip(&scripts)
+                .any(|(s, script)| script.starts && s.died.is_none());
             for (i, result) in batch.results.iter().enumerate() {
                 // Exactly once, and the same outcome the caller was told.
                 prop_assert_eq!(told[i].load(Ordering::SeqCst), 1, "item {}", i);
@@ -399,6 +519,10 @@ mod tests {
             prop_assert!(ended <= items);
             for (server, run) in batch.servers.iter().enumerate() {
                 prop_assert_eq!(run.died.is_some(), scripts[server].dies_at.is_some_and(|at| calls[server].load(Ordering::SeqCst) > at));
+                // A server that never started took nothing.
+                if !scripts[server].starts {
+                    prop_assert_eq!(calls[server].load(Ordering::SeqCst), 0);
+                }
             }
         }
     }

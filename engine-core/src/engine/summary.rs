@@ -102,6 +102,21 @@ pub struct GpuSummary {
     pub died: Option<String>,
 }
 
+impl Summary {
+    /// The summary of a run that sent nothing: `items` items, every one failed before it could be
+    /// sent (a front end's own refusals), over `times`.
+    pub fn unsent(items: usize, times: RunTimes) -> Summary {
+        let batch: Batch<Answer<()>> = Batch {
+            results: Vec::new(),
+            servers: Vec::new(),
+        };
+        let mut summary = batch.summary(times);
+        summary.items = items;
+        summary.failed = items;
+        summary
+    }
+}
+
 impl<T> Batch<Answer<T>> {
     /// The run's summary: the batch's outcomes, tokens and latencies, over `times`.
     pub fn summary(&self, times: RunTimes) -> Summary {

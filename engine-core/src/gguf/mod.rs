@@ -1,7 +1,7 @@
 //! GGUF, llama.cpp's model format: reading a file's header (what the engine checks before it starts
 //! anything) and writing files (the models the project makes for itself).
 
-mod read;
+pub(crate) mod read;
 mod write;
 
 pub use read::read_architecture;

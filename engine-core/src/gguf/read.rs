@@ -19,7 +19,21 @@ pub(crate) struct Header {
     pub(crate) architecture: Option<String>,
     /// `clip.projector_type`, or `clip.vision.projector_type` for projectors of several modalities.
     pub(crate) projector_type: Option<String>,
+    /// The integer keys that size a model's KV cache (`llama.block_count`, `llama.attention.
+    /// head_count_kv`, ...: any key ending in one of [`SHAPE_KEYS`]), by their full names.
+    pub(crate) numbers: std::collections::BTreeMap<String, u64>,
 }
+
+/// The ends of the integer keys [`Header::numbers`] keeps.
+pub(crate) const SHAPE_KEYS: &[&str] = &[
+    ".block_count",
+    ".embedding_length",
+    ".context_length",
+    ".attention.head_count",
+    ".attention.head_count_kv",
+    ".attention.key_length",
+    ".attention.value_length",
+];
 
 /// Longest key or string value read (keys are short; a chat template may be tens of KiB).
 const MAX_STRING: u64 = 16 * 1024 * 1024;
@@ -27,7 +41,11 @@ const MAX_STRING: u64 = 16 * 1024 * 1024;
 const MAX_KEYS: u64 = 1 << 20;
 
 /// Value type ids.
+const T_U32: u32 = 4;
+const T_I32: u32 = 5;
 const T_STRING: u32 = 8;
+const T_U64: u32 = 10;
+const T_I64: u32 = 11;
 const T_ARRAY: u32 = 9;
 
 /// Reads `path`'s header. The error says what is wrong, in words for a user.
@@ -79,6 +97,10 @@ pub(crate) fn read_header(path: &Path) -> Result<Header, String> {
                     header.projector_type.get_or_insert(value);
                 }
             }
+        } else if SHAPE_KEYS.iter().any(|end| key.ends_with(end))
+            && let Some(number) = integer(&mut r, kind)?
+        {
+            header.numbers.insert(key, number);
         } else {
             skip_value(&mut r, kind, 0)?;
         }
@@ -100,6 +122,18 @@ fn u64_le(r: &mut impl Read) -> Result<u64, String> {
     let mut bytes = [0u8; 8];
     r.read_exact(&mut bytes).map_err(cut_off)?;
     Ok(u64::from_le_bytes(bytes))
+}
+
+/// An integer value of type `kind` (`None`, having read nothing, for any other type; a negative
+/// one is read as 0).
+fn integer(r: &mut impl Read, kind: u32) -> Result<Option<u64>, String> {
+    Ok(match kind {
+        T_U32 => Some(u64::from(u32_le(r)?)),
+        T_I32 => Some(u64::try_from(u32_le(r)? as i32).unwrap_or(0)),
+        T_U64 => Some(u64_le(r)?),
+        T_I64 => Some(u64::try_from(u64_le(r)? as i64).unwrap_or(0)),
+        _ => None,
+    })
 }
 
 fn string_len(r: &mut impl Read) -> Result<u64, String> {

@@ -325,6 +325,11 @@ class LlavaEngine(_Server):
         self.mmproj_path = Path(mmproj_path)
         self.debug = debug
         self._slots = int(options.get("slots", 1))
+        self.last_summary: Optional[Dict[str, Any]] = None
+        """What the last ``describe_frames`` did, as the CLI's ``--summary`` writes it: items,
+        answered, failed, not_attempted, retries, wall_s, items_per_s, latency_ms {p50, p95, max},
+        tokens {prompt, generated, prompt_per_s, generated_per_s}, gpus [{gpu, uuid, answered,
+        failed, died}] and its moments (``started_at``, ... as RFC 3339 and Unix seconds)."""
         super().__init__(
             _engine.Engine(str(model_path), str(mmproj_path), port, debug, options), port
         )
@@ -351,11 +356,12 @@ class LlavaEngine(_Server):
         """Describes every record with the slots busy (``concurrency`` at once on one GPU, default
         the slots; every server's slots with ``gpus``), in input order; None where a frame failed
         (logged). ``progress_callback(done, total)`` after each frame. A server that dies hands its
-        frames in flight to the others (logged)."""
+        frames in flight to the others (logged). ``last_summary`` then says what the batch did."""
         records = list(records)
-        pairs, deaths = self._engine.describe_many(
+        pairs, deaths, summary = self._engine.describe_many(
             [str(r.frame_path) for r in records], concurrency or self._slots, progress_callback
         )
+        self.last_summary = json.loads(summary)
         for gpu, status, handed_over in deaths:
             log.warning(
                 "GPU %d's server died (%s); %s", gpu, status,

@@ -74,7 +74,7 @@ class Engine:
         frame_paths: List[str],
         concurrency: int = 1,
         progress: Optional[Callable[[int, int], Any]] = None,
-    ) -> Tuple[List[Tuple[Optional[str], Optional[str]]], List[Tuple[int, str, int]]]: ...
+    ) -> Tuple[List[Tuple[Optional[str], Optional[str]]], List[Tuple[int, str, int]], str]: ...
     def complete(
         self,
         schema_json: str,
