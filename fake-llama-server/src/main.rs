@@ -341,8 +341,12 @@ fn run(fake: Arc<Fake>) {
         }
         "none" => {}
         _ => {
-            log(&fake, "srv          main: model loaded");
-            log(&fake, &format!("srv          main: listening on {address}"));
+            // 11434 stamps each line with the time since its start and a level.
+            log(&fake, "0.00.035.951 I srv  llama_server: model loaded");
+            log(
+                &fake,
+                &format!("0.00.035.969 I srv  llama_server: listening on {address}"),
+            );
         }
     }
     log(&fake, "srv  update_slots: all slots are idle");

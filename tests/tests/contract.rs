@@ -221,6 +221,39 @@ fn health_is_503_loading_then_200_ok_and_every_path_answers_503_while_loading() 
 }
 
 #[test]
+fn the_log_says_model_loaded_once_ready_and_before_it_listens() {
+    // The engine wakes on this line (engine-core's READY_LINE) and confirms with one /health.
+    use std::io::BufRead;
+    let h = Harness::new();
+    let t = target(&h);
+    let port = free_port();
+    let mut child = spawn(&t, port, &[]);
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut health_at_the_line = None;
+    let mut order = Vec::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        // engine-core's READY_LINE: 11434 writes `srv  llama_server: model loaded`, 9093 `main:
+        // model loaded`.
+        if line.trim_end().ends_with(": model loaded") {
+            health_at_the_line = request(port, "GET", "/health", None, None).map(|(s, _)| s);
+            order.push("loaded");
+        }
+        if line.contains("listening on") {
+            order.push("listening");
+            break;
+        }
+    }
+    assert_eq!(order, ["loaded", "listening"], "the server's log changed");
+    assert_eq!(
+        health_at_the_line,
+        Some(200),
+        "the line came before the server was ready"
+    );
+    stop(child);
+}
+
+#[test]
 fn props_models_and_the_api_key_rules() {
     let h = Harness::new();
     let t = target(&h);

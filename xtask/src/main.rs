@@ -11,10 +11,12 @@ mod ci;
 mod contract;
 mod demo;
 mod dist;
+mod frames;
 mod gpu_smoke;
 mod prereq;
 mod python;
 mod real_server;
+mod shaped_model;
 mod steps;
 mod tiny_model;
 
@@ -88,6 +90,28 @@ enum Task {
     },
     /// The CLI's man pages and shell completions, from its own help, into target/dist.
     Dist,
+    /// Write keyframe-like JPEGs (frame_00000.jpg, ...) for benchmarks on machines without frames.
+    Frames {
+        /// How many.
+        #[arg(long, default_value_t = 300)]
+        count: usize,
+        /// WIDTHxHEIGHT.
+        #[arg(long, default_value = "746x420", value_parser = frames::parse_size)]
+        size: (u32, u32),
+        /// The folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a GGUF pair with a real model's architecture and random weights (llava-1.5-7b: the
+    /// Q4_K_M language model and the F16 CLIP projector, 4.7 GB; llava-mini: the same at a few MB).
+    ShapedModel {
+        /// The shape.
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(shaped_model::names()))]
+        name: String,
+        /// The folder for ggml-model-q4_k.gguf and mmproj-model-f16.gguf.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -104,5 +128,7 @@ fn main() -> ExitCode {
         Task::GpuSmoke { source } => gpu_smoke::run(source),
         Task::TinyModel { dir } => tiny_model::run(dir),
         Task::Dist => dist::run(),
+        Task::ShapedModel { name, out } => shaped_model::run(&name, &out),
+        Task::Frames { count, size, out } => frames::run(count, size, &out),
     }
 }

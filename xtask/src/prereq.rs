@@ -107,6 +107,9 @@ pub const CLIPPY: Need = Need {
 /// What building the real llama-server needs.
 pub const REAL_SERVER: &[Need] = &[CMAKE, CXX, TAR, PYTHON, PIP];
 
+/// What building it from a source package at hand needs (no download, so no pip).
+pub const REAL_SERVER_FROM_SOURCE: &[Need] = &[CMAKE, CXX, TAR];
+
 fn met(need: &Need) -> bool {
     match need.check {
         Check::Program(names) => names.iter().any(|name| on_path(name)),

