@@ -41,10 +41,10 @@ PROMPT = (
 SCHEMA = {
     "type": "object",
     "properties": {
-        "visual_content": {"type": "string", "maxLength": 80},
-        "mood": {"type": "string", "maxLength": 32},
-        "action": {"type": "string", "maxLength": 64},
-        "setting": {"type": "string", "maxLength": 48},
+        "visual_content": {"type": "string", "maxLength": 48},
+        "mood": {"type": "string", "maxLength": 16},
+        "action": {"type": "string", "maxLength": 32},
+        "setting": {"type": "string", "maxLength": 24},
     },
     "required": ["visual_content", "mood", "action", "setting"],
     "additionalProperties": False,
@@ -57,7 +57,7 @@ def log(record):
     record["at"] = time.strftime("%H:%M:%S")
     line = json.dumps(record)
     print(line, flush=True)
-    with open(A.work / "results.jsonl", "a") as f:
+    with open(os.environ.get("RESULTS", A.work / "results.jsonl"), "a") as f:
         f.write(line + "\n")
 
 
@@ -160,7 +160,7 @@ def setup():
     written = time.monotonic() - t - built
     sh(A.bin / "xtask", "tiny-model", A.work / "tiny")
     sh(A.bin / "xtask", "frames", "--count", 512, "--size", "746x420", "--out", A.work / "f746")
-    sh(A.bin / "xtask", "frames", "--count", 128, "--size", "1920x1080", "--out", A.work / "f1080")
+    sh(A.bin / "xtask", "frames", "--count", 64, "--size", "1920x1080", "--out", A.work / "f1080")
     (A.work / "schema.json").write_text(json.dumps(SCHEMA))
     sizes = {p.name: p.stat().st_size for p in (A.work / "7b").iterdir()}
     frame = sorted((A.work / "f746").glob("*.jpg"))[0].stat().st_size
@@ -169,6 +169,8 @@ def setup():
 
 
 def server_path():
+    if os.environ.get("LLAMA_SERVER"):
+        return Path(os.environ["LLAMA_SERVER"])
     found = sorted((A.work / "cache").glob("llama-server-*-cuda*"))
     if not found:
         raise SystemExit("run the setup phase first")
@@ -177,7 +179,7 @@ def server_path():
 
 def cold():
     m = models()["7b"]
-    for attempt in range(3):
+    for attempt in range(2):
         port = 18000 + attempt
         t0 = time.monotonic()
         child = subprocess.Popen(
@@ -189,7 +191,7 @@ def cold():
         def read():
             for line in child.stderr:
                 now = time.monotonic() - t0
-                if "main: model loaded" in line:
+                if line.rstrip().endswith(": model loaded"):
                     marks.setdefault("log_model_loaded_s", now)
                 if "listening on" in line:
                     marks.setdefault("log_listening_s", now)
@@ -214,20 +216,18 @@ def cold():
         child.terminate()
         child.wait()
         log({"phase": "cold", "attempt": attempt, **{k: round(v, 3) for k, v in marks.items()}})
-    s, vram, _, _ = infer(m, records(A.work / "f746", 16, "f746"), 1, label="cold-engine")
-    row("cold-engine", s, vram, slots=1)
 
 
 def slots():
     m = models()["7b"]
-    for n_slots, n in [(1, 48), (2, 64), (4, 128), (8, 256), (16, 320)]:
+    for n_slots, n in [(1, 24), (2, 32), (4, 64), (8, 128), (16, 256)]:
         s, vram, _, _ = infer(m, records(A.work / "f746", n, "f746"), n_slots, label=f"slots {n_slots}")
         row("slots", s, vram, slots=n_slots)
 
 
 def auto():
     m = models()["7b"]
-    s, vram, _, lines = infer(m, records(A.work / "f746", 320, "f746"), "auto", label="auto")
+    s, vram, _, lines = infer(m, records(A.work / "f746", 16, "f746"), "auto", label="auto")
     row("auto", s, vram, choice=[l for l in lines if "slots auto" in l])
 
 
@@ -285,68 +285,125 @@ def transport():
             row("transport", s, vram, size=size, transport="file://" if way == "auto" else "base64")
 
 
-def bare():
-    """The same 256 requests at concurrency 16: the engine (base64, as the client sends) against a
-    client of 40 lines on a server started by hand with the engine's arguments."""
-    m = models()["7b"]
-    recs = records(A.work / "f746", 256, "f746")
-    s, vram, _, _ = infer(m, recs, 16, extra=["--image-transport", "base64"], label="engine")
-    row("bare", s, vram, who="engine")
-    port = 18100
+def start_server(m, slots, port):
+    """llama-server on GPU 0 with the engine's arguments, run by hand; returns once /health is 200."""
     child = subprocess.Popen(
         [str(A.server), "-m", str(m["model"]), "--mmproj", str(m["mmproj"]), "--host", "127.0.0.1",
-         "--port", str(port), "-c", str(CTX * 16), "-np", "16", "-ngl", "99"],
+         "--port", str(port), "-c", str(CTX * slots), "-np", str(slots), "-ngl", "99"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
-    try:
-        while True:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.01)
-        images = [json.loads(l)["images"][0] for l in open(recs)]
-        todo = list(range(len(images)))
-        lock = threading.Lock()
-        generated = []
+    while True:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            c.request("GET", "/health")
+            if c.getresponse().status == 200:
+                return child
+        except OSError:
+            pass
+        if child.poll() is not None:
+            raise SystemExit("the server did not start")
+        time.sleep(0.01)
 
-        def worker():
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-            while True:
-                with lock:
-                    if not todo:
-                        return
-                    i = todo.pop(0)
-                data = base64.b64encode(open(images[i], "rb").read()).decode()
-                body = json.dumps({
-                    "messages": [{"role": "user", "content": [
-                        {"type": "text", "text": PROMPT},
-                        {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{data}"}}]}],
-                    "response_format": {"type": "json_schema", "json_schema": {"name": "scene", "schema": SCHEMA}},
-                    "temperature": 0.1, "max_tokens": MAX_TOKENS, "stream": False})
-                c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-                answer = json.loads(c.getresponse().read())
-                with lock:
-                    generated.append(answer["usage"]["completion_tokens"])
-        started = time.monotonic()
-        threads = [threading.Thread(target=worker) for _ in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.monotonic() - started
-        log({"phase": "bare", "who": "bare client", "items": len(images), "answered": len(generated),
-             "frames_per_s_steady": round(len(generated) / elapsed, 2),
-             "tokens_per_answer": round(sum(generated) / max(1, len(generated)), 1)})
+
+def client(port, recs, concurrency, grammar=True, max_tokens=MAX_TOKENS):
+    """A bare client: each request as the engine sends it (base64 data URI, the schema as
+    response_format, or none), `concurrency` at once; (answers per second, tokens per answer)."""
+    images = [json.loads(l)["images"][0] for l in open(recs)]
+    todo = list(range(len(images)))
+    lock = threading.Lock()
+    generated = []
+
+    def worker():
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop(0)
+            data = base64.b64encode(open(images[i], "rb").read()).decode()
+            body = {
+                "messages": [{"role": "user", "content": [
+                    {"type": "text", "text": PROMPT},
+                    {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{data}"}}]}],
+                "temperature": 0.1, "max_tokens": max_tokens, "stream": False}
+            if grammar:
+                body["response_format"] = {"type": "json_schema", "json_schema": {"name": "scene", "schema": SCHEMA}}
+            c.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+            answer = json.loads(c.getresponse().read())
+            with lock:
+                generated.append(answer["usage"]["completion_tokens"])
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - started
+    return round(len(generated) / elapsed, 2), round(sum(generated) / max(1, len(generated)), 1)
+
+
+def bare():
+    """The same requests at the same concurrency: the engine (base64, as the client sends) against
+    the bare client on a server started by hand with the engine's arguments. On the tiny model,
+    where the server is fast and the client's own cost shows."""
+    m = models()["tiny"]
+    recs = records(A.work / "f746", 512, "f746")
+    s, vram, _, _ = infer(m, recs, 8, extra=["--image-transport", "base64"], label="engine")
+    row("bare", s, vram, who="engine", model="tiny", slots=8)
+    child = start_server(m, 8, 18100)
+    try:
+        rate, tokens = client(18100, recs, 8)
+        log({"phase": "bare", "who": "bare client", "model": "tiny", "slots": 8, "items": 512,
+             "frames_per_s_steady": rate, "tokens_per_answer": tokens})
     finally:
         child.terminate()
         child.wait()
 
 
+def grammar():
+    """What limits the 7B-shaped model: the same requests with and without the schema's grammar,
+    at 1 and 16 at once, on one server of 16 slots."""
+    m = models()["7b"]
+    child = start_server(m, 16, 18200)
+    try:
+        for with_grammar, concurrency, n in [(False, 1, 8), (False, 16, 64), (True, 16, 32)]:
+            recs = records(A.work / "f746", n, f"g{n}")
+            rate, tokens = client(18200, recs, concurrency, grammar=with_grammar, max_tokens=128)
+            log({"phase": "grammar", "grammar": with_grammar, "concurrency": concurrency, "items": n,
+                 "frames_per_s_steady": rate, "tokens_per_answer": tokens,
+                 "tokens_per_s": round(rate * tokens, 1)})
+    finally:
+        child.terminate()
+        child.wait()
+
+
+def tinypool():
+    m = models()["tiny"]
+    recs = records(A.work / "f746", 512, "f746")
+    for gpus in ["0", "0,1"]:
+        s, vram, _, lines = infer(m, recs, 8, gpus=gpus, label=f"tiny pool {gpus}")
+        row("pool", s, vram, model="tiny", gpus=gpus, slots=8)
+
+
+def tinytransport():
+    m = models()["tiny"]
+    for frames, size in [("f746", "746x420"), ("f1080", "1920x1080")]:
+        recs = records(A.work / frames, 256, frames)
+        for way in ["auto", "base64", "auto", "base64"]:
+            s, vram, _, _ = infer(m, recs, 8, extra=["--image-transport", way], label=f"{size} {way}")
+            row("transport", s, vram, model="tiny", size=size, transport="file://" if way == "auto" else "base64")
+
+
+def pool7b():
+    m = models()["7b"]
+    recs = records(A.work / "f746", 32, "f746")
+    for gpus in ["0", "0,1"]:
+        s, vram, _, _ = infer(m, recs, 16, gpus=gpus, label=f"7b pool {gpus}")
+        row("pool", s, vram, model="7b", gpus=gpus, slots=16)
+
+
 PHASES = {"setup": setup, "cold": cold, "slots": slots, "auto": auto, "shared": shared, "pool": pool,
-          "transport": transport, "bare": bare}
+          "transport": transport, "bare": bare, "grammar": grammar, "tinypool": tinypool,
+          "tinytransport": tinytransport, "pool7b": pool7b}
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
