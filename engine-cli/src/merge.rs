@@ -31,13 +31,15 @@ pub struct Merged {
     /// Positions that lines of more than one shard answered (the successful line is kept, else the
     /// first).
     pub duplicates: Vec<usize>,
-    /// Lines that are error lines.
+    /// Lines that are error lines, and the first ten of their positions.
     pub failed: usize,
+    pub first_failed: Vec<usize>,
     /// Lines that could not be read, by shard and line number.
     pub unreadable: Vec<String>,
 }
 
-/// `merge`: reads the shards, writes OUT, reports on stderr; exit 1 when any item is missing.
+/// `merge`: reads the shards, writes OUT, reports on stderr; exit 1 when any item is missing or
+/// ended in an error line (the job is not done: its shards run again with `--resume`).
 pub fn command(args: MergeArgs) -> ExitCode {
     let merged = match merge(&args.out, &args.shards) {
         Ok(merged) => merged,
@@ -60,14 +62,24 @@ pub fn command(args: MergeArgs) -> ExitCode {
             list(&merged.duplicates, merged.duplicates.len())
         );
     }
-    if merged.missing == 0 {
+    if merged.missing == 0 && merged.failed == 0 {
         return ExitCode::SUCCESS;
     }
-    eprintln!(
-        "cinecut-infer: {} item(s) missing — run their shards again with --resume: {}",
-        merged.missing,
-        list(&merged.first_missing, merged.missing)
-    );
+    if merged.missing > 0 {
+        eprintln!(
+            "cinecut-infer: {} item(s) missing — run their shards again with --resume: {}",
+            merged.missing,
+            list(&merged.first_missing, merged.missing)
+        );
+    }
+    if merged.failed > 0 {
+        eprintln!(
+            "cinecut-infer: {} item(s) ended in an error line — run their shards again with \
+             --resume (it tries failed items again): {}",
+            merged.failed,
+            list(&merged.first_failed, merged.failed)
+        );
+    }
     ExitCode::from(EXIT_FRAMES_FAILED)
 }
 
@@ -215,7 +227,13 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<Merged, String> {
     }
     merged.duplicates.sort_unstable();
     merged.duplicates.dedup();
-    merged.failed = lines.values().filter(|k| k.error).count();
+    let failed: Vec<usize> = lines
+        .iter()
+        .filter(|(_, kept)| kept.error)
+        .map(|(&index, _)| index)
+        .collect();
+    merged.failed = failed.len();
+    merged.first_failed = failed.into_iter().take(10).collect();
     merged.written = lines.len();
     let mut text = Vec::new();
     for kept in lines.values() {

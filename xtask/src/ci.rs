@@ -9,7 +9,7 @@ use xshell::cmd;
 
 use crate::prereq::{self, Need};
 use crate::steps::{Steps, cargo, fresh_dir, shell, target_dir};
-use crate::{contract, dist, python, real_server};
+use crate::{contract, dist, python, real_server, scale_out};
 
 /// What CI's steps need from the machine, checked (and installed, as root) before the first step.
 const NEEDS: &[Need] = &[
@@ -26,7 +26,7 @@ const NEEDS: &[Need] = &[
 ];
 
 pub fn run() -> ExitCode {
-    if let Err(e) = prereq::ensure(NEEDS) {
+    if let Err(e) = prereq::ensure(NEEDS).and_then(|()| scale_out::check()) {
         eprintln!("xtask: {e}");
         return ExitCode::FAILURE;
     }
@@ -82,8 +82,10 @@ pub fn run() -> ExitCode {
         ok
     });
     let ok = ok
-        && python::installed(&mut steps, &sh)
-            .is_some_and(|(python, tools)| python::test(&mut steps, &sh, &python, &tools, "debug"));
+        && python::installed(&mut steps, &sh).is_some_and(|(python, tools)| {
+            python::test(&mut steps, &sh, &python, &tools, "debug")
+                && scale_out::all(&mut steps, &sh, &python, None)
+        });
     if ok
         && steps.run("dist", || {
             dist::write(&target_dir().join("debug").join("cinecut-infer"))

@@ -16,6 +16,7 @@ mod gpu_smoke;
 mod prereq;
 mod python;
 mod real_server;
+mod scale_out;
 mod shaped_model;
 mod steps;
 mod tiny_model;
@@ -90,6 +91,15 @@ enum Task {
     },
     /// The CLI's man pages and shell completions, from its own help, into target/dist.
     Dist,
+    /// docs/scale-out.md's recipes on the engines themselves (as root): the Slurm array and merge on
+    /// a one-node Slurm cluster with two GPUs (and a task cancelled and resubmitted), the Ray Data
+    /// recipe on a local Ray, the Kubernetes manifests against the API schema; the fake server and
+    /// the nvidia-smi shim stand in for the GPUs.
+    ScaleOut {
+        /// Leave the files in DIR (DIR/slurm/: shards and merged; DIR/ray/scenes.jsonl).
+        #[arg(long, value_name = "DIR")]
+        keep: Option<PathBuf>,
+    },
     /// Write keyframe-like JPEGs (frame_00000.jpg, ...) for benchmarks on machines without frames.
     Frames {
         /// How many.
@@ -130,5 +140,6 @@ fn main() -> ExitCode {
         Task::Dist => dist::run(),
         Task::ShapedModel { name, out } => shaped_model::run(&name, &out),
         Task::Frames { count, size, out } => frames::run(count, size, &out),
+        Task::ScaleOut { keep } => scale_out::run(keep),
     }
 }

@@ -38,7 +38,7 @@ pub enum Install {
 }
 
 impl Need {
-    const fn program(
+    pub(crate) const fn program(
         what: &'static str,
         why: &'static str,
         names: &'static [&'static str],
