@@ -36,6 +36,10 @@ pub enum Command {
     /// Merge the outputs of a sharded job (--shard) into one JSONL in the original input order;
     /// missing and doubled items are reported (exit 1 when any is missing).
     Merge(MergeArgs),
+    /// Write a contact sheet of a run: one self-contained HTML file with every frame's thumbnail
+    /// beside its description or error (run: each answer's JSON), the counts, throughput and
+    /// latency charts, a filter for failed items and a search. Opens with no network.
+    Report(ReportArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions {
         /// The shell.
@@ -242,8 +246,8 @@ pub struct OutputArgs {
     /// not_attempted, retries, wall_s, items_per_s, latency_ms, tokens, gpus, and its moments.
     #[arg(long, value_name = "FILE")]
     pub summary: Option<PathBuf>,
-    /// Add each answer's cost to its line: "timings" {latency_ms, attempts, prompt_tokens,
-    /// generated_tokens, server (the server's own timings)}.
+    /// Add each answer's cost to its line: "timings" {latency_ms, finished_s (from the run's
+    /// start), attempts, prompt_tokens, generated_tokens, server (the server's own timings)}.
     #[arg(long)]
     pub timings: bool,
 }
@@ -284,6 +288,20 @@ pub struct CheckArgs {
     /// Minimum free VRAM in MiB.
     #[arg(long, default_value_t = VRAM_MINIMUM_MIB)]
     pub min_vram: u64,
+}
+
+/// `report RESULTS.jsonl`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The lines of describe or run (a sharded job's merged file, not a shard).
+    #[arg(value_name = "RESULTS.jsonl")]
+    pub results: PathBuf,
+    /// The run's --summary file, for its numbers at the top.
+    #[arg(long, value_name = "SUMMARY.json")]
+    pub summary: Option<PathBuf>,
+    /// The HTML file to write.
+    #[arg(long, default_value = "report.html", value_name = "FILE")]
+    pub output: PathBuf,
 }
 
 /// `merge OUT SHARD...`.

@@ -2,29 +2,53 @@
 //! skipped (editors on other systems write one), blank lines are skipped, and a line that is not
 //! UTF-8 is an error that names its line.
 
+use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 /// The non-blank lines of the JSONL file `path`, each with its line number (from 1).
 pub fn lines(path: &Path) -> Result<Vec<(usize, String)>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let mut lines = Vec::new();
-    for (n, line) in bytes.split(|b| *b == b'\n').enumerate() {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let text = std::str::from_utf8(line).map_err(|e| {
+    each_line(path, |n, text| {
+        lines.push((n, text.to_string()));
+        Ok(())
+    })?;
+    Ok(lines)
+}
+
+/// Calls `each(number, text)` for every non-blank line of `path` in turn, reading the file as it
+/// goes (never all of it at once); stops at the first error, `each`'s or the file's.
+pub fn each_line(
+    path: &Path,
+    mut each: impl FnMut(usize, &str) -> Result<(), String>,
+) -> Result<(), String> {
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let mut reader = BufReader::new(File::open(path).map_err(cannot)?);
+    let mut line = Vec::new();
+    let mut n = 0;
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).map_err(cannot)? == 0 {
+            return Ok(());
+        }
+        n += 1;
+        let mut bytes = line.strip_suffix(b"\n").unwrap_or(&line);
+        bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+        if n == 1 {
+            bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+        }
+        let text = std::str::from_utf8(bytes).map_err(|e| {
             format!(
-                "{} line {}: not UTF-8 text (byte {} is not part of a character) — is this a \
+                "{} line {n}: not UTF-8 text (byte {} is not part of a character) — is this a \
                  JSONL file?",
                 path.display(),
-                n + 1,
                 e.valid_up_to() + 1
             )
         })?;
         if !text.trim().is_empty() {
-            lines.push((n + 1, text.to_string()));
+            each(n, text)?;
         }
     }
-    Ok(lines)
 }
 
 #[cfg(test)]

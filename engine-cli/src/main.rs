@@ -15,6 +15,7 @@ mod line;
 mod merge;
 mod outfile;
 mod records;
+mod report;
 mod run;
 mod settings;
 mod signals;
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Check(args) => check::check(args),
         Command::Merge(args) => merge::command(args),
+        Command::Report(args) => report::command(args),
         Command::Completions { shell } => {
             let mut out = std::io::stdout();
             clap_complete::generate(shell, &mut Cli::command(), "cinecut-infer", &mut out);

@@ -51,12 +51,24 @@ pub fn is_our_stdout(path: &Path) -> bool {
 /// exclusive temporary file beside it, renamed over it under its lock (the lock `--output` takes,
 /// so a run writing it is never clobbered). `merge`'s OUT and `--summary` are written so.
 pub fn write_whole(out: &Path, text: &[u8]) -> Result<(), String> {
+    write_streamed(out, |file| file.write_all(text))
+}
+
+/// [`write_whole`] for output made as it is written (a report of thousands of frames): `write`
+/// streams it into the temporary file (or the special file), never all of it in memory.
+pub fn write_streamed(
+    out: &Path,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<(), String> {
     let shown = out.display();
     let cannot = |e: std::io::Error| format!("cannot write {shown}: {e}");
     match std::fs::metadata(out) {
         Ok(meta) if !meta.is_file() && !meta.is_dir() => {
             let mut special = OpenOptions::new().write(true).open(out).map_err(cannot)?;
-            return special.write_all(text).map_err(cannot);
+            let mut buffered = std::io::BufWriter::new(&mut special);
+            return write(&mut buffered)
+                .and_then(|()| buffered.flush())
+                .map_err(cannot);
         }
         Ok(meta) if meta.is_dir() => return Err(format!("{shown} is a folder: name a file")),
         Err(_) if std::fs::symlink_metadata(out).is_ok() => {
@@ -84,7 +96,10 @@ pub fn write_whole(out: &Path, text: &[u8]) -> Result<(), String> {
     let mode = std::fs::metadata(&real).map_or(0o644, |m| m.permissions().mode() & 0o777);
     let (temporary, mut file) = create_temporary(folder, &name).map_err(cannot)?;
     let written = (|| {
-        file.write_all(text)?;
+        let mut buffered = std::io::BufWriter::new(&mut file);
+        write(&mut buffered)?;
+        buffered.flush()?;
+        drop(buffered);
         file.set_permissions(std::fs::Permissions::from_mode(mode))?;
         file.sync_all()?;
         std::fs::rename(&temporary, &real)

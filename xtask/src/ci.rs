@@ -23,6 +23,7 @@ const NEEDS: &[Need] = &[
     prereq::PYTHON,
     prereq::VENV,
     prereq::PIP,
+    prereq::CHROMIUM,
 ];
 
 pub fn run() -> ExitCode {
@@ -65,6 +66,13 @@ pub fn run() -> ExitCode {
             cmd!(
                 sh,
                 "{cargo} test -p tests --test soak -- --ignored --nocapture"
+            ),
+        ),
+        (
+            "report-browser",
+            cmd!(
+                sh,
+                "{cargo} test -p tests --test report_browser -- --ignored"
             ),
         ),
         (

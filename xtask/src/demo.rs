@@ -30,22 +30,21 @@ fn demo_frames(dir: &Path) -> std::io::Result<PathBuf> {
             ("clip.projector_type", "mlp"),
         ],
     )?;
-    let shots: [(&str, u32, u32, [u8; 3]); 5] = [
-        ("shot_0003.20s.jpg", 1280, 720, [200, 40, 30]),
-        ("shot_0017.85s.jpg", 1280, 720, [30, 60, 190]),
-        ("shot_0042.00s.jpg", 960, 540, [15, 15, 20]),
-        ("shot_0063.50s.jpg", 1920, 1080, [40, 170, 60]),
-        ("shot_0090.10s.jpg", 640, 360, [230, 230, 235]),
+    // Keyframe-like frames, named as CineCut names them (their timestamps in the name).
+    let names = [
+        "shot_0003.20s.jpg",
+        "shot_0017.85s.jpg",
+        "shot_0042.00s.jpg",
+        "shot_0063.50s.jpg",
+        "shot_0090.10s.jpg",
+        "shot_0112.40s.jpg",
+        "shot_0131.75s.jpg",
+        "shot_0158.00s.jpg",
     ];
-    for (name, width, height, rgb) in shots {
-        let image = image::RgbImage::from_fn(width, height, |x, y| {
-            // A gentle gradient so each frame is a real, non-trivial JPEG.
-            let shade = ((x + y) % 64) as u8;
-            image::Rgb(rgb.map(|c| c.saturating_add(shade / 4)))
-        });
-        image
-            .save_with_format(frames.join(name), image::ImageFormat::Jpeg)
-            .map_err(std::io::Error::other)?;
+    let made = dir.join("made");
+    crate::frames::write(names.len(), 746, 420, &made).map_err(std::io::Error::other)?;
+    for (n, name) in names.iter().enumerate() {
+        std::fs::rename(made.join(format!("frame_{n:05}.jpg")), frames.join(name))?;
     }
     Ok(frames)
 }
@@ -66,21 +65,44 @@ pub fn run(args: &[String]) -> ExitCode {
     }
     let bin = target_dir().join("debug");
     let dir = target_dir().join("demo");
-    steps.run("describe", || {
+    let _ = std::fs::remove_dir_all(&dir);
+    let cli = bin.join("cinecut-infer");
+    let (scenes, summary, report) = (
+        dir.join("scenes.jsonl"),
+        dir.join("summary.json"),
+        dir.join("report.html"),
+    );
+    let described = steps.run("describe", || {
         let frames = demo_frames(&dir)
             .map_err(|e| format!("cannot write the demo frames under {}: {e}", dir.display()))?;
-        let cli = bin.join("cinecut-infer");
         let (model, mmproj) = (dir.join("demo-llava.gguf"), dir.join("demo-mmproj.gguf"));
         // The built-in fakes stand in for llama-server and nvidia-smi; a real GPU machine needs
         // neither variable.
         done(
-            cmd!(sh, "{cli} describe --model {model} --mmproj {mmproj} --port 0 --slots 2 {args...} {frames}")
+            cmd!(sh, "{cli} describe --model {model} --mmproj {mmproj} --port 0 --slots 2 --timings --summary {summary} --output {scenes} {args...} {frames}")
                 .env("LLAMA_SERVER", bin.join("fake-llama-server"))
                 .env("NVIDIA_SMI", bin.join("nvsmi-shim"))
                 .env("FAKE_LLAMA_LOAD_MS", "300")
                 .env("FAKE_LLAMA_LATENCY_MS", "150")
                 .run(),
-        )
+        )?;
+        let lines = std::fs::read_to_string(&scenes).map_err(|e| e.to_string())?;
+        println!("{}", lines.trim_end());
+        Ok(())
     });
+    if described {
+        steps.cmd(
+            "report",
+            cmd!(
+                sh,
+                "{cli} report {scenes} --summary {summary} --output {report}"
+            ),
+        );
+        eprintln!(
+            "xtask: the lines are in {}; open {} in a browser",
+            scenes.display(),
+            report.display()
+        );
+    }
     steps.report()
 }

@@ -65,6 +65,12 @@ pub const CXX: Need = Need::program(
     &["c++", "g++", "clang++"],
     &["g++"],
 );
+pub const CHROMIUM: Need = Need::program(
+    "Chromium",
+    "the report's test opens it in a real browser",
+    &["chromium", "chromium-browser", "google-chrome"],
+    &["chromium"],
+);
 pub const TAR: Need = Need::program("tar", "to unpack llama.cpp's source", &["tar"], &["tar"]);
 pub const SH: Need = Need::program("sh", "the tests run /bin/sh wrappers", &["sh"], &["dash"]);
 pub const SETPRIV: Need = Need::program(

@@ -44,11 +44,12 @@ struct Line<'a, T> {
     timings: Option<Cost<'a>>,
 }
 
-/// What an answer cost (`--timings`): the time from its first attempt, the attempts, the tokens,
-/// and the server's own timings of the accepted attempt.
+/// What an answer cost (`--timings`): the time from its first attempt, when it ended (seconds from
+/// the run's start), the attempts, the tokens, and the server's own timings of the accepted attempt.
 #[derive(Serialize)]
 struct Cost<'a> {
     latency_ms: f64,
+    finished_s: f64,
     attempts: u32,
     prompt_tokens: u64,
     generated_tokens: u64,
@@ -56,13 +57,19 @@ struct Cost<'a> {
 }
 
 impl<'a, T: Serialize> Line<'a, T> {
-    fn new(show: Show, item: &'a Item, answer: Result<&'a Answer<T>, String>) -> Self {
+    fn new(
+        show: Show,
+        item: &'a Item,
+        answer: Result<&'a Answer<T>, String>,
+        finished_s: f64,
+    ) -> Self {
         let (ok, error) = match answer {
             Ok(answer) => (Some(answer), None),
             Err(e) => (None, Some(e)),
         };
         let timings = ok.filter(|_| show.timings).map(|a| Cost {
             latency_ms: a.latency.as_secs_f64() * 1000.0,
+            finished_s,
             attempts: a.attempts,
             prompt_tokens: a.usage.prompt_tokens,
             generated_tokens: a.usage.generated_tokens,
@@ -201,7 +208,8 @@ where
                 Err(_) => Ended::Failed,
             };
             let answer = outcome.as_ref().map_err(say);
-            let line = Line::new(show, item, answer).json();
+            let finished_s = started.elapsed().map_or(0.0, |d| d.as_secs_f64());
+            let line = Line::new(show, item, answer, finished_s).json();
             writer.put(todo[k], &item.head, line, ended)
         },
     );
@@ -343,7 +351,7 @@ impl<'a> Writer<'a> {
             match &item.prompt {
                 Ok(_) => todo.push(index),
                 Err(reason) => {
-                    let line = Line::<()>::new(self.show, item, Err(reason.clone())).json();
+                    let line = Line::<()>::new(self.show, item, Err(reason.clone()), 0.0).json();
                     let _ = self.put(index, &item.head, line, Ended::Failed);
                 }
             }
