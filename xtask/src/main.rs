@@ -16,6 +16,7 @@ mod gpu_smoke;
 mod prereq;
 mod python;
 mod real_server;
+mod rng;
 mod scale_out;
 mod shaped_model;
 mod steps;

@@ -563,14 +563,13 @@ fn slurm(setup: &Setup) -> Result<(), String> {
     let expected = lines(&whole)?;
 
     // As the docs say: the array, then the merge after it.
+    let submit_merge = |job: &str| -> Result<Vec<String>, String> {
+        let after = format!("--dependency=afterany:{job}");
+        let merged_job = cluster.sbatch(&slurm, &merge, &[&after], &env_setup)?;
+        cluster.wait_done(&merged_job, Duration::from_secs(300))
+    };
     let job = cluster.sbatch(&slurm, &array, &[], &env_setup)?;
-    let merged_job = cluster.sbatch(
-        &slurm,
-        &merge,
-        &[&format!("--dependency=afterany:{job}")],
-        &env_setup,
-    )?;
-    let states = cluster.wait_done(&merged_job, Duration::from_secs(300))?;
+    let states = submit_merge(&job)?;
     if states != ["COMPLETED"] {
         return Err(format!(
             "the merge job ended {states:?}: see {}/logs",
@@ -608,13 +607,7 @@ fn slurm(setup: &Setup) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(20));
     }
     cluster.output("scancel", &[&format!("{job}_3")])?;
-    let merged_job = cluster.sbatch(
-        &slurm,
-        &merge,
-        &[&format!("--dependency=afterany:{job}")],
-        &env_setup,
-    )?;
-    let states = cluster.wait_done(&merged_job, Duration::from_secs(300))?;
+    let states = submit_merge(&job)?;
     if states != ["FAILED"] {
         return Err(format!(
             "the merge after a cancelled task ended {states:?}, not FAILED"
@@ -629,13 +622,7 @@ fn slurm(setup: &Setup) -> Result<(), String> {
     let had = answered(&shard)?;
     let before = setup.requests();
     let job = cluster.sbatch(&slurm, &array, &[], &env_setup)?;
-    let merged_job = cluster.sbatch(
-        &slurm,
-        &merge,
-        &[&format!("--dependency=afterany:{job}")],
-        &env_setup,
-    )?;
-    let states = cluster.wait_done(&merged_job, Duration::from_secs(300))?;
+    let states = submit_merge(&job)?;
     if states != ["COMPLETED"] {
         return Err(format!("the merge after the resubmission ended {states:?}"));
     }

@@ -20,6 +20,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::rng::Rng;
 use engine_core::gguf::{Fill, Gguf, TensorType, Value};
 
 /// A model's shape.
@@ -85,32 +86,6 @@ const SHAPES: &[Shape] = &[
 /// The names `cargo xtask shaped-model` takes.
 pub fn names() -> Vec<&'static str> {
     SHAPES.iter().map(|s| s.name).collect()
-}
-
-/// splitmix64.
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn bytes(&mut self, out: &mut [u8]) {
-        for chunk in out.chunks_mut(8) {
-            let word = self.next().to_le_bytes();
-            chunk.copy_from_slice(&word[..chunk.len()]);
-        }
-    }
-
-    /// Uniform in [-scale, scale).
-    fn f32(&mut self, scale: f32) -> f32 {
-        ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-    }
 }
 
 /// The f16 bits of `x` (normal values; those too small for one are 0).

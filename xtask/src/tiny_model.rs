@@ -19,6 +19,7 @@ use std::process::ExitCode;
 
 use crate::steps::target_dir;
 
+use crate::rng::Rng;
 use engine_core::gguf::{Gguf, Value};
 
 const N_EMBD: u64 = 64;
@@ -45,28 +46,6 @@ const SPECIALS: [&str; 7] = [
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + \
 message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ \
 '<|im_start|>assistant\n' }}{% endif %}";
-
-/// splitmix64: small, deterministic, good enough for weights.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-scale, scale).
-    fn f32(&mut self, scale: f32) -> f32 {
-        ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-    }
-
-    fn vec(&mut self, n: u64, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f32(scale)).collect()
-    }
-}
 
 /// GPT-2's byte-to-unicode table: the printable symbol that stands for each byte.
 fn byte_symbols() -> Vec<String> {

@@ -4,6 +4,18 @@
 pub(crate) mod read;
 mod write;
 
+/// GGUF's metadata value type ids, as the reader and the writer use them.
+mod value_type {
+    pub(super) const U32: u32 = 4;
+    pub(super) const I32: u32 = 5;
+    pub(super) const F32: u32 = 6;
+    pub(super) const BOOL: u32 = 7;
+    pub(super) const STRING: u32 = 8;
+    pub(super) const ARRAY: u32 = 9;
+    pub(super) const U64: u32 = 10;
+    pub(super) const I64: u32 = 11;
+}
+
 pub use read::read_architecture;
 pub use write::{Fill, Gguf, TensorType, Value};
 

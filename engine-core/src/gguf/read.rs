@@ -40,13 +40,9 @@ const MAX_STRING: u64 = 16 * 1024 * 1024;
 /// Most keys read before giving up (real files have tens to a few hundred).
 const MAX_KEYS: u64 = 1 << 20;
 
-/// Value type ids.
-const T_U32: u32 = 4;
-const T_I32: u32 = 5;
-const T_STRING: u32 = 8;
-const T_U64: u32 = 10;
-const T_I64: u32 = 11;
-const T_ARRAY: u32 = 9;
+use super::value_type::{
+    ARRAY as T_ARRAY, I32 as T_I32, I64 as T_I64, STRING as T_STRING, U32 as T_U32, U64 as T_U64,
+};
 
 /// Reads `path`'s header. The error says what is wrong, in words for a user.
 pub(crate) fn read_header(path: &Path) -> Result<Header, String> {

@@ -9,13 +9,10 @@ use std::io::{self, Write};
 /// Tensor data starts on a multiple of this.
 const ALIGNMENT: u64 = 32;
 
-// GGUF value type ids.
-const T_UINT32: u32 = 4;
-const T_INT32: u32 = 5;
-const T_FLOAT32: u32 = 6;
-const T_BOOL: u32 = 7;
-const T_STRING: u32 = 8;
-const T_ARRAY: u32 = 9;
+use super::value_type::{
+    ARRAY as T_ARRAY, BOOL as T_BOOL, F32 as T_FLOAT32, I32 as T_INT32, STRING as T_STRING,
+    U32 as T_UINT32,
+};
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]

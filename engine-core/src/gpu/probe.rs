@@ -337,15 +337,8 @@ fn parse_row(position: u32, line: &str) -> GpuRow {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::select::tests::row;
     use proptest::prelude::*;
-
-    fn row(index: u32, uuid: &str, free: u64) -> GpuRow {
-        GpuRow {
-            index,
-            uuid: uuid.into(),
-            free_mib: Ok(free),
-        }
-    }
 
     #[test]
     fn each_failure_value_has_its_reason() {

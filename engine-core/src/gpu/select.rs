@@ -126,10 +126,11 @@ pub fn distinct(rows: &[GpuRow], gpus: &[GpuId], visible: &Visible) -> Distinct 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn row(index: u32, uuid: &str, free: u64) -> GpuRow {
+    /// A reading of GPU `index` with `free` MiB free (the probe's tests use it too).
+    pub(crate) fn row(index: u32, uuid: &str, free: u64) -> GpuRow {
         GpuRow {
             index,
             uuid: uuid.into(),
