@@ -175,7 +175,7 @@ fn readiness(r: &mut Report, runs: usize) {
         "From the fake server's `ready` event to `start()` returning `Engine<Healthy>` (which includes \
          one `/health` and the authenticated `/props` check), {runs} starts each, load time {load} \
          ms, all measured in this run. The engine wakes on the line the server logs right after it \
-         turns ready (`main: model loaded`; the fake writes each version's lines as the real ones \
+         turns ready (`…: model loaded`; the fake writes each version's lines as the real ones \
          do); without it, the 5 ms poll finds readiness."
     ));
     r.line("");
