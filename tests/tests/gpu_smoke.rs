@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use engine_core::gpu::{GpuRow, NvidiaSmi, ProbeChoice, VramProbe, VramRecovery};
 use engine_core::pool::WhenLocked;
-use engine_core::{Engine, EngineConfig, EnginePool, KeyframeRecord, check_vram_free_mib};
+use engine_core::{Engine, EngineConfig, EnginePool, KeyframeRecord, Wait, check_vram_free_mib};
 use tests::Harness;
 
 fn env_path(name: &str) -> PathBuf {
@@ -55,9 +55,9 @@ fn gpu_smoke() {
     // NVML: its first query loads the library; then it must see what nvidia-smi sees.
     let t = Instant::now();
     let nvml = VramProbe::from_env(ProbeChoice::Nvml).expect("NVML loads on a GPU machine");
-    let nvml_rows = nvml.query().unwrap();
+    let nvml_rows = nvml.query(Wait::Forever).unwrap();
     let nvml_first_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let smi_rows = probe.query().unwrap();
+    let smi_rows = probe.query(Wait::Forever).unwrap();
     assert_same_gpus(&nvml_rows, &smi_rows);
     let mut nvml_us = Vec::new();
     for _ in 0..1000 {
@@ -219,7 +219,7 @@ fn compute_apps() -> Vec<(u32, String, u64)> {
 #[test]
 fn gpu_pool() {
     let smi: VramProbe = NvidiaSmi::from_env().into();
-    let rows = smi.query().unwrap();
+    let rows = smi.query(Wait::Forever).unwrap();
     if rows.len() < 2 {
         eprintln!("gpu_pool: {} GPU(s): needs 2 or more, skipped", rows.len());
         return;
@@ -251,12 +251,8 @@ fn gpu_pool() {
             .iter()
             .map(|&g| base.clone().gpu(g).build().unwrap())
             .collect();
-        let pool = EnginePool::launch(
-            configs,
-            WhenLocked::Wait,
-            &std::sync::atomic::AtomicBool::new(false),
-        )
-        .expect("the pool starts");
+        let pool =
+            EnginePool::launch(configs, WhenLocked::Wait, Wait::Forever).expect("the pool starts");
         assert!(pool.left_out().is_empty(), "{:?}", pool.left_out());
         // Warm each server once, so the timing is of describing, not of first-request setup.
         for engine in pool.engines() {
@@ -266,7 +262,7 @@ fn gpu_pool() {
         let done = pool.describe_many(&frames, |_, _| ControlFlow::Continue(()));
         let rate = n as f64 / t.elapsed().as_secs_f64();
         assert!(done.results.iter().all(Result::is_ok));
-        assert!(done.deaths.is_empty());
+        assert!(done.servers.iter().all(|s| s.died.is_none()));
         // Each server's memory is on its own GPU only: the GPUs outside the pool gained nothing,
         // and (where nvidia-smi can see processes from this container) each server's pid holds
         // memory on its own GPU and nowhere else.
@@ -304,9 +300,9 @@ fn gpu_pool() {
             }
         }
         let answered: Vec<String> = done
-            .answered
+            .servers
             .iter()
-            .map(|(g, k)| format!("GPU {g}: {k}"))
+            .map(|s| format!("GPU {}: {}", s.gpu, s.answered))
             .collect();
         rates.push((use_gpus.len(), rate, answered.join(", ")));
         for (gpu, stop) in pool.shutdown() {
@@ -319,7 +315,7 @@ fn gpu_pool() {
         }
     }
     let after: Vec<u64> = smi
-        .query()
+        .query(Wait::Forever)
         .unwrap()
         .iter()
         .map(|r| *r.free_mib.as_ref().unwrap())
