@@ -46,10 +46,13 @@ pub fn is_our_stdout(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == (stdout.st_dev, stdout.st_ino))
 }
 
-/// Writes `text` to `out` whole or not at all: a special file (a terminal, a pipe, `/dev/stdout`,
-/// `/dev/null`) in place; a regular one (or a new one, or an existing symlink's target) through an
-/// exclusive temporary file beside it, renamed over it under its lock (the lock `--output` takes,
-/// so a run writing it is never clobbered). `merge`'s OUT and `--summary` are written so.
+/// Writes `text` to `out` whole or not at all: our own stdout (`/dev/stdout`, `/proc/self/fd/1`, or
+/// the file the shell points it at) through stdout, where the shell put it (`>> log` appends);
+/// another path under `/dev` or `/proc` (a terminal, a pipe, `/dev/null`, `/dev/stderr`) and any
+/// special file in place, appending; a regular file (or a new one, or an existing symlink's target)
+/// through an exclusive temporary file beside it, renamed over it under its lock (the lock
+/// `--output` takes, so a run writing it is never clobbered). `merge`'s OUT, `--summary` and
+/// `report`'s output are written so.
 pub fn write_whole(out: &Path, text: &[u8]) -> Result<(), String> {
     write_streamed(out, |file| file.write_all(text))
 }
@@ -62,9 +65,16 @@ pub fn write_streamed(
 ) -> Result<(), String> {
     let shown = out.display();
     let cannot = |e: std::io::Error| format!("cannot write {shown}: {e}");
+    if is_our_stdout(out) {
+        let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+        return write(&mut stdout)
+            .and_then(|()| stdout.flush())
+            .map_err(cannot);
+    }
+    let in_place = out.starts_with("/dev") || out.starts_with("/proc");
     match std::fs::metadata(out) {
-        Ok(meta) if !meta.is_file() && !meta.is_dir() => {
-            let mut special = OpenOptions::new().write(true).open(out).map_err(cannot)?;
+        Ok(meta) if in_place || (!meta.is_file() && !meta.is_dir()) => {
+            let mut special = OpenOptions::new().append(true).open(out).map_err(cannot)?;
             let mut buffered = std::io::BufWriter::new(&mut special);
             return write(&mut buffered)
                 .and_then(|()| buffered.flush())
@@ -107,6 +117,42 @@ pub fn write_streamed(
     written.map_err(|e| {
         let _ = std::fs::remove_file(&temporary);
         cannot(e)
+    })
+}
+
+/// Whether [`write_whole`] can write `out`, asked before a run that ends by writing it: not a folder,
+/// not a link to nothing, in a folder that exists and that we may write in.
+pub fn check_writable(out: &Path) -> Result<(), String> {
+    let shown = out.display();
+    if is_our_stdout(out) || out.starts_with("/dev") || out.starts_with("/proc") {
+        return Ok(());
+    }
+    match std::fs::metadata(out) {
+        Ok(meta) if meta.is_dir() => return Err(format!("{shown} is a folder: name a file")),
+        Ok(_) => {}
+        Err(_) if std::fs::symlink_metadata(out).is_ok() => {
+            return Err(format!(
+                "{shown} is a symlink to a file that does not exist: name the file itself"
+            ));
+        }
+        Err(_) => {}
+    }
+    let real = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
+    let folder = real
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !folder.is_dir() {
+        return Err(format!(
+            "{shown}: the folder {} does not exist — create it first",
+            folder.display()
+        ));
+    }
+    rustix::fs::access(folder, rustix::fs::Access::WRITE_OK).map_err(|e| {
+        format!(
+            "{shown}: cannot write in the folder {} ({e})",
+            folder.display()
+        )
     })
 }
 

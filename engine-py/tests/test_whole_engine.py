@@ -202,3 +202,13 @@ def test_a_bad_port_and_a_lock_held_by_this_thread_raise_at_once(scene):
     with LlavaEngine(scene.model, scene.mmproj, port=0) as engine:
         assert engine.running
     holder.join()
+
+
+def test_options_the_engine_cannot_take_are_named(scene):
+    with pytest.raises(ValueError, match=r"slots= takes a whole number of slots .* not 'auto'"):
+        LlavaEngine(scene.model, scene.mmproj, slots="auto")
+    from cinecut_engine.ray import Describer
+
+    # One engine per Ray actor, on the GPU Ray gives it: a pool inside an actor is refused.
+    with pytest.raises(ValueError, match="leave out gpus="):
+        Describer(scene.model, scene.mmproj, gpus=[0, 1])

@@ -152,3 +152,52 @@ fn run_answers_show_as_their_json() {
     assert!(html.contains("id &quot;ch1&quot;") && html.contains("&quot;climax_t&quot;: 81.5"));
     assert!(html.contains("<article class=\"card failed\">") && html.contains("HTTP 500"));
 }
+
+#[test]
+fn the_report_never_writes_over_a_frame_or_the_summary_and_skips_special_files() {
+    let h = Harness::new();
+    let (results, summary) = run(&h);
+    let frame = h.dir.path().join("frames").join("shot_000.00s.jpg");
+    let out = report(&results, &frame, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is the frame of line"),
+        "{}",
+        stderr(&out)
+    );
+    let out = report(
+        &results,
+        &summary,
+        &["--summary", summary.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is the --summary file"),
+        "{}",
+        stderr(&out)
+    );
+    // A frame that is a FIFO would block a reader for ever: it is shown as not a file.
+    let fifo = h.dir.path().join("fifo.jpg");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    let lines = h.dir.path().join("fifo.jsonl");
+    std::fs::write(
+        &lines,
+        format!(
+            "{{\"frame_path\":{:?},\"timestamp_s\":-1.5,\"error\":\"x\"}}\n",
+            fifo.display().to_string()
+        ),
+    )
+    .unwrap();
+    let html = h.dir.path().join("fifo.html");
+    let out = report(&lines, &html, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("not a regular file") && page.contains("-00:00:01.500"));
+}

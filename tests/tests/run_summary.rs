@@ -203,3 +203,182 @@ fn slots_auto_on_a_model_without_its_numbers_asks_for_a_number() {
     );
     assert!(h.spawned_args().is_empty(), "no server starts");
 }
+
+#[test]
+fn a_summary_to_the_shells_stdout_appends_where_the_shell_points() {
+    let h = Harness::new();
+    let dir = h.frames(2);
+    let log = h.dir.path().join("log.txt");
+    std::fs::write(&log, "before\n").unwrap();
+    let appending = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    let out = h
+        .describe_command(&[])
+        .args(["--output"])
+        .arg(h.dir.path().join("scenes.jsonl"))
+        .args(["--summary", "/dev/stdout"])
+        .arg(&dir)
+        .stdout(appending)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.starts_with("before\n"), "the log was replaced: {text}");
+    let summary: Value = serde_json::from_str(&text["before\n".len()..]).unwrap();
+    assert_eq!(summary["answered"], 2);
+    h.assert_clean();
+}
+
+#[test]
+fn a_summary_that_cannot_be_written_is_refused_before_anything_starts() {
+    let h = Harness::new();
+    let dir = h.frames(1);
+    let folder = h.dir.path().join("a-folder");
+    std::fs::create_dir(&folder).unwrap();
+    let dangling = h.dir.path().join("dangling.json");
+    std::os::unix::fs::symlink(h.dir.path().join("nowhere.json"), &dangling).unwrap();
+    for (summary, needle) in [
+        (h.dir.path().join("no-such-folder/s.json"), "does not exist"),
+        (folder, "is a folder"),
+        (dangling, "a symlink to a file that does not exist"),
+    ] {
+        let out = h
+            .describe_command(&[])
+            .arg("--summary")
+            .arg(&summary)
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{}", stderr(&out));
+    }
+    assert!(h.spawned_args().is_empty(), "no server starts");
+}
+
+#[test]
+fn a_full_disk_leaves_whole_lines_and_the_summary_counts_only_them() {
+    use std::os::unix::process::CommandExt;
+    let h = Harness::new();
+    let dir = h.frames(20);
+    let output = h.dir.path().join("scenes.jsonl");
+    let summary = h.dir.path().join("summary.json");
+    let mut command = h.describe_command(&[]);
+    command
+        .arg("--output")
+        .arg(&output)
+        .arg("--summary")
+        .arg(&summary)
+        .arg(&dir);
+    // Files this process writes may not grow past 2,000 bytes (a disk that fills up): writes beyond
+    // fail with EFBIG, as with ENOSPC, instead of killing it.
+    // SAFETY: between fork and exec only setrlimit and signal, both async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 2000,
+                rlim_max: 2000,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0
+                || libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = command.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&output).unwrap();
+    assert!(text.ends_with('\n'), "a line was cut: {text:?}");
+    let lines = tests::json_lines(&text);
+    assert!(
+        !lines.is_empty() && lines.len() < 20,
+        "{} lines",
+        lines.len()
+    );
+    let s = read_json(&summary);
+    assert_eq!(s["answered"], lines.len(), "{s}");
+    assert_eq!(s["items"], 20);
+    assert_eq!(
+        s["not_written"].as_u64().unwrap() as usize,
+        20 - lines.len(),
+        "{s}"
+    );
+    h.assert_clean();
+}
+
+#[test]
+fn slots_auto_leaves_out_a_gpu_whose_memory_cannot_be_read() {
+    let (h, other) = (Harness::new(), Harness::new());
+    llava_7b_header(&h.model);
+    let dir = h.frames(3);
+    // 200 GPUs (the harness's count): the other GPU's memory reads [N/A].
+    let free: Vec<String> = (0..200)
+        .map(|g| {
+            if g == other.gpu {
+                "[N/A]".into()
+            } else {
+                "12000".into()
+            }
+        })
+        .collect();
+    let shim = h.shim(&[("NVSMI_GPUS", &free.join(","))]);
+    let visible = format!(
+        "{},{}",
+        tests::shim_uuid(h.gpu),
+        tests::shim_uuid(other.gpu)
+    );
+    let out = std::process::Command::new(tests::cinecut_infer())
+        .args(["describe", "--model"])
+        .arg(&h.model)
+        .arg("--mmproj")
+        .arg(&h.mmproj)
+        .args(["--slots", "auto", "--gpus", "all", "--port", "0"])
+        .arg(&dir)
+        .env("LLAMA_SERVER", tests::fake_server())
+        .env("NVIDIA_SMI", &shim)
+        .env("FAKE_LLAMA_EVENTS", &h.events)
+        .env("CUDA_VISIBLE_DEVICES", &visible)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("GPU {}: 10 slots", h.gpu)), "{err}");
+    assert!(err.contains("left out"), "{err}");
+    assert_eq!(
+        tests::json_lines(&String::from_utf8_lossy(&out.stdout)).len(),
+        3
+    );
+    h.assert_clean();
+    tests::assert_lock_free(other.gpu);
+}
+
+#[test]
+fn a_resume_with_nothing_left_still_writes_its_summary() {
+    let h = Harness::new();
+    let dir = h.frames(3);
+    let output = h.dir.path().join("scenes.jsonl");
+    let summary = h.dir.path().join("summary.json");
+    let run = |resume: bool| {
+        let mut command = h.describe_command(&[]);
+        command
+            .arg("--output")
+            .arg(&output)
+            .arg("--summary")
+            .arg(&summary);
+        if resume {
+            command.arg("--resume");
+        }
+        command.arg(&dir).output().unwrap()
+    };
+    assert!(run(false).status.success());
+    std::fs::write(&summary, "stale").unwrap();
+    let out = run(true);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = read_json(&summary);
+    assert_eq!(
+        (&s["items"], &s["skipped"], &s["answered"]),
+        (&0.into(), &3.into(), &0.into()),
+        "{s}"
+    );
+    h.assert_clean();
+}

@@ -251,10 +251,9 @@ where
         ready: served.first_ready,
         finished: SystemTime::now(),
     });
-    // The items refused before sending are the run's too: their lines say they failed.
-    let unsendable = items.len() - todo.len();
-    run.items += unsendable;
-    run.failed += unsendable;
+    // The items refused before sending are the run's too; and the counts are the lines' (an
+    // answer whose line could not be written is not counted as answered).
+    run.items = items.len();
     for (gpu, stopped) in served.pool.shutdown() {
         match stopped {
             Err(RequestError::ServerDied { .. }) => {}
@@ -270,10 +269,14 @@ where
             Ok(_) => {}
         }
     }
-    Ok(Served {
-        summary: writer.summary(items.len()),
-        run,
-    })
+    let summary = writer.summary(items.len());
+    let written = summary.written;
+    (run.answered, run.failed, run.not_attempted) =
+        (written.answered, written.failed, written.not_attempted);
+    if run.wall_s > 0.0 {
+        run.items_per_s = run.answered as f64 / run.wall_s;
+    }
+    Ok(Served { summary, run })
 }
 
 /// Writes only the error lines of a plan none of whose items can be sent (no engine is started).

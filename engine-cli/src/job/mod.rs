@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::time::SystemTime;
 
+use engine_core::batch::{RunTimes, Summary as RunSummary};
 use engine_core::gpu::{Visible, distinct};
 use engine_core::pool::WhenLocked;
 use engine_core::{EngineConfig, GpuId, Wait};
@@ -90,10 +91,26 @@ where
             plan.skipped + plan.items.len()
         );
     }
+    let skipped = plan.skipped;
+    let unsent = |not_attempted: usize| {
+        let now = SystemTime::now();
+        let mut run = RunSummary::unsent(
+            not_attempted,
+            RunTimes {
+                started,
+                ready: now,
+                finished: now,
+            },
+        );
+        (run.failed, run.not_attempted) = (0, not_attempted);
+        run
+    };
     if plan.items.is_empty() {
         eprintln!("cinecut-infer: nothing left to do");
-        return ExitCode::SUCCESS;
+        return write_summary(job.out.summary.as_deref(), &unsent(0), skipped, 0)
+            .unwrap_or(ExitCode::SUCCESS);
     }
+    let total = plan.items.len();
     let show = Show {
         kind: job.kind,
         progress: job.out.progress,
@@ -105,21 +122,30 @@ where
     } else {
         match engines::serve::<T>(configs, when_locked, plan, stop, show, started) {
             Ok(served) => served,
-            Err(StartFailed::Interrupted) => {
-                eprintln!("cinecut-infer: interrupted before any of the {noun} was {done}");
-                return ExitCode::from(EXIT_INTERRUPTED);
+            Err(failed) => {
+                // No line was written: the summary says so (every item not attempted).
+                let code = match failed {
+                    StartFailed::Interrupted => {
+                        eprintln!("cinecut-infer: interrupted before any of the {noun} was {done}");
+                        ExitCode::from(EXIT_INTERRUPTED)
+                    }
+                    StartFailed::Failed(e) => crate::fail(e),
+                };
+                let summary_path = job.out.summary.as_deref();
+                return write_summary(summary_path, &unsent(total), skipped, 0).unwrap_or(code);
             }
-            Err(StartFailed::Failed(e)) => return crate::fail(e),
         }
     };
     let summary = served.summary;
     eprintln!("cinecut-infer: {}", summary.line());
-    if let Some(path) = &job.out.summary {
-        let json = serde_json::to_string_pretty(&served.run).expect("a summary serialises");
-        if let Err(e) = crate::outfile::write_whole(path, format!("{json}\n").as_bytes()) {
-            eprintln!("cinecut-infer: error: --summary: {e}");
-            return ExitCode::from(summary::EXIT_FRAMES_FAILED);
-        }
+    let not_written = summary.unwritten();
+    if let Some(failed) = write_summary(
+        job.out.summary.as_deref(),
+        &served.run,
+        skipped,
+        not_written,
+    ) {
+        return failed;
     }
     if let Some(e) = &summary.write_error {
         eprintln!("cinecut-infer: error: writing the output failed: {e}");
@@ -128,6 +154,37 @@ where
         eprintln!("cinecut-infer: interrupted; run again with --resume to finish");
     }
     summary.exit_code()
+}
+
+/// `--summary`'s file: the run's summary, and what the lines do not show of it: the items an earlier
+/// run answered (`--resume`) and the items answered but whose lines could not be written.
+#[derive(Serialize)]
+struct SummaryFile<'a> {
+    #[serde(flatten)]
+    run: &'a RunSummary,
+    skipped: usize,
+    not_written: usize,
+}
+
+/// Writes `--summary`'s file, if asked for; the exit code to end with when it cannot be written.
+fn write_summary(
+    path: Option<&Path>,
+    run: &RunSummary,
+    skipped: usize,
+    not_written: usize,
+) -> Option<ExitCode> {
+    let path = path?;
+    let file = SummaryFile {
+        run,
+        skipped,
+        not_written,
+    };
+    let json = serde_json::to_string_pretty(&file).expect("a summary serialises");
+    let written = crate::outfile::write_whole(path, format!("{json}\n").as_bytes());
+    written.err().map(|e| {
+        eprintln!("cinecut-infer: error: --summary: {e}");
+        ExitCode::from(summary::EXIT_FRAMES_FAILED)
+    })
 }
 
 /// One configuration per GPU of `--gpus` (each on a free port), or just `config`; and whether a

@@ -96,6 +96,7 @@ pub struct Request<'a> {
 
 pub fn plan(request: Request) -> Result<Plan, String> {
     if let Some(summary) = request.summary {
+        crate::outfile::check_writable(summary).map_err(|e| format!("--summary {e}"))?;
         let files = request.items.iter().flat_map(|item| &item.files);
         let mut taken = request.inputs.iter().chain(request.protected).chain(files);
         if let Some(input) = taken.find(|input| same_file(input, summary)) {
@@ -175,16 +176,34 @@ struct Output {
 
 impl Write for Output {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.empty_once()?;
+        self.file.write(bytes)
+    }
+
+    /// A line is written whole or not at all: a write that fails part way (a full disk) is cut
+    /// back to where the line began, so the file keeps only whole lines.
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.empty_once()?;
+        let start = self.file.stream_position()?;
+        self.file.write_all(bytes).inspect_err(|_| {
+            let _ = self.file.set_len(start);
+            let _ = self.file.seek(io::SeekFrom::Start(start));
+        })
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Output {
+    fn empty_once(&mut self) -> io::Result<()> {
         if self.empty_first {
             self.file.set_len(0)?;
             self.file.seek(io::SeekFrom::Start(0))?;
             self.empty_first = false;
         }
-        self.file.write(bytes)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+        Ok(())
     }
 }
 

@@ -9,7 +9,9 @@ use engine_core::{EngineConfig, Wait};
 
 use crate::settings::say;
 
-/// `configs`, each with the slots its GPU's free VRAM holds; one reading serves them all.
+/// `configs`, each with the slots its GPU's free VRAM holds; one reading serves them all. A GPU whose
+/// memory cannot be read keeps its configuration: its start says why (and `--gpus all` leaves it
+/// out, as without `auto`).
 pub fn resolve(configs: Vec<EngineConfig>, stop: &AtomicBool) -> Result<Vec<EngineConfig>, String> {
     let Some(first) = configs.first() else {
         return Ok(configs);
@@ -22,7 +24,9 @@ pub fn resolve(configs: Vec<EngineConfig>, stop: &AtomicBool) -> Result<Vec<Engi
     configs
         .into_iter()
         .map(|config| {
-            let reading = select(&rows, config.gpu(), &visible, 0).map_err(say)?;
+            let Ok(reading) = select(&rows, config.gpu(), &visible, 0) else {
+                return Ok(config);
+            };
             let choice = config.auto_slots(reading.free_mib).map_err(say)?;
             eprintln!(
                 "cinecut-infer: --slots auto: GPU {}: {} slots — {}",

@@ -52,7 +52,7 @@ pub struct Summary {
 
 impl Summary {
     /// Items whose line was not written (a failed write).
-    fn unwritten(&self) -> usize {
+    pub fn unwritten(&self) -> usize {
         let w = self.written;
         self.total - w.answered - w.failed - w.not_attempted
     }

@@ -58,8 +58,10 @@ enum Outcome {
     NotAttempted,
 }
 
-/// The first pass: every line parsed and counted; a shard's file refused (merge first).
-pub fn scan(results: &Path) -> Result<Scan, String> {
+/// The first pass: every line parsed and counted; a shard's file refused (merge first), and an
+/// `output` that is one of the frames.
+pub fn scan(results: &Path, output: &Path) -> Result<Scan, String> {
+    let base = results.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut scan = Scan::default();
     crate::jsonl::each_line(results, |n, text| {
         let line: Value = serde_json::from_str(text)
@@ -77,6 +79,15 @@ pub fn scan(results: &Path) -> Result<Scan, String> {
                 "{} line {n}: neither a frame's line (frame_path) nor a record's (id) — give the \
                  output of describe or run",
                 results.display()
+            ));
+        }
+        if let Some(frame) = line.get("frame_path").and_then(Value::as_str)
+            && crate::outfile::same_file(&resolve(Path::new(frame), &base), output)
+        {
+            return Err(format!(
+                "--output {} is the frame of line {n}: writing it would destroy it — choose \
+                 another file",
+                output.display()
             ));
         }
         scan.lines += 1;
@@ -97,7 +108,24 @@ pub fn scan(results: &Path) -> Result<Scan, String> {
 }
 
 pub fn command(args: ReportArgs) -> ExitCode {
-    let scan = match scan(&args.results) {
+    if crate::outfile::same_file(&args.output, &args.results) {
+        return crate::fail(format!(
+            "--output {} is the results file: writing it would destroy it — choose another file",
+            args.output.display()
+        ));
+    }
+    if let Some(summary) = &args.summary
+        && crate::outfile::same_file(&args.output, summary)
+    {
+        return crate::fail(format!(
+            "--output {} is the --summary file: writing it would destroy it — choose another file",
+            args.output.display()
+        ));
+    }
+    if let Err(e) = crate::outfile::check_writable(&args.output) {
+        return crate::fail(format!("--output {e}"));
+    }
+    let scan = match scan(&args.results, &args.output) {
         Ok(scan) => scan,
         Err(e) => return crate::fail(e),
     };
@@ -106,7 +134,10 @@ pub fn command(args: ReportArgs) -> ExitCode {
         Some(path) => match std::fs::read_to_string(path)
             .map_err(|e| e.to_string())
             .and_then(|t| serde_json::from_str::<Value>(&t).map_err(|e| e.to_string()))
-        {
+            .and_then(|v| match v.get("items") {
+                Some(_) => Ok(v),
+                None => Err("it has no \"items\": not a summary".into()),
+            }) {
             Ok(summary) => Some(summary),
             Err(e) => {
                 return crate::fail(format!(
@@ -116,20 +147,22 @@ pub fn command(args: ReportArgs) -> ExitCode {
             }
         },
     };
-    if crate::outfile::same_file(&args.output, &args.results) {
-        return crate::fail(format!(
-            "--output {} is the results file: writing it would destroy it — choose another file",
-            args.output.display()
-        ));
-    }
+    let stop = crate::signals::stop_on_signals();
     let base = args
         .results
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let written = write_streamed(&args.output, |out| {
-        write_page(out, &args.results, &base, &scan, summary.as_ref())
+        write_page(out, &args.results, &base, &scan, summary.as_ref(), &stop)
     });
+    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!(
+            "cinecut-infer: interrupted; {} not written",
+            args.output.display()
+        );
+        return ExitCode::from(crate::job::summary::EXIT_INTERRUPTED);
+    }
     match written {
         Ok(()) => {
             eprintln!(
@@ -162,11 +195,12 @@ pub fn escape(text: &str) -> String {
     out
 }
 
-/// Seconds as `hh:mm:ss.mmm`.
+/// Seconds as `hh:mm:ss.mmm` (`-` before a negative time).
 pub fn timestamp(seconds: f64) -> String {
-    let ms = (seconds.max(0.0) * 1000.0).round() as u64;
+    let ms = (seconds.abs() * 1000.0).round() as u64;
     format!(
-        "{:02}:{:02}:{:02}.{:03}",
+        "{}{:02}:{:02}:{:02}.{:03}",
+        if seconds < 0.0 { "-" } else { "" },
         ms / 3_600_000,
         ms / 60_000 % 60,
         ms / 1000 % 60,
@@ -180,6 +214,7 @@ fn write_page(
     base: &Path,
     scan: &Scan,
     summary: Option<&Value>,
+    stop: &std::sync::atomic::AtomicBool,
 ) -> io::Result<()> {
     let title = format!(
         "{} — cinecut-infer report",
@@ -214,6 +249,9 @@ fn write_page(
     )?;
     let mut written = Ok(());
     crate::jsonl::each_line(results, |n, text| {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("interrupted".into());
+        }
         let line: Value = serde_json::from_str(text).map_err(|e| format!("line {n}: {e}"))?;
         written = out.write_all(card(&line, base).as_bytes());
         written.as_ref().map(|_| ()).map_err(|e| e.to_string())
@@ -337,6 +375,7 @@ mod tests {
     fn timestamps_read_as_a_clock_and_text_is_escaped() {
         assert_eq!(timestamp(3723.4567), "01:02:03.457");
         assert_eq!(timestamp(0.0), "00:00:00.000");
+        assert_eq!(timestamp(-1.5), "-00:00:01.500");
         assert_eq!(
             escape("<b>\"a\" & 'b'</b>"),
             "&lt;b&gt;&quot;a&quot; &amp; &#39;b&#39;&lt;/b&gt;"
@@ -382,7 +421,7 @@ mod tests {
             "{\"frame_path\":\"a.jpg\",\"index\":3,\"of\":9,\"error\":\"x\"}\n",
         )
         .unwrap();
-        let err = scan(&shard).unwrap_err();
+        let err = scan(&shard, Path::new("report.html")).unwrap_err();
         assert!(err.contains("merge the shards first"), "{err}");
     }
 }

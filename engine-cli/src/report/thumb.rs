@@ -27,8 +27,11 @@ pub fn tag(frame: &Path) -> String {
 }
 
 fn thumbnail(frame: &Path) -> Result<(String, u32, u32), String> {
-    if !frame.exists() {
-        return Err("frame missing on disk".into());
+    match std::fs::metadata(frame) {
+        Err(_) => return Err("frame missing on disk".into()),
+        // A FIFO or a device would block or never end: only files are read.
+        Ok(meta) if !meta.is_file() => return Err("not a regular file".into()),
+        Ok(_) => {}
     }
     let image = ImageReader::open(frame)
         .and_then(|r| r.with_guessed_format())

@@ -324,7 +324,10 @@ class LlavaEngine(_Server):
         self.model_path = Path(model_path)
         self.mmproj_path = Path(mmproj_path)
         self.debug = debug
-        self._slots = int(options.get("slots", 1))
+        slots = options.get("slots", 1)
+        if not isinstance(slots, int) or isinstance(slots, bool):
+            raise ValueError(f"slots= takes a whole number of slots (1 or more), not {slots!r}")
+        self._slots = slots
         self.last_summary: Optional[Dict[str, Any]] = None
         """What the last ``describe_frames`` did, as the CLI's ``--summary`` writes it: items,
         answered, failed, not_attempted, retries, wall_s, items_per_s, latency_ms {p50, p95, max},

@@ -44,13 +44,20 @@ class Describer:
         column: str = "frame_path",
         **options: Any,
     ) -> None:
+        if "gpus" in options:
+            raise ValueError(
+                "Describer runs one engine per actor, on the GPU Ray gives it: leave out gpus= "
+                "and ask Ray for the GPUs (map_batches(..., num_gpus=1, concurrency=N))"
+            )
+        self._engine: Optional[LlavaEngine] = None
         self._column = column
         self._slots = slots
         # The first GPU this process may see: the one Ray gave the actor (port 0: a free port).
         options.setdefault("port", 0)
-        self._engine: Optional[LlavaEngine] = LlavaEngine(model_path, mmproj_path, slots=slots, **options)
-        self._engine.__enter__()
-        self._gpu = self._engine.gpus[0]
+        engine = LlavaEngine(model_path, mmproj_path, slots=slots, **options)
+        engine.__enter__()
+        self._engine = engine
+        self._gpu = engine.gpus[0]
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[Any]]:
         engine = self._engine
@@ -71,7 +78,9 @@ class Describer:
             engine.__exit__(None, None, None)
 
     def __del__(self) -> None:
-        self.stop()
+        # A constructor that raised leaves no engine to stop.
+        if getattr(self, "_engine", None) is not None:
+            self.stop()
 
 
 def scene_of(row: Dict[str, Any]) -> Optional[Dict[str, Any]]:
