@@ -66,7 +66,7 @@ pub mod batch {
     pub use crate::engine::{Batch, GpuSummary, Latency, RunTimes, ServerRun, Summary, Tokens};
 }
 
-/// One engine per GPU of a host ([`EnginePool`](crate::EnginePool)): what it does with a GPU
+/// One engine per GPU of a host ([`EnginePool`]): what it does with a GPU
 /// another process holds, and the GPUs it left out.
 pub mod pool {
     pub use crate::engine::pool::{Event, LeftOut, PoolError, Served, WhenLocked};

@@ -48,7 +48,7 @@ impl Drop for Running {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ShutdownReport {
-    /// The server's pid (as [`Engine::pid`] gave it).
+    /// The server's pid (as [`Engine::pid`](crate::Engine::pid) gave it).
     pub pid: u32,
     /// Its exit code or signal; `None` if even SIGKILL did not end it (see `left_running`).
     pub status: Option<ChildExit>,

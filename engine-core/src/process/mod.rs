@@ -1,4 +1,4 @@
-//! The process room: a supervised child and its whole tree ([`SupervisedChild`], under a keeper),
+//! The process room: a supervised child and its whole tree (`SupervisedChild`, under a keeper),
 //! its output drained into bounded rings, what `/proc` says about the tree, and how a child ended.
 //! This room is the only code of the engine that sends a signal.
 
