@@ -233,7 +233,8 @@ impl EnginePool {
     /// time: each GPU takes work as soon as its server is ready, so a GPU that loads (or waits for
     /// its lock) longer holds nobody back. The batch is as [`EnginePool::answer_many`]'s, under the
     /// scheduler's contract; a GPU whose start is still under way when the work is done is left out
-    /// (its start given up, everything cleaned up). `events` hears of each GPU's lock, readiness
+    /// (its start given up, everything cleaned up; under [`Wait::For`] the start runs to its
+    /// deadline instead, which bounds it anyway). `events` hears of each GPU's lock, readiness
     /// and failure as they happen. With no GPU started, no item is told of and the error names
     /// every GPU's failure.
     ///
