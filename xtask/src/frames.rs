@@ -55,16 +55,7 @@ pub fn parse_size(text: &str) -> Result<(u32, u32), String> {
 }
 
 pub fn run(count: usize, size: (u32, u32), out: &Path) -> ExitCode {
-    match write(count, size.0, size.1, out) {
-        Ok(()) => {
-            println!("{}", out.display());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("xtask: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::steps::printed(write(count, size.0, size.1, out).map(|()| out.display().to_string()))
 }
 
 #[cfg(test)]

@@ -455,16 +455,10 @@ pub fn write(name: &str, dir: &Path) -> Result<(PathBuf, PathBuf), String> {
 
 /// `cargo xtask shaped-model NAME --out DIR`: writes the pair and prints its two paths.
 pub fn run(name: &str, out: &Path) -> ExitCode {
-    match write(name, out) {
-        Ok((model, mmproj)) => {
-            println!("{}\n{}", model.display(), mmproj.display());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("xtask: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let written = write(name, out);
+    crate::steps::printed(
+        written.map(|(model, mmproj)| format!("{}\n{}", model.display(), mmproj.display())),
+    )
 }
 
 #[cfg(test)]

@@ -55,6 +55,20 @@ impl Steps {
     }
 }
 
+/// A task that writes files ends so: what it wrote on stdout (for scripts to read), or why not.
+pub fn printed(written: Result<String, String>) -> ExitCode {
+    match written {
+        Ok(what) => {
+            println!("{what}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// A shell in the workspace root, with `$CARGO` (the cargo that runs us) as `cargo`.
 pub fn shell() -> Shell {
     let sh = Shell::new().expect("a shell in the current folder");

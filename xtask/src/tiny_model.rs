@@ -245,19 +245,10 @@ fn mmproj(seed: u64) -> Gguf {
 /// `cargo xtask tiny-model [DIR]`: writes the pair and prints the folder.
 pub fn run(dir: Option<PathBuf>) -> ExitCode {
     let dir = dir.unwrap_or_else(|| target_dir().join("tiny-model"));
-    match write(&dir, 42) {
-        Ok(()) => {
-            println!("{}", dir.display());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!(
-                "xtask: cannot write the tiny model into {}: {e}",
-                dir.display()
-            );
-            ExitCode::FAILURE
-        }
-    }
+    let written = write(&dir, 42)
+        .map(|()| dir.display().to_string())
+        .map_err(|e| format!("cannot write the tiny model into {}: {e}", dir.display()));
+    crate::steps::printed(written)
 }
 
 /// Writes `tiny-llava.gguf` and `tiny-mmproj.gguf` into `dir`.
