@@ -1,28 +1,25 @@
 //! `cinecut-infer check`: every GPU's free memory, and the engine's own verdict for the chosen one.
 
-use std::process::ExitCode;
-
 use engine_core::Wait;
 use engine_core::gpu::{Visible, VramProbe, select};
 
 use crate::cli::CheckArgs;
-use crate::job::summary::EXIT_FRAMES_FAILED;
+use crate::exit::{Exit, Failure, Outcome};
 use crate::settings::say;
 
-pub fn check(args: CheckArgs) -> ExitCode {
+/// Exit 3 (the GPU cannot take the engine) when VRAM cannot be read or the chosen GPU has too
+/// little of it.
+pub fn check(args: CheckArgs) -> Outcome {
     let CheckArgs {
         gpu,
         vram_probe,
         min_vram: min_mib,
     } = args;
     let queried = VramProbe::from_env(vram_probe).and_then(|probe| probe.query(Wait::Forever));
-    let rows = match queried {
-        Ok(rows) => rows,
-        Err(e) => {
-            eprintln!("cinecut-infer: cannot read VRAM: {}", say(e));
-            return ExitCode::from(EXIT_FRAMES_FAILED);
-        }
-    };
+    let rows = queried.map_err(|e| Failure {
+        exit: Exit::GpuUnusable,
+        message: format!("cannot read VRAM: {}", say(e)),
+    })?;
     let visible = Visible::from_env();
     let chosen = select(&rows, &gpu, &visible, min_mib);
     let usable: Vec<u32> = visible.rows(&rows).iter().map(|r| r.index).collect();
@@ -63,10 +60,10 @@ pub fn check(args: CheckArgs) -> ExitCode {
         println!("this process may use {visible}");
     }
     match chosen {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("cinecut-infer: {}", say(e));
-            ExitCode::from(EXIT_FRAMES_FAILED)
-        }
+        Ok(_) => Ok(Exit::Done),
+        Err(e) => Err(Failure {
+            exit: Exit::GpuUnusable,
+            message: say(e),
+        }),
     }
 }

@@ -5,10 +5,12 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use engine_core::config::Count;
 use engine_core::gpu::ProbeChoice;
+use engine_core::launch::Gpus;
 use engine_core::{GpuId, VRAM_MINIMUM_MIB};
 
-use crate::job::progress::Style;
+use crate::exit::EXIT_CODES;
 
 /// `--version`: the crate's version and the commit it was built from.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("CINECUT_COMMIT"), ")");
@@ -17,7 +19,8 @@ pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("CINECUT
 #[command(
     name = "cinecut-infer",
     version = VERSION,
-    about = "Describe film keyframes, or answer any JSON schema, with a local llama-server"
+    about = "Describe film keyframes, or answer any JSON schema, with a local llama-server",
+    after_help = EXIT_CODES
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -133,11 +136,17 @@ pub struct ServerArgs {
     /// Port on 127.0.0.1; 0 picks a free one.
     #[arg(long, default_value_t = engine_core::config::DEFAULT_PORT)]
     pub port: u16,
-    /// Parallel slots: requests served at once (each gets the whole context per slot); auto: as
-    /// many as the GPU's free VRAM holds after the weights, from the model's own KV numbers (at
-    /// most 16; the choice and why on stderr).
+    /// Requests in flight on each GPU, split evenly over its servers (each gets the whole context
+    /// per slot); auto: as many as the GPU's free VRAM holds beside the servers' weights, from the
+    /// model's own KV numbers (at most 16; the choice and why on stderr).
     #[arg(long, default_value = "1", value_name = "N|auto")]
-    pub slots: Slots,
+    pub slots: Count,
+    /// llama-servers on each GPU, started as one unit under its lock, sharing its slots (one
+    /// server's single sampling thread cannot keep a large GPU busy); auto: as many as the host's
+    /// cores, the free VRAM (a copy of the weights each) and the slots (at least 4 each) make
+    /// worthwhile (the choice and why on stderr). Each takes a free port.
+    #[arg(long, default_value = "1", value_name = "N|auto")]
+    pub servers_per_gpu: Count,
     /// Context per slot in tokens (the server gets ctx-size × slots).
     #[arg(long, default_value_t = 2048)]
     pub ctx_size: u32,
@@ -182,25 +191,15 @@ pub struct ServerArgs {
     pub image_transport: Transport,
 }
 
-/// `--slots`: a count, or `auto`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Slots {
+/// `--progress`: how progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Style {
+    /// A bar on a terminal, a line every 5 s otherwise.
     Auto,
-    Count(u32),
-}
-
-impl std::str::FromStr for Slots {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text {
-            "auto" => Ok(Slots::Auto),
-            n => n
-                .parse()
-                .map(Slots::Count)
-                .map_err(|_| format!("{n:?} is neither a number of slots nor auto")),
-        }
-    }
+    /// One JSON line per finished item: {"done","total","failed","frame_path" or "id","ok"}.
+    Json,
+    /// Nothing.
+    Off,
 }
 
 /// `--image-transport`.
@@ -254,17 +253,14 @@ pub struct OutputArgs {
 
 /// `--gpus`: every usable GPU, or a list.
 #[derive(Debug, Clone)]
-pub enum GpuList {
-    All,
-    List(Vec<GpuId>),
-}
+pub struct GpuList(pub Gpus);
 
 impl std::str::FromStr for GpuList {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         if text == "all" {
-            return Ok(GpuList::All);
+            return Ok(GpuList(Gpus::All));
         }
         let gpus = text
             .split(',')
@@ -273,7 +269,14 @@ impl std::str::FromStr for GpuList {
         if gpus.is_empty() {
             return Err("name at least one GPU, or all".into());
         }
-        Ok(GpuList::List(gpus))
+        Ok(GpuList(Gpus::List(gpus)))
+    }
+}
+
+impl ServerArgs {
+    /// The GPUs: `--gpus`, else `--gpu`'s own.
+    pub fn gpus(&self) -> Gpus {
+        self.gpus.clone().map_or(Gpus::Configured, |list| list.0)
     }
 }
 

@@ -1,11 +1,10 @@
 //! `cinecut-infer describe`: frames (files, folders, `.jsonl` KeyframeRecords) into SceneDescription
 //! lines, through the shared job.
 
-use std::process::ExitCode;
-
 use engine_core::{DescribeOptions, EngineConfig, SceneDescription};
 
 use crate::cli::{DEFAULT_MMPROJ, DEFAULT_MODEL, DescribeArgs};
+use crate::exit::Outcome;
 use crate::frames;
 use crate::job::plan::{Head, Item};
 use crate::job::summary::Kind;
@@ -13,7 +12,7 @@ use crate::job::{Job, execute};
 use crate::settings::{config, instruction, model_path, sampling};
 use crate::signals::stop_on_signals;
 
-pub fn describe(args: DescribeArgs) -> ExitCode {
+pub fn describe(args: DescribeArgs) -> Outcome {
     // From the first moment: a signal while waiting for the lock or the model still cleans up.
     let stop = stop_on_signals();
     let setup = || -> Result<(EngineConfig, Vec<Item>), String> {
@@ -34,18 +33,16 @@ pub fn describe(args: DescribeArgs) -> ExitCode {
             .collect();
         Ok((config, items))
     };
-    let (config, items) = match setup() {
-        Ok(setup) => setup,
-        Err(e) => return crate::fail(e),
-    };
+    let (config, items) = setup()?;
     let job = Job {
         inputs: &args.frames,
         out: &args.out,
-        gpus: args.server.gpus.clone(),
+        gpus: args.server.gpus(),
+        slots: args.server.slots,
+        servers: args.server.servers_per_gpu,
         extra_protected: args.ask.prompt_file.iter().cloned().collect(),
         key_of: frames::key_of_line,
         kind: Kind::Frames,
-        auto_slots: args.server.slots == crate::cli::Slots::Auto,
     };
     execute::<SceneDescription>(config, items, job, &stop)
 }

@@ -2,12 +2,14 @@
 //! engine's full lifecycle; merges the shards of a many-host job; checks a GPU's VRAM.
 //! `cinecut-infer --help` for usage.
 //!
-//! As ripgrep's `main`: parse, run the command, map its outcome to the exit code. Each command has
-//! its file; `job/` is what `describe` and `run` share.
+//! As ripgrep's `main`: parse, run the command, print why it failed and map its outcome to the exit
+//! code (`exit.rs`: each code means one thing). Each command has its file and returns its outcome;
+//! `job/` is what `describe` and `run` share.
 
 mod check;
 mod cli;
 mod describe;
+mod exit;
 mod frames;
 mod job;
 mod jsonl;
@@ -25,10 +27,24 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser};
 
 use cli::{Cli, Command};
-use job::summary::EXIT_SETUP;
+use exit::{Exit, Failure, Outcome};
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    match run(Cli::parse().command) {
+        Ok(exit) => exit.into(),
+        Err(Failure { exit, message }) => {
+            match exit {
+                Exit::Interrupted => eprintln!("cinecut-infer: {message}"),
+                _ => eprintln!("cinecut-infer: error: {message}"),
+            }
+            exit.into()
+        }
+    }
+}
+
+/// Runs one command: how it ended, or why it ended early.
+fn run(command: Command) -> Outcome {
+    match command {
         Command::Describe(args) => describe::describe(args),
         Command::Run(args) => run::run(args),
         Command::Check(args) => check::check(args),
@@ -37,20 +53,15 @@ fn main() -> ExitCode {
         Command::Completions { shell } => {
             let mut out = std::io::stdout();
             clap_complete::generate(shell, &mut Cli::command(), "cinecut-infer", &mut out);
-            ExitCode::SUCCESS
+            Ok(Exit::Done)
         }
-        Command::Manpages { dir } => match clap_mangen::generate_to(Cli::command(), &dir) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(format!(
-                "cannot write the man pages into {}: {e}",
-                dir.display()
-            )),
-        },
+        Command::Manpages { dir } => clap_mangen::generate_to(Cli::command(), &dir)
+            .map(|()| Exit::Done)
+            .map_err(|e| {
+                Failure::write(format!(
+                    "cannot write the man pages into {}: {e}",
+                    dir.display()
+                ))
+            }),
     }
-}
-
-/// Bad input or a failed start: one line on stderr, exit 2.
-fn fail(message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("cinecut-infer: error: {message}");
-    ExitCode::from(EXIT_SETUP)
 }

@@ -11,10 +11,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use crate::cli::MergeArgs;
-use crate::job::summary::EXIT_FRAMES_FAILED;
+use crate::exit::{Exit, Failure, Outcome};
 use crate::line::RawLine;
 use crate::outfile::{same_file, write_whole};
 
@@ -40,11 +39,9 @@ pub struct Merged {
 
 /// `merge`: reads the shards, writes OUT, reports on stderr; exit 1 when any item is missing or
 /// ended in an error line (the job is not done: its shards run again with `--resume`).
-pub fn command(args: MergeArgs) -> ExitCode {
-    let merged = match merge(&args.out, &args.shards) {
-        Ok(merged) => merged,
-        Err(e) => return crate::fail(e),
-    };
+pub fn command(args: MergeArgs) -> Outcome {
+    let stop = crate::signals::stop_on_signals();
+    let merged = merge_into(&args.out, &args.shards, &stop)?;
     for line in &merged.unreadable {
         eprintln!("cinecut-infer: skipped {line}");
     }
@@ -63,7 +60,7 @@ pub fn command(args: MergeArgs) -> ExitCode {
         );
     }
     if merged.missing == 0 && merged.failed == 0 {
-        return ExitCode::SUCCESS;
+        return Ok(Exit::Done);
     }
     if merged.missing > 0 {
         eprintln!(
@@ -80,7 +77,7 @@ pub fn command(args: MergeArgs) -> ExitCode {
             list(&merged.first_failed, merged.failed)
         );
     }
-    ExitCode::from(EXIT_FRAMES_FAILED)
+    Ok(Exit::Incomplete)
 }
 
 /// Input positions: the first ten of `count`.
@@ -105,7 +102,18 @@ struct Kept {
 /// Reads `shards`, writes the merged lines to `out`, and says what was missing or doubled. An
 /// unreadable shard, a line without `index` and `of`, shards of different inputs, or shards with no
 /// line at all are errors that name the file and line.
-pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<Merged, String> {
+pub fn merge_into(
+    out: &Path,
+    shards: &[PathBuf],
+    stop: &engine_core::CancellationToken,
+) -> Result<Merged, Failure> {
+    let (merged, text) = gather(out, shards)?;
+    write_whole(out, &text, stop)?;
+    Ok(merged)
+}
+
+/// The merged lines of `shards` as the text to write, and what was missing or doubled.
+fn gather(out: &Path, shards: &[PathBuf]) -> Result<(Merged, Vec<u8>), String> {
     let mut lines: BTreeMap<usize, Kept> = BTreeMap::new();
     let mut merged = Merged::default();
     let mut total: Option<(usize, String)> = None;
@@ -240,13 +248,17 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<Merged, String> {
         serde_json::to_writer(&mut text, &kept.line).map_err(|e| e.to_string())?;
         text.push(b'\n');
     }
-    write_whole(out, &text)?;
-    Ok(merged)
+    Ok((merged, text))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`merge_into`] without a signal, its failure as its message.
+    fn merge(out: &Path, shards: &[PathBuf]) -> Result<Merged, String> {
+        merge_into(out, shards, &engine_core::CancellationToken::new()).map_err(|f| f.message)
+    }
     use serde_json::{Value, json};
 
     use crate::outfile::open_locked;

@@ -1,11 +1,16 @@
-//! The files this CLI writes (`--output`, `merge`'s OUT): opened without truncating and locked with
-//! `flock`, so that two writers of one file never meet — the second gets an error and changes
-//! nothing.
+//! The files this CLI writes (`--output`, `merge`'s OUT, `--summary`, `report`'s page): opened
+//! without truncating and locked with `flock`, so that two writers of one file never meet — the
+//! second gets an error and changes nothing; written by what the file is (a regular file replaced
+//! whole, a device or pipe in place), never by where its name points.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use engine_core::CancellationToken;
+
+use crate::exit::Failure;
 
 /// Opens `path` for reading and writing (creating it), without truncating, and takes its lock. A
 /// symlink is followed: the file it points to is the one written and locked.
@@ -46,55 +51,95 @@ pub fn is_our_stdout(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == (stdout.st_dev, stdout.st_ino))
 }
 
-/// Writes `text` to `out` whole or not at all: our own stdout (`/dev/stdout`, `/proc/self/fd/1`, or
-/// the file the shell points it at) through stdout, where the shell put it (`>> log` appends);
-/// another path under `/dev` or `/proc` (a terminal, a pipe, `/dev/null`, `/dev/stderr`) and any
-/// special file in place, appending; a regular file (or a new one, or an existing symlink's target)
-/// through an exclusive temporary file beside it, renamed over it under its lock (the lock
-/// `--output` takes, so a run writing it is never clobbered). `merge`'s OUT, `--summary` and
-/// `report`'s output are written so.
-pub fn write_whole(out: &Path, text: &[u8]) -> Result<(), String> {
-    write_streamed(out, |file| file.write_all(text))
+/// Where a path an output is written to leads, by the file's type (never by its name: a regular
+/// file under `/dev/shm` is a file like any other).
+enum Target {
+    /// Our own stdout (`/dev/stdout`, `/proc/self/fd/1`, or the file the shell points it at).
+    Stdout,
+    /// A character device, a FIFO or a socket (a terminal, a pipe, `/dev/null`): written in place.
+    Stream,
+    /// A regular file (or a new one, or an existing symlink's target): replaced whole.
+    File,
 }
 
-/// [`write_whole`] for output made as it is written (a report of thousands of frames): `write`
-/// streams it into the temporary file (or the special file), never all of it in memory.
+/// What `out` is as an output, or why it cannot be one.
+fn target(out: &Path) -> Result<Target, String> {
+    use std::os::unix::fs::FileTypeExt;
+    let shown = out.display();
+    if is_our_stdout(out) {
+        return Ok(Target::Stdout);
+    }
+    match std::fs::metadata(out) {
+        Ok(meta) if meta.is_dir() => Err(format!("{shown} is a folder: name a file")),
+        Ok(meta) if meta.file_type().is_block_device() => {
+            Err(format!("{shown} is a block device: name a file"))
+        }
+        Ok(meta) if meta.is_file() => Ok(Target::File),
+        Ok(_) => Ok(Target::Stream),
+        Err(_) if std::fs::symlink_metadata(out).is_ok() => Err(format!(
+            "{shown} is a symlink to a file that does not exist — this program writes through a \
+             link only to an existing file: name the file itself"
+        )),
+        Err(_) => Ok(Target::File),
+    }
+}
+
+/// Writes `text` to `out` whole or not at all (see [`write_streamed`]). `merge`'s OUT and
+/// `--summary` are written so.
+pub fn write_whole(out: &Path, text: &[u8], stop: &CancellationToken) -> Result<(), Failure> {
+    write_streamed(out, stop, |file| file.write_all(text))
+}
+
+/// Writes `out` whole or not at all, by what it is: our own stdout through stdout, where the shell
+/// put it (`>> log` appends); a character device, FIFO or socket in place; a regular file (or a new
+/// one, or an existing symlink's target) through an exclusive temporary file beside it, renamed
+/// over it under its lock (the lock `--output` takes, so a run writing it is never clobbered).
+/// `write` streams the contents (a report of thousands of frames is never all in memory). A
+/// failure, or `stop` cancelled by the time the contents are written, leaves the file as it was: no
+/// temporary file, and no empty file where there was none.
 pub fn write_streamed(
     out: &Path,
+    stop: &CancellationToken,
     write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let shown = out.display();
-    let cannot = |e: std::io::Error| format!("cannot write {shown}: {e}");
-    if is_our_stdout(out) {
-        let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
-        return write(&mut stdout)
-            .and_then(|()| stdout.flush())
-            .map_err(cannot);
-    }
-    let in_place = out.starts_with("/dev") || out.starts_with("/proc");
-    match std::fs::metadata(out) {
-        Ok(meta) if in_place || (!meta.is_file() && !meta.is_dir()) => {
+    let cannot = |e: std::io::Error| Failure::write(format!("cannot write {shown}: {e}"));
+    match target(out).map_err(Failure::refused)? {
+        Target::Stdout => {
+            let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+            write(&mut stdout)
+                .and_then(|()| stdout.flush())
+                .map_err(cannot)
+        }
+        Target::Stream => {
             let mut special = OpenOptions::new().append(true).open(out).map_err(cannot)?;
             let mut buffered = std::io::BufWriter::new(&mut special);
-            return write(&mut buffered)
+            write(&mut buffered)
                 .and_then(|()| buffered.flush())
-                .map_err(cannot);
+                .map_err(cannot)
         }
-        Ok(meta) if meta.is_dir() => return Err(format!("{shown} is a folder: name a file")),
-        Err(_) if std::fs::symlink_metadata(out).is_ok() => {
-            return Err(format!(
-                "{shown} is a symlink to a file that does not exist — this program writes through a link \
-                 only to an existing file: name the file itself"
-            ));
-        }
-        _ => {}
+        Target::File => replace(out, stop, write),
     }
+}
+
+/// [`write_streamed`] for a regular file: a temporary file beside it, renamed over it.
+fn replace(
+    out: &Path,
+    stop: &CancellationToken,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<(), Failure> {
+    let shown = out.display();
+    let cannot = |e: std::io::Error| Failure::write(format!("cannot write {shown}: {e}"));
     // The file itself, through any links: its folder holds the temporary file.
-    let real = match std::fs::canonicalize(out) {
-        Ok(real) => real,
-        Err(_) => out.to_path_buf(),
+    let real = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
+    let existed = real.exists();
+    let lock = open_locked(&real).map_err(Failure::refused)?;
+    // Taking the lock made the file where there was none: gone again if nothing replaces it.
+    let undo = |lock: File| {
+        if !existed && lock.metadata().is_ok_and(|m| m.len() == 0) {
+            let _ = std::fs::remove_file(&real);
+        }
     };
-    let _lock = open_locked(&real)?;
     let folder = real
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -104,38 +149,42 @@ pub fn write_streamed(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "output".into());
     let mode = std::fs::metadata(&real).map_or(0o644, |m| m.permissions().mode() & 0o777);
-    let (temporary, mut file) = create_temporary(folder, &name).map_err(cannot)?;
+    let (temporary, mut file) = match create_temporary(folder, &name) {
+        Ok(created) => created,
+        Err(e) => {
+            undo(lock);
+            return Err(cannot(e));
+        }
+    };
     let written = (|| {
         let mut buffered = std::io::BufWriter::new(&mut file);
         write(&mut buffered)?;
         buffered.flush()?;
         drop(buffered);
         file.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, &real)
+        file.sync_all()
     })();
-    written.map_err(|e| {
+    let outcome = match written {
+        _ if stop.is_cancelled() => Err(Failure::interrupted(format!(
+            "interrupted; {shown} not written"
+        ))),
+        Err(e) => Err(cannot(e)),
+        Ok(()) => std::fs::rename(&temporary, &real).map_err(cannot),
+    };
+    if outcome.is_err() {
         let _ = std::fs::remove_file(&temporary);
-        cannot(e)
-    })
+        undo(lock);
+    }
+    outcome
 }
 
-/// Whether [`write_whole`] can write `out`, asked before a run that ends by writing it: not a folder,
-/// not a link to nothing, in a folder that exists and that we may write in.
+/// Whether [`write_whole`] can write `out`, asked before a run that ends by writing it: not a folder
+/// nor a block device, not a link to nothing, in a folder that exists and that we may write in.
 pub fn check_writable(out: &Path) -> Result<(), String> {
     let shown = out.display();
-    if is_our_stdout(out) || out.starts_with("/dev") || out.starts_with("/proc") {
-        return Ok(());
-    }
-    match std::fs::metadata(out) {
-        Ok(meta) if meta.is_dir() => return Err(format!("{shown} is a folder: name a file")),
-        Ok(_) => {}
-        Err(_) if std::fs::symlink_metadata(out).is_ok() => {
-            return Err(format!(
-                "{shown} is a symlink to a file that does not exist: name the file itself"
-            ));
-        }
-        Err(_) => {}
+    match target(out)? {
+        Target::Stdout | Target::Stream => return Ok(()),
+        Target::File => {}
     }
     let real = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
     let folder = real

@@ -1,10 +1,9 @@
 //! `cinecut-infer run`: JSONL records answered under any JSON schema, through the shared job.
 
-use std::process::ExitCode;
-
 use engine_core::{DescribeOptions, EngineConfig, Prompt, Schema};
 
 use crate::cli::RunArgs;
+use crate::exit::Outcome;
 use crate::job::plan::{Head, Item};
 use crate::job::summary::Kind;
 use crate::job::{Job, execute};
@@ -12,7 +11,7 @@ use crate::records;
 use crate::settings::{config, instruction, sampling};
 use crate::signals::stop_on_signals;
 
-pub fn run(args: RunArgs) -> ExitCode {
+pub fn run(args: RunArgs) -> Outcome {
     let stop = stop_on_signals();
     let setup = || -> Result<(EngineConfig, Vec<Item>), String> {
         let instruction = instruction(&args.ask)?
@@ -68,20 +67,18 @@ pub fn run(args: RunArgs) -> ExitCode {
             .collect();
         Ok((config, items))
     };
-    let (config, items) = match setup() {
-        Ok(setup) => setup,
-        Err(e) => return crate::fail(e),
-    };
+    let (config, items) = setup()?;
     let mut extra_protected = vec![args.schema.clone()];
     extra_protected.extend(args.ask.prompt_file.iter().cloned());
     let job = Job {
         inputs: &args.inputs,
         out: &args.out,
-        gpus: args.server.gpus.clone(),
+        gpus: args.server.gpus(),
+        slots: args.server.slots,
+        servers: args.server.servers_per_gpu,
         extra_protected,
         key_of: records::key_of_line,
         kind: Kind::Records,
-        auto_slots: args.server.slots == crate::cli::Slots::Auto,
     };
     execute::<serde_json::Value>(config, items, job, &stop)
 }

@@ -4,11 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-use engine_core::config::{Setting, Zero, seconds};
+use engine_core::config::Count;
 use engine_core::request::check_sampling;
+use engine_core::setting::{Setting, Zero, seconds};
 use engine_core::{DescribeOptions, EngineConfig};
 
-use crate::cli::{AskArgs, ServerArgs, Slots};
+use crate::cli::{AskArgs, ServerArgs};
 
 /// How this CLI names what the library calls `setting`.
 pub fn flag(setting: Setting) -> String {
@@ -21,13 +22,16 @@ pub fn flag(setting: Setting) -> String {
         Setting::VramProbe => "--vram-probe",
         Setting::MinVramMib => "--min-vram",
         Setting::Gpu => "--gpu",
+        Setting::Gpus => "--gpus",
         Setting::CtxSize => "--ctx-size",
         Setting::GpuLayers => "--gpu-layers",
         Setting::Slots => "--slots",
+        Setting::ServersPerGpu => "--servers-per-gpu",
         Setting::StartupTimeout => "--timeout",
         Setting::RequestTimeout => "--request-timeout",
         Setting::Args => "--server-arg",
         Setting::Threads => "--threads",
+        Setting::Debug => "--debug",
         Setting::ImageTransport => "--image-transport",
         Setting::Prompt => "--prompt",
         Setting::Temperature => "--temperature",
@@ -65,10 +69,10 @@ pub fn config(
     let request = duration(Setting::RequestTimeout, server.request_timeout)?;
     let mut builder = EngineConfig::text(model)
         .port(server.port)
-        // auto: decided once the GPU's free VRAM is read (`job::slots`).
+        // auto: decided by the launch's plan, once the GPU's free VRAM is read.
         .slots(match server.slots {
-            Slots::Count(n) => n,
-            Slots::Auto => 1,
+            Count::Fixed(n) => n,
+            Count::Auto => 1,
         })
         .ctx_size(server.ctx_size)
         .gpu_layers(server.gpu_layers)

@@ -18,7 +18,7 @@
 //! ```
 //!
 //! The root holds what a user of the engine needs; the rest lives in rooms, each behind a short
-//! front door: [`config`] (the builder, the settings by name), [`error`] (every error type),
+//! front door: [`config`] (the builder), [`setting`] (the settings by name), [`error`] (every error type),
 //! [`gpu`] (GPU ids, the VRAM probes and waits, the GPU lock and its files), [`request`] (prompts,
 //! schemas, answer parsing), [`typestate`] (the lifecycle states), [`batch`] (what a batch returns,
 //! under the one scheduler's contract), [`pool`] (one engine per GPU of a host), [`process`] (how a
@@ -35,12 +35,13 @@ pub mod gpu;
 pub mod process;
 pub mod request;
 mod server;
+pub mod setting;
 pub mod shard;
 mod util;
 mod wait;
 
 pub use config::EngineConfig;
-pub use engine::{Engine, EnginePool};
+pub use engine::{Engine, EnginePool, Launch};
 pub use error::{EngineError, RequestError, StartError};
 pub use gpu::{
     GpuId, VRAM_MINIMUM_MIB, VramError, assert_vram_available, check_vram_free_mib, gpu_lock,
@@ -49,7 +50,7 @@ pub use request::{
     DescribeOptions, KeyframeRecord, Prompt, SCENE_DESCRIPTION_SCHEMA, SceneDescription, Schema,
     validate_scene_description,
 };
-pub use wait::Wait;
+pub use wait::{CancellationToken, Wait};
 
 /// The lifecycle states of [`Engine`], in order: [`Unchecked`](typestate::Unchecked) →
 /// [`VramOk`](typestate::VramOk) → [`Locked`](typestate::Locked) → [`Healthy`](typestate::Healthy);
@@ -63,13 +64,23 @@ pub mod typestate {
 /// and a run's [`Summary`](batch::Summary) ([`Batch::summary`](batch::Batch::summary) of an
 /// [`answer_many`](crate::EnginePool::answer_many)).
 pub mod batch {
-    pub use crate::engine::{Batch, GpuSummary, Latency, RunTimes, ServerRun, Summary, Tokens};
+    pub use crate::engine::{
+        Batch, Delivery, GpuSummary, Latency, RunTimes, ServerRun, ServerSummary, Summary, Tokens,
+    };
 }
 
-/// One engine per GPU of a host ([`EnginePool`]): what it does with a GPU
-/// another process holds, and the GPUs it left out.
+/// What to start and what it resolves to: [`Launch`] (the GPUs, and the slots and servers of
+/// each, as numbers or `auto`) makes a [`Plan`](launch::Plan) from one VRAM reading, which starts
+/// an [`EnginePool`] or serves a batch as its GPUs turn ready.
+pub mod launch {
+    pub use crate::engine::{GpuPlan, Gpus, Plan};
+}
+
+/// The servers of a host's GPUs used as one ([`EnginePool`]): how they start, what they do with a
+/// GPU another process holds, and the GPUs left out.
 pub mod pool {
-    pub use crate::engine::pool::{Event, LeftOut, PoolError, Served, WhenLocked};
+    pub use crate::engine::pool::{Event, Served};
+    pub use crate::engine::{LeftOut, PoolError, WhenLocked};
 }
 
 /// The workspace README's Rust examples, compiled as doc tests so they stay true.

@@ -38,6 +38,16 @@ pub(crate) fn hex128() -> std::io::Result<String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// `; last output:` and the server's last lines, or nothing when it printed none: the end of every
+/// message about a server that failed.
+pub(crate) fn tail_suffix(tail: &str) -> String {
+    if tail.trim().is_empty() {
+        String::new()
+    } else {
+        format!("; last output:\n{tail}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

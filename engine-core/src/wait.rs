@@ -1,21 +1,76 @@
 //! [`Wait`]: how long a caller is willing to wait at a step that blocks (a VRAM reading, the GPU
-//! lock, a server's start), given as data to the one operation instead of a family of variants.
+//! lock, a server's start), given as data to the one operation instead of a family of variants;
+//! and [`CancellationToken`], the cancellation a caller shares with every step it starts.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+/// A cancellation that a caller shares with everything it starts, as tokio-util's
+/// `CancellationToken`: clones are the same token; [`CancellationToken::cancel`] on any clone
+/// cancels them all; a [`child`](CancellationToken::child_token) is cancelled with its parent,
+/// or on its own without touching the parent. Steps that wait under [`Wait::Until`] look at it at
+/// least every 20 ms and give up, cleaning up what they started.
+///
+/// ```
+/// use engine_core::CancellationToken;
+///
+/// let run = CancellationToken::new();
+/// let starts = run.child_token();     // given up when the work is done, or with the run
+/// starts.cancel();
+/// assert!(starts.is_cancelled() && !run.is_cancelled());
+/// let other = run.child_token();
+/// run.clone().cancel();                // Ctrl-C
+/// assert!(other.is_cancelled());
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct CancellationToken {
+    flag: Arc<AtomicBool>,
+    parent: Option<Arc<CancellationToken>>,
+}
+
+impl CancellationToken {
+    /// A token nobody has cancelled.
+    pub fn new() -> Self {
+        CancellationToken::default()
+    }
+
+    /// A token that is cancelled once `flag` is set: for a signal handler, which may only store to
+    /// an atomic (`signal_hook::flag::register(SIGINT, flag)`).
+    pub fn from_flag(flag: Arc<AtomicBool>) -> Self {
+        CancellationToken { flag, parent: None }
+    }
+
+    /// A token cancelled with this one, or on its own (which leaves this one as it is).
+    pub fn child_token(&self) -> CancellationToken {
+        CancellationToken {
+            flag: Arc::new(AtomicBool::new(false)),
+            parent: Some(Arc::new(self.clone())),
+        }
+    }
+
+    /// Cancels this token, its clones and its children.
+    pub fn cancel(&self) {
+        self.flag.store(true, Ordering::Release);
+    }
+
+    /// Whether this token, or one it descends from, was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.flag.load(Ordering::Acquire) || self.parent.as_ref().is_some_and(|p| p.is_cancelled())
+    }
+}
 
 /// How long a blocking step may wait before it gives up (and cleans up what it started).
 ///
 /// ```no_run
-/// use std::sync::atomic::AtomicBool;
 /// use std::time::Duration;
-/// use engine_core::{Wait, gpu_lock};
+/// use engine_core::{CancellationToken, Wait, gpu_lock};
 ///
 /// let guard = gpu_lock(0, Wait::Forever)?;                       // as long as it takes
 /// drop(guard);
 /// let guard = gpu_lock(0, Wait::For(Duration::ZERO))?;           // try once
 /// drop(guard);
-/// let ctrl_c = AtomicBool::new(false);                           // set by a signal handler
+/// let ctrl_c = CancellationToken::new();                         // cancelled by a signal handler
 /// let guard = gpu_lock(0, Wait::Until(&ctrl_c))?;                // until Ctrl-C
 /// # Ok::<(), engine_core::gpu::LockError>(())
 /// ```
@@ -25,8 +80,9 @@ pub enum Wait<'a> {
     Forever,
     /// At most this long from the call (zero: try once).
     For(Duration),
-    /// Until this flag is set (a Ctrl-C handler's, say); steps look at it at least every 20 ms.
-    Until(&'a AtomicBool),
+    /// Until this token is cancelled (by a Ctrl-C handler, say); steps look at it at least every
+    /// 20 ms.
+    Until(&'a CancellationToken),
 }
 
 impl<'a> Wait<'a> {
@@ -56,8 +112,8 @@ pub(crate) enum Deadline<'a> {
     Never,
     /// Gives up at this instant (`None`: so far away that it never comes).
     At(Option<Instant>),
-    /// Gives up once the flag is set.
-    Flag(&'a AtomicBool),
+    /// Gives up once the token is cancelled.
+    Flag(&'a CancellationToken),
 }
 
 /// The longest a step blocks before it looks at a flag again.
@@ -69,7 +125,7 @@ impl Deadline<'_> {
         match self {
             Deadline::Never | Deadline::At(None) => false,
             Deadline::At(Some(at)) => Instant::now() >= at,
-            Deadline::Flag(flag) => flag.load(Ordering::Acquire),
+            Deadline::Flag(token) => token.is_cancelled(),
         }
     }
 
@@ -79,7 +135,7 @@ impl Deadline<'_> {
             Deadline::Never | Deadline::At(None) => Some(step),
             Deadline::At(Some(at)) => Some(at.saturating_duration_since(Instant::now()).min(step))
                 .filter(|d| !d.is_zero()),
-            Deadline::Flag(flag) => (!flag.load(Ordering::Acquire)).then_some(step.min(FLAG_CHECK)),
+            Deadline::Flag(token) => (!token.is_cancelled()).then_some(step.min(FLAG_CHECK)),
         }
     }
 
@@ -114,10 +170,10 @@ mod tests {
         let step = Duration::from_secs(1);
         assert_eq!(Wait::Forever.deadline().slice(step), Some(step));
         assert_eq!(Wait::For(Duration::ZERO).deadline().slice(step), None);
-        let flag = AtomicBool::new(false);
-        let until = Wait::Until(&flag).deadline();
+        let token = CancellationToken::new();
+        let until = Wait::Until(&token).deadline();
         assert_eq!(until.slice(step), Some(FLAG_CHECK));
-        flag.store(true, Ordering::Release);
+        token.cancel();
         assert_eq!(until.slice(step), None);
         assert!(until.expired() && until.is_flag());
         // A wait too long for the clock never ends.

@@ -1,266 +1,174 @@
-//! `Engine`: one configuration, and (once started) its running server — or one server per GPU (the
-//! engine's pool), used as one. Every call runs engine-core: the lifecycle, the one scheduler for
-//! batches, the swap that keeps the GPU, and the abort that ends a server's whole tree.
+//! `Engine`: one configuration and its launch, and (once started) its running servers — the
+//! engine's pool, one server on one GPU or several on several — used as one. Every call runs
+//! engine-core: the launch plan (GPUs, `auto` slots and servers), the lifecycle, the one scheduler
+//! for batches, the swap that keeps the GPU, and the abort that ends a server's whole tree. What
+//! crosses back is Python objects: `SceneDescription`s, the answers' dicts, typed exceptions.
 
+use std::cell::Cell;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use engine_core::batch::{Batch, RunTimes};
-use engine_core::config::{Setting, Zero};
-use engine_core::gpu::{Visible, distinct};
-use engine_core::pool::WhenLocked;
+use engine_core::launch::Gpus;
 use engine_core::request::{Answer, check_sampling};
-use engine_core::typestate::Healthy;
+use engine_core::setting::{Setting, Zero};
 use engine_core::{
-    EngineConfig, EngineError, EnginePool, GpuId, KeyframeRecord, Prompt, RequestError,
-    SceneDescription, Schema, Wait,
+    CancellationToken, EngineError, EnginePool, KeyframeRecord, Prompt, RequestError, Schema, Wait,
 };
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList};
 
-use crate::errors;
-use crate::options::{Gpus, configure, duration, port};
+use crate::options::{Setup, configure, duration, port};
 use crate::wait::{cancellable, lock, wait_for};
+use crate::{convert, errors};
 
-/// What runs: one engine, or a pool of one engine per GPU.
-// One value per started engine, behind an Arc: its size does not matter.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-enum Running {
-    One(engine_core::Engine<Healthy>),
-    Pool(EnginePool),
+thread_local! {
+    /// Set while this thread runs a batch's `progress_callback`: stopping or swapping the engine
+    /// from there would wait for the batch the callback is part of, for ever.
+    static IN_PROGRESS_CALLBACK: Cell<bool> = const { Cell::new(false) };
 }
 
-impl Running {
-    fn engines(&self) -> &[engine_core::Engine<Healthy>] {
-        match self {
-            Running::One(engine) => std::slice::from_ref(engine),
-            Running::Pool(pool) => pool.engines(),
-        }
+/// Refuses `what` from inside a batch's own progress callback.
+fn outside_callbacks(what: &str) -> PyResult<()> {
+    if IN_PROGRESS_CALLBACK.with(Cell::get) {
+        return Err(PyRuntimeError::new_err(format!(
+            "{what} from inside describe_frames' progress_callback would wait for the batch the \
+             callback belongs to, for ever — return from the callback (raise to stop the batch), \
+             then {what} once describe_frames has returned"
+        )));
     }
-
-    /// Describes `frames` with the slots busy (`concurrency` at once for one engine; every engine's
-    /// slots for a pool), under the scheduler's contract, each answer with its cost.
-    fn describe_many(
-        &self,
-        frames: &[KeyframeRecord],
-        concurrency: usize,
-        on_done: impl Fn(usize, &Result<Answer<SceneDescription>, RequestError>) -> ControlFlow<()>
-        + Sync,
-    ) -> Batch<Answer<SceneDescription>> {
-        let options = self.engines()[0].config().describe_options();
-        let prompts: Vec<Prompt> = frames
-            .iter()
-            .map(|frame| options.frame_prompt(&frame.frame_path))
-            .collect();
-        match self {
-            Running::One(engine) => engine.answer_many(&prompts, concurrency, on_done),
-            Running::Pool(pool) => pool.answer_many(&prompts, on_done),
-        }
-    }
-
-    fn describe(&self, frame: KeyframeRecord) -> Result<SceneDescription, RequestError> {
-        match self {
-            Running::One(engine) => engine.describe(&frame),
-            Running::Pool(_) => {
-                take_one(self.describe_many(&[frame], 1, |_, _| go_on())).map(|a| a.value)
-            }
-        }
-    }
-
-    fn complete(&self, prompt: Prompt) -> Result<serde_json::Value, RequestError> {
-        match self {
-            Running::One(engine) => engine.complete(&prompt),
-            Running::Pool(pool) => take_one(pool.complete_many(&[prompt], |_, _| go_on())),
-        }
-    }
-
-    fn abort(&self) {
-        match self {
-            Running::One(engine) => engine.abort(),
-            Running::Pool(pool) => pool.abort(),
-        }
-    }
-
-    /// Stops every server; the one death a single engine found before the stop, if any.
-    fn shutdown(self) -> Result<(), RequestError> {
-        match self {
-            Running::One(engine) => engine.shutdown().map(|_| ()),
-            // A pool's deaths were reported as they happened.
-            Running::Pool(pool) => {
-                pool.shutdown();
-                Ok(())
-            }
-        }
-    }
+    Ok(())
 }
 
-fn go_on<T>() -> ControlFlow<T> {
-    ControlFlow::Continue(())
-}
-
-fn take_one<T>(batch: Batch<T>) -> Result<T, RequestError> {
-    batch
-        .results
-        .into_iter()
-        .next()
-        .expect("a batch of one item has one outcome")
-}
-
-/// Why a start failed, kept apart until the error is made on Python's thread.
-enum StartFailure {
-    Engine(EngineError),
-    Pool(String),
-}
-
-/// One engine: the configuration, then (once started) the running server or servers.
+/// One engine: its setup, then (once started) its running servers.
 #[pyclass(module = "cinecut_engine._engine")]
 #[derive(Debug)]
 pub struct Engine {
-    config: EngineConfig,
-    gpus: Gpus,
-    running: Mutex<Option<Arc<Running>>>,
-    /// GPUs a pool left out at its start, each with why (for Python to log).
+    setup: Setup,
+    running: Mutex<Option<Arc<EnginePool>>>,
+    /// GPUs left out at the start, each with why (for Python to log).
     left_out: Mutex<Vec<(String, String)>>,
 }
 
 impl Engine {
-    fn live(&self) -> PyResult<Arc<Running>> {
+    fn live(&self) -> PyResult<Arc<EnginePool>> {
         lock(&self.running).clone().ok_or_else(|| {
             PyRuntimeError::new_err("the engine is not running: use it inside its `with` block")
         })
     }
-
-    /// One configuration per GPU: just this one, or one per GPU of the list (or of all those this
-    /// process may use), each on a free port.
-    fn configs(&self) -> Result<(Vec<EngineConfig>, WhenLocked), EngineError> {
-        let ids: Vec<GpuId> = match &self.gpus {
-            Gpus::One => return Ok((vec![self.config.clone()], WhenLocked::Wait)),
-            Gpus::List(ids) => ids.clone(),
-            Gpus::All => {
-                let rows = self.config.vram_probe()?.query(Wait::Forever)?;
-                Visible::from_env()
-                    .rows(&rows)
-                    .iter()
-                    .map(|row| GpuId::Uuid(row.uuid.clone()))
-                    .collect()
-            }
-        };
-        let when_locked = match self.gpus {
-            Gpus::All => WhenLocked::Skip,
-            _ => WhenLocked::Wait,
-        };
-        let configs = ids
-            .into_iter()
-            .map(|gpu| self.config.to_builder().gpu(gpu).port(0).build())
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((configs, when_locked))
-    }
 }
 
-/// The GPUs (nvidia-smi indices) `configs` name that the calling thread holds the lock of: taking
-/// them would wait for ever.
-fn held_here(configs: &[EngineConfig], held: &[u32]) -> Result<Vec<u32>, EngineError> {
-    if held.is_empty() {
-        return Ok(Vec::new());
+/// One answer from the pool: straight from its only server, else as a batch of one (to whichever
+/// server has a free slot).
+fn answer_one<T>(pool: &EnginePool, prompt: &Prompt) -> Result<Answer<T>, RequestError>
+where
+    T: serde::de::DeserializeOwned + Send,
+{
+    match pool.engines() {
+        [only] => only.answer(prompt),
+        _ => pool
+            .answer_many(std::slice::from_ref(prompt), |_, _| {
+                ControlFlow::Continue(())
+            })
+            .results
+            .into_iter()
+            .next()
+            .expect("a batch of one item has one outcome"),
     }
-    let Some(first) = configs.first() else {
-        return Ok(Vec::new());
-    };
-    let rows = first.vram_probe()?.query(Wait::Forever)?;
-    let gpus: Vec<GpuId> = configs.iter().map(|c| c.gpu().clone()).collect();
-    let (named, _) = distinct(&rows, &gpus, &Visible::from_env());
-    Ok(named
-        .into_iter()
-        .filter_map(|(_, reading)| reading.ok().map(|r| r.gpu))
-        .filter(|gpu| held.contains(gpu))
-        .collect())
 }
 
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (model, mmproj = None, port = i64::from(engine_core::config::DEFAULT_PORT), debug = false, options = None))]
+    #[pyo3(signature = (model, mmproj = None, port = None, debug = false, options = None))]
     fn new(
         model: PathBuf,
         mmproj: Option<PathBuf>,
-        port: i64,
+        port: Option<&Bound<'_, PyAny>>,
         debug: bool,
         options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
-        let (config, gpus) = configure(model, mmproj, self::port(port)?, debug, options)?;
+        let port = match port {
+            Some(given) => self::port(given)?,
+            None => engine_core::config::DEFAULT_PORT,
+        };
         Ok(Engine {
-            config,
-            gpus,
+            setup: configure(model, mmproj, port, debug, options)?,
             running: Mutex::new(None),
             left_out: Mutex::new(Vec::new()),
         })
     }
 
-    /// Checks VRAM, takes the GPU lock, starts the server (one per GPU for several); Ctrl-C gives
-    /// up at once (cleaning up). `held`: the GPUs whose lock the calling thread holds (`with
-    /// GPU_LOCK:`), refused at once instead of waited for.
+    /// Plans the launch (one VRAM reading: the GPUs, `auto` slots and servers), then starts every
+    /// GPU's servers (its VRAM checked again under its lock); Ctrl-C gives up at once, cleaning up.
+    /// `held`: the GPUs whose lock the calling thread holds (`with GPU_LOCK:`): a named GPU among
+    /// them is refused at once (it would be waited for, for ever); with `gpus="all"` they are left
+    /// out.
     #[pyo3(signature = (held = Vec::new()))]
     fn start(&self, py: Python<'_>, held: Vec<u32>) -> PyResult<()> {
         if lock(&self.running).is_some() {
             return Err(PyRuntimeError::new_err("the engine is already running"));
         }
-        let (configs, when_locked) = self.configs().map_err(|e| errors::engine(py, &e))?;
-        let mine = held_here(&configs, &held).map_err(|e| errors::engine(py, &e))?;
-        if let Some(gpu) = mine.first() {
-            return Err(PyRuntimeError::new_err(format!(
-                "this thread holds GPU {gpu}'s lock (`with GPU_LOCK:` or gpu_lock({gpu})): the \
-                 engine would wait for it for ever — release it first, or start the engine on \
-                 another thread"
-            )));
-        }
-        let several = !matches!(self.gpus, Gpus::One);
-        let started = cancellable(py, move |flag| {
-            if several {
-                EnginePool::launch(configs, when_locked, Wait::Until(flag))
-                    .map(Running::Pool)
-                    .map_err(|e| {
-                        let message = e.to_string();
-                        match <[_; 1]>::try_from(e.failures) {
-                            Ok([only]) => StartFailure::Engine(only.error),
-                            Err(_) => StartFailure::Pool(message),
-                        }
-                    })
-            } else {
-                let config = configs.into_iter().next().expect("one configuration");
-                let wait = Wait::Until(flag);
-                engine_core::Engine::new(config)
-                    .check_vram(wait)
-                    .map_err(EngineError::from)
-                    .and_then(|e| e.lock_gpu(wait).map_err(EngineError::from))
-                    .and_then(|e| e.start(wait).map_err(EngineError::from))
-                    .map(Running::One)
-                    .map_err(StartFailure::Engine)
+        let launch = self.setup.launch();
+        let every_gpu = self.setup.gpus == Gpus::All;
+        let started = cancellable(py, move |cancel| -> Result<_, EngineError> {
+            let mut plan = launch.plan(cancel)?;
+            let mine: Vec<u32> = plan
+                .gpus()
+                .iter()
+                .map(|g| g.gpu)
+                .filter(|gpu| held.contains(gpu))
+                .collect();
+            if let Some(&gpu) = mine.first() {
+                if !every_gpu {
+                    return Ok(Err(gpu));
+                }
+                for gpu in mine {
+                    let why = format!(
+                        "leaves out GPU {gpu}: this thread holds its lock (`with GPU_LOCK:` or \
+                         gpu_lock({gpu}))"
+                    );
+                    plan.leave_out(gpu, why)?;
+                }
             }
-        })?;
-        let running = started.map_err(|failure| match failure {
-            StartFailure::Engine(e) => errors::engine(py, &e),
-            StartFailure::Pool(message) => errors::StartError::new_err(errors::say(message)),
-        })?;
-        if let Running::Pool(pool) = &running {
-            *lock(&self.left_out) = pool
+            let left_out: Vec<(String, String)> = plan
                 .left_out()
                 .iter()
                 .map(|l| (l.gpu.to_string(), errors::say(&l.error)))
                 .collect();
+            let pool = plan.start(cancel, &|_| {})?;
+            let mut left = left_out;
+            left.extend(
+                pool.left_out()
+                    .iter()
+                    .skip(left.len())
+                    .map(|l| (l.gpu.to_string(), errors::say(&l.error))),
+            );
+            Ok(Ok((pool, left)))
+        })?;
+        match started.map_err(|e| errors::engine(py, &e))? {
+            Err(gpu) => Err(PyRuntimeError::new_err(format!(
+                "this thread holds GPU {gpu}'s lock (`with GPU_LOCK:` or gpu_lock({gpu})): the \
+                 engine would wait for it for ever — release it first, or start the engine on \
+                 another thread"
+            ))),
+            Ok((pool, left_out)) => {
+                *lock(&self.left_out) = left_out;
+                *lock(&self.running) = Some(Arc::new(pool));
+                Ok(())
+            }
         }
-        *lock(&self.running) = Some(Arc::new(running));
-        Ok(())
     }
 
-    /// Stops the server (every server, for several), waits for VRAM, releases the lock. A request
-    /// still in flight (after a Ctrl-C) is ended by the engine's abort of the server's whole tree.
-    /// Raises `RequestError` if the server had died.
+    /// Stops every server, waits for VRAM, releases the locks. A request still in flight (after a
+    /// Ctrl-C) is ended by the engine's abort of the server's whole tree. Raises `RequestError`
+    /// if a single server had died; refused from inside a batch's progress callback.
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
+        outside_callbacks("stopping the engine")?;
         let Some(mut running) = lock(&self.running).take() else {
             return Ok(());
         };
@@ -269,12 +177,12 @@ impl Engine {
             let mut aborted = false;
             loop {
                 match Arc::try_unwrap(running) {
-                    Ok(running) => return running.shutdown(),
+                    Ok(pool) => return shut_down(pool),
                     Err(shared) => running = shared,
                 }
                 // A helper still holds the engine: a request whose caller was interrupted (a helper
                 // that just answered lets go within microseconds: it gets a moment). The abort ends
-                // the server's whole tree, safe against pid reuse, and with it the request; the
+                // the servers' whole trees, safe against pid reuse, and with them the request; the
                 // helper then lets go, and the shutdown reaps and releases.
                 if !aborted && started.elapsed() > Duration::from_millis(100) {
                     running.abort();
@@ -287,12 +195,15 @@ impl Engine {
     }
 
     /// Stops this engine's server and starts `next`'s on the same GPU, keeping the GPU lock
-    /// throughout (engine-core's swap): then this engine is stopped and `next` runs. A failed swap
-    /// leaves neither running and the lock released, and raises.
+    /// throughout (engine-core's swap, which checks `next` before it stops anything): then this
+    /// engine is stopped and `next` runs. A failed swap raises; if it failed after the stop,
+    /// neither runs and the lock is released.
     fn swap(&self, py: Python<'_>, next: PyRef<'_, Engine>) -> PyResult<()> {
-        if !matches!(self.gpus, Gpus::One) || !matches!(next.gpus, Gpus::One) {
+        outside_callbacks("swapping the engine")?;
+        if !self.setup.single() || !next.setup.single() {
             return Err(PyValueError::new_err(
-                "swap keeps one GPU: it needs engines without the gpus option",
+                "swap keeps one server on one GPU: it needs engines without the gpus and \
+                 servers_per_gpu options",
             ));
         }
         if lock(&next.running).is_some() {
@@ -303,12 +214,8 @@ impl Engine {
         let running = lock(&self.running).take().ok_or_else(|| {
             PyRuntimeError::new_err("the engine is not running: swap from inside its `with` block")
         })?;
-        let engine = match Arc::try_unwrap(running) {
-            Ok(Running::One(engine)) => engine,
-            Ok(other) => {
-                *lock(&self.running) = Some(Arc::new(other));
-                return Err(PyValueError::new_err("swap keeps one GPU"));
-            }
+        let pool = match Arc::try_unwrap(running) {
+            Ok(pool) => pool,
             Err(shared) => {
                 *lock(&self.running) = Some(shared);
                 return Err(PyRuntimeError::new_err(
@@ -316,50 +223,70 @@ impl Engine {
                 ));
             }
         };
-        let config = next.config.clone();
-        let swapped = cancellable(py, move |flag| engine.swap(config, Wait::Until(flag)))?;
-        let engine = swapped.map_err(|e| errors::engine(py, &e))?;
-        *lock(&next.running) = Some(Arc::new(Running::One(engine)));
-        Ok(())
+        let engine = pool
+            .into_engines()
+            .pop()
+            .expect("a started engine has its server");
+        let config = next.setup.config.clone();
+        let swapped = cancellable(py, move |cancel| engine.swap(config, Wait::Until(cancel)))?;
+        match swapped {
+            Ok(engine) => {
+                *lock(&next.running) = Some(Arc::new(EnginePool::from(engine)));
+                Ok(())
+            }
+            Err(failed) => {
+                // Checked before the stop (another GPU, a missing program): still running.
+                if let Some(engine) = failed.still_running {
+                    *lock(&self.running) = Some(Arc::new(EnginePool::from(*engine)));
+                }
+                Err(errors::engine(py, &failed.error))
+            }
+        }
     }
 
-    /// Whether the server is running.
+    /// Whether the servers are running.
     #[getter]
     fn running(&self) -> bool {
         lock(&self.running).is_some()
     }
 
-    /// `http://127.0.0.1:PORT` of the (first) running server.
+    /// `http://127.0.0.1:PORT` of the first server.
     #[getter]
     fn base_url(&self) -> PyResult<String> {
         Ok(self.live()?.engines()[0].base_url().to_string())
     }
 
-    /// The port of the (first) running server.
+    /// The port of the first server.
     #[getter]
     fn port(&self) -> PyResult<u16> {
         Ok(self.live()?.engines()[0].port())
     }
 
-    /// The (first) server's pid.
+    /// The first server's pid.
     #[getter]
     fn pid(&self) -> PyResult<u32> {
         Ok(self.live()?.engines()[0].pid())
     }
 
-    /// Every server's pid, one per GPU.
+    /// Every server's pid.
     #[getter]
     fn pids(&self) -> PyResult<Vec<u32>> {
         Ok(self.live()?.engines().iter().map(|e| e.pid()).collect())
     }
 
-    /// The GPUs (nvidia-smi indices) the servers run on.
+    /// The GPUs (nvidia-smi indices) the servers run on, one per server.
     #[getter]
     fn gpus(&self) -> PyResult<Vec<u32>> {
         Ok(self.live()?.engines().iter().map(|e| e.gpu()).collect())
     }
 
-    /// The (first) server's API key.
+    /// Requests the servers serve at once, over all of them.
+    #[getter]
+    fn slots(&self) -> PyResult<usize> {
+        Ok(self.live()?.slots())
+    }
+
+    /// The first server's API key.
     #[getter]
     fn api_key(&self) -> PyResult<String> {
         Ok(self.live()?.engines()[0].api_key().to_string())
@@ -371,169 +298,208 @@ impl Engine {
         lock(&self.left_out).clone()
     }
 
-    /// Describes one frame; the SceneDescription as JSON text. Raises `RequestError`, also when no
-    /// answer came within `timeout_s`.
+    /// Describes one frame as a `SceneDescription`. Raises `RequestError`, also when no answer came
+    /// within `timeout_s` (every attempt included; the request is abandoned then, and the server
+    /// stops generating for it).
     #[pyo3(signature = (frame_path, timeout_s = 60.0))]
-    fn describe(&self, py: Python<'_>, frame_path: PathBuf, timeout_s: f64) -> PyResult<String> {
+    fn describe<'py>(
+        &self,
+        py: Python<'py>,
+        frame_path: PathBuf,
+        timeout_s: f64,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let running = self.live()?;
         let limit = duration(Setting::RequestTimeout, timeout_s, Zero::Refused)?;
-        let deadline = Instant::now() + limit;
-        let cancel = Arc::new(AtomicBool::new(false));
-        let shown = frame_path.display().to_string();
-        let answer = wait_for(py, &cancel, Some(deadline), move || {
-            running
-                .describe(KeyframeRecord::new(frame_path, 0.0, "python"))
-                .map(|scene| serde_json::to_string(&scene).expect("a scene serialises"))
-        })?;
-        match answer {
-            Some(answer) => answer.map_err(|e| errors::request(py, &e)),
-            None => Err(errors::RequestError::new_err(format!(
-                "frame {shown}: no answer within {timeout_s} s"
-            ))),
-        }
+        let options = running.engines()[0].config().describe_options();
+        let prompt = options.frame_prompt(&frame_path).timeout(limit);
+        let cancel = CancellationToken::new();
+        let answer = wait_for(py, &cancel, None, move || {
+            answer_one::<engine_core::SceneDescription>(&running, &prompt)
+        })?
+        .expect("no deadline");
+        let scene = answer.map_err(|e| errors::request(py, &e))?;
+        convert::scene(py, &scene.value)
     }
 
-    /// Describes many frames with the slots busy, in input order: for each, (JSON, None) or (None,
-    /// error). `progress(done, total)` runs after each frame. Also returns the servers that died:
-    /// (GPU, how, frames they handed over), and the batch's summary as JSON (the CLI's
-    /// `--summary`).
-    #[pyo3(signature = (frame_paths, concurrency = 1, progress = None))]
+    /// Describes many frames with the slots busy, in input order: for each, its
+    /// `SceneDescription` or the `RequestError` it ended with. `progress(done, total)` runs after
+    /// each frame (an exception it raises stops the batch and is raised here). Also returns the
+    /// servers that died (GPU, how, frames they handed over) and the batch's summary (a dict, as the
+    /// CLI's `--summary` writes it). `concurrency`: requests in flight (default: every server's
+    /// slots).
+    #[pyo3(signature = (frame_paths, concurrency = None, progress = None))]
     #[allow(clippy::type_complexity)]
-    fn describe_many(
+    fn describe_many<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         frame_paths: Vec<PathBuf>,
-        concurrency: usize,
+        concurrency: Option<i64>,
         progress: Option<Py<PyAny>>,
     ) -> PyResult<(
-        Vec<(Option<String>, Option<String>)>,
+        Bound<'py, PyList>,
         Vec<(u32, String, usize)>,
-        String,
+        Bound<'py, PyAny>,
     )> {
         let running = self.live()?;
-        let cancel = Arc::new(AtomicBool::new(false));
-        let stop = Arc::clone(&cancel);
-        let results = wait_for(py, &cancel, None, move || {
+        let concurrency = match concurrency {
+            None => running.slots(),
+            Some(n) => usize::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "concurrency is {n}: it must be at least 1 (or None: every server's slots)"
+                ))
+            })?,
+        };
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        let done = wait_for(py, &cancel, None, move || {
             let records: Vec<KeyframeRecord> = frame_paths
                 .into_iter()
                 .map(|p| KeyframeRecord::new(p, 0.0, "python"))
                 .collect();
             let total = records.len();
             let started = SystemTime::now();
-            let done = AtomicUsize::new(0);
+            let finished = AtomicUsize::new(0);
             let callback_error: Mutex<Option<PyErr>> = Mutex::new(None);
-            let batch = running.describe_many(&records, concurrency, |_, _| {
-                let n = done.fetch_add(1, Ordering::AcqRel) + 1;
+            let batch = describe_batch(&running, &records, concurrency, |_, _| {
+                let n = finished.fetch_add(1, Ordering::AcqRel) + 1;
                 if let Some(progress) = &progress {
-                    let called = Python::attach(|py| progress.call1(py, (n, total)).map(|_| ()));
+                    let called = Python::attach(|py| {
+                        IN_PROGRESS_CALLBACK.with(|c| c.set(true));
+                        let called = progress.call1(py, (n, total)).map(|_| ());
+                        IN_PROGRESS_CALLBACK.with(|c| c.set(false));
+                        called
+                    });
                     if let Err(e) = called {
                         lock(&callback_error).get_or_insert(e);
                         return ControlFlow::Break(());
                     }
                 }
-                if stop.load(Ordering::Acquire) {
+                if stop.is_cancelled() {
                     ControlFlow::Break(())
                 } else {
                     ControlFlow::Continue(())
                 }
             });
-            let summary = batch.summary(RunTimes {
-                started,
-                ready: started,
-                finished: SystemTime::now(),
-            });
-            let summary = serde_json::to_string(&summary).expect("a summary serialises");
-            let pairs: Vec<(Option<String>, Option<String>)> = batch
-                .results
-                .into_iter()
-                .map(|r| match r {
-                    Ok(answer) => (
-                        Some(serde_json::to_string(&answer.value).expect("serialises")),
-                        None,
-                    ),
-                    Err(e) => (None, Some(errors::say(e))),
-                })
-                .collect();
-            let deaths: Vec<(u32, String, usize)> = batch
-                .servers
-                .iter()
-                .filter_map(|s| {
-                    let died = s.died.as_ref()?;
-                    Some((s.gpu, died.status.to_string(), s.handed_over))
-                })
-                .collect();
-            (
-                pairs,
-                deaths,
-                summary,
-                callback_error
-                    .into_inner()
-                    .unwrap_or_else(|p| p.into_inner()),
-            )
+            let error = callback_error
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner());
+            (batch, started, error)
         })?
         .expect("no deadline");
-        match results {
-            (_, _, _, Some(error)) => Err(error),
-            (pairs, deaths, summary, None) => Ok((pairs, deaths, summary)),
+        let (batch, started, callback_error) = done;
+        if let Some(error) = callback_error {
+            return Err(error);
         }
+        let summary = batch.summary(RunTimes {
+            started,
+            ready: started,
+            finished: SystemTime::now(),
+        });
+        let deaths: Vec<(u32, String, usize)> = batch
+            .servers
+            .iter()
+            .filter_map(|s| {
+                let died = s.died.as_ref()?;
+                Some((s.gpu, died.status.to_string(), s.handed_over))
+            })
+            .collect();
+        let results = PyList::empty(py);
+        for result in batch.results {
+            match result {
+                Ok(answer) => results.append(convert::scene(py, &answer.value)?)?,
+                Err(e) => results.append(errors::request(py, &e).into_value(py))?,
+            }
+        }
+        Ok((results, deaths, convert::to_python(py, &summary)?))
     }
 
     /// For benchmarks: describes `frame_path` `n` times in a Rust loop (no Python between the
     /// calls) and returns the seconds per call, to set against the same call made from Python.
     fn time_describe(&self, py: Python<'_>, frame_path: PathBuf, n: u32) -> PyResult<f64> {
         let running = self.live()?;
+        let options = running.engines()[0].config().describe_options();
+        let prompt = options.frame_prompt(&frame_path);
         py.detach(|| -> Result<f64, RequestError> {
             let started = Instant::now();
             for _ in 0..n.max(1) {
-                running.describe(KeyframeRecord::new(&frame_path, 0.0, "bench"))?;
+                answer_one::<engine_core::SceneDescription>(&running, &prompt)?;
             }
             Ok(started.elapsed().as_secs_f64() / f64::from(n.max(1)))
         })
         .map_err(|e| errors::request(py, &e))
     }
 
-    /// One schema-constrained answer as JSON text (any schema, given as JSON text); raises
-    /// `RequestError`. Bad arguments (the engine's sampling rule, a schema that is not one) are a
-    /// `ValueError`.
-    #[pyo3(signature = (schema_json, text, system = None, max_tokens = 128, temperature = 0.1, images = Vec::new(), timeout_s = 60.0))]
+    /// One schema-constrained answer (any schema, given as a dict), as Python objects; raises
+    /// `RequestError`, also when no answer came within `timeout_s` (every attempt included). Bad
+    /// arguments (the engine's sampling rule, a schema that is not one) are a `ValueError`.
+    #[pyo3(signature = (schema, text, system = None, max_tokens = 128, temperature = 0.1, images = Vec::new(), timeout_s = 60.0))]
     #[allow(clippy::too_many_arguments)]
-    fn complete(
+    fn complete<'py>(
         &self,
-        py: Python<'_>,
-        schema_json: &str,
+        py: Python<'py>,
+        schema: &Bound<'py, PyAny>,
         text: String,
         system: Option<String>,
         max_tokens: u32,
         temperature: f32,
         images: Vec<PathBuf>,
         timeout_s: f64,
-    ) -> PyResult<String> {
+    ) -> PyResult<Bound<'py, PyAny>> {
         let running = self.live()?;
         check_sampling(temperature, max_tokens).map_err(errors::config)?;
         let limit = duration(Setting::RequestTimeout, timeout_s, Zero::Refused)?;
-        let value: serde_json::Value = serde_json::from_str(schema_json)
-            .map_err(|e| PyValueError::new_err(format!("the schema is not JSON: {e}")))?;
-        let schema =
-            Schema::new("schema", value).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let schema = Schema::new("schema", convert::from_python(schema)?)
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
         let mut prompt = Prompt::new(&schema, text)
             .max_tokens(max_tokens)
-            .temperature(temperature);
+            .temperature(temperature)
+            .timeout(limit);
         if let Some(system) = system {
             prompt = prompt.system(system);
         }
         for image in images {
             prompt = prompt.image(image);
         }
-        let deadline = Instant::now() + limit;
-        let cancel = Arc::new(AtomicBool::new(false));
-        let answer = wait_for(py, &cancel, Some(deadline), move || {
-            running.complete(prompt).map(|v| v.to_string())
-        })?;
-        match answer {
-            Some(answer) => answer.map_err(|e| errors::request(py, &e)),
-            None => Err(errors::RequestError::new_err(format!(
-                "no answer within {timeout_s} s"
-            ))),
-        }
+        let cancel = CancellationToken::new();
+        let answer = wait_for(py, &cancel, None, move || {
+            answer_one::<serde_json::Value>(&running, &prompt)
+        })?
+        .expect("no deadline");
+        let answer = answer.map_err(|e| errors::request(py, &e))?;
+        convert::to_python(py, &answer.value)
+    }
+}
+
+/// Describes `frames` with the servers' slots busy (`concurrency` at once for one server; every
+/// server's slots for several), under the scheduler's contract, each answer with its cost.
+fn describe_batch(
+    pool: &EnginePool,
+    frames: &[KeyframeRecord],
+    concurrency: usize,
+    on_done: impl Fn(
+        usize,
+        &Result<Answer<engine_core::SceneDescription>, RequestError>,
+    ) -> ControlFlow<()>
+    + Sync,
+) -> Batch<Answer<engine_core::SceneDescription>> {
+    let options = pool.engines()[0].config().describe_options();
+    let prompts: Vec<Prompt> = frames
+        .iter()
+        .map(|frame| options.frame_prompt(&frame.frame_path))
+        .collect();
+    match pool.engines() {
+        [only] => only.answer_many(&prompts, concurrency, on_done),
+        _ => pool.answer_many(&prompts, on_done),
+    }
+}
+
+/// Stops every server of `pool`; a single server's death found at the stop, if any (a pool's
+/// deaths were told as they happened).
+fn shut_down(pool: EnginePool) -> Result<(), RequestError> {
+    let single = pool.engines().len() == 1;
+    let mut stops = pool.shutdown().into_iter().map(|(_, stopped)| stopped);
+    match (single, stops.next()) {
+        (true, Some(Err(e))) => Err(e),
+        _ => Ok(()),
     }
 }

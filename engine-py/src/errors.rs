@@ -1,46 +1,36 @@
-//! The engine's errors as Python exceptions a caller can act on: `VramError` with `gpu`, `free_mib`
-//! and `required_mib`; `StartError` with `exit_code`, `signal` and `output_tail`; `RequestError`
-//! with `kind`, `subject`, `status` (HTTP) and, for a death, `exit_code` and `signal`; the source as
-//! `__cause__` where there is one; every setting named by its Python keyword (`min_vram_mib=`).
+//! The engine's errors as Python exceptions a caller can act on: instances of the package's own
+//! classes (`cinecut_engine._types`: real classes, their attributes typed and set by their
+//! constructors) — `VramError` with `gpu`, `free_mib` and `required_mib`; `StartError` with
+//! `exit_code`, `signal` and `output_tail`; `RequestError` with `kind`, `subject`, `status` (HTTP)
+//! and, for a death, `exit_code` and `signal`; the source as `__cause__` where there is one; every
+//! setting named by its Python keyword (`min_vram_mib=`).
 
-use engine_core::config::{ConfigError, Setting};
 use engine_core::error::{LockError, ServerDeath, VramError as CoreVram};
 use engine_core::process::ChildExit;
 use engine_core::request::Subject;
+use engine_core::setting::{ConfigError, Setting};
 use engine_core::{EngineError, RequestError as CoreRequest, StartError as CoreStart};
-use pyo3::exceptions::{PyException, PyOSError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
-pyo3::create_exception!(
-    _engine,
-    EngineFailure,
-    PyException,
-    "The base of the engine's errors."
-);
-pyo3::create_exception!(
-    _engine,
-    VramError,
-    EngineFailure,
-    "Free VRAM could not be read, or is below the minimum."
-);
-pyo3::create_exception!(
-    _engine,
-    InferenceError,
-    EngineFailure,
-    "Starting, using or stopping llama-server failed, or an answer was unusable."
-);
-pyo3::create_exception!(
-    _engine,
-    StartError,
-    InferenceError,
-    "llama-server did not start (whatever was started was stopped)."
-);
-pyo3::create_exception!(
-    _engine,
-    RequestError,
-    InferenceError,
-    "A request was not answered."
-);
+/// An instance of the package's exception class `class`, with `detail` and the typed `fields`,
+/// as the error to raise. Should making it fail (the package broken), that failure is raised.
+fn raise(py: Python<'_>, class: &str, detail: String, fields: &[(&str, Py<PyAny>)]) -> PyErr {
+    let made = (|| -> PyResult<Bound<'_, PyAny>> {
+        let kwargs = PyDict::new(py);
+        for (name, value) in fields {
+            kwargs.set_item(name, value)?;
+        }
+        crate::convert::types(py)?
+            .getattr(class)?
+            .call((detail,), Some(&kwargs))
+    })();
+    match made {
+        Ok(instance) => PyErr::from_value(instance),
+        Err(e) => e,
+    }
+}
 
 /// How Python names what the library calls `setting`: the keyword argument.
 pub fn keyword(setting: Setting) -> String {
@@ -56,7 +46,8 @@ pub fn keyword(setting: Setting) -> String {
         Setting::VramQueryTimeout => return "the nvidia-smi timeout".into(),
         Setting::HealthPollInterval => return "the readiness poll".into(),
         Setting::MaxFrameBytes => return "the frame size limit".into(),
-        Setting::VramProbe => "nvidia_smi",
+        Setting::VramProbe => "vram_probe",
+        Setting::Debug => return "debug=True".into(),
         other => other.name(),
     };
     format!("{name}=")
@@ -70,16 +61,6 @@ pub fn say(message: impl std::fmt::Display) -> String {
 /// A configuration mistake: the caller's, so a `ValueError`.
 pub fn config(e: ConfigError) -> PyErr {
     PyValueError::new_err(say(e))
-}
-
-/// Sets `attributes` on the exception `err` carries.
-fn with(py: Python<'_>, err: PyErr, attributes: &[(&str, Py<PyAny>)]) -> PyErr {
-    let value = err.value(py);
-    for (name, attribute) in attributes {
-        // An exception object takes any attribute; a failure here would only lose a detail.
-        let _ = value.setattr(*name, attribute.clone_ref(py));
-    }
-    err
 }
 
 fn none(py: Python<'_>) -> Py<PyAny> {
@@ -126,13 +107,20 @@ fn vram_saying(py: Python<'_>, e: &CoreVram, message: String) -> PyErr {
             free_mib,
             min_mib,
             ..
+        }
+        | CoreVram::TooSmall {
+            gpu,
+            free_mib,
+            need_mib: min_mib,
+            ..
         } => (number(u64::from(*gpu)), number(*free_mib), number(*min_mib)),
         CoreVram::Unreadable { gpu, .. } => (number(u64::from(*gpu)), none(py), none(py)),
         _ => (none(py), none(py), none(py)),
     };
-    let err = with(
+    let err = raise(
         py,
-        VramError::new_err(message),
+        "VramError",
+        message,
         &[("gpu", gpu), ("free_mib", free), ("required_mib", required)],
     );
     if let CoreVram::Spawn { source, .. } = e {
@@ -159,7 +147,7 @@ pub fn start(py: Python<'_>, e: &CoreStart) -> PyErr {
         "output_tail",
         tail.map_or_else(|| none(py), |t| string(py, t)),
     ));
-    let err = with(py, StartError::new_err(say(e)), &attributes);
+    let err = raise(py, "StartError", say(e), &attributes);
     match e {
         CoreStart::Listen { source, .. }
         | CoreStart::Spawn { source, .. }
@@ -224,7 +212,7 @@ pub fn request(py: Python<'_>, e: &CoreRequest) -> PyErr {
         Some(death) => attributes.extend(exit(py, death.status)),
         None => attributes.extend([("exit_code", none(py)), ("signal", none(py))]),
     }
-    with(py, RequestError::new_err(say(e)), &attributes)
+    raise(py, "RequestError", say(e), &attributes)
 }
 
 /// A lock that could not be taken: a VRAM reading under it fails as a `VramError` (its cause
@@ -233,11 +221,11 @@ pub fn lock(py: Python<'_>, e: &LockError) -> PyErr {
     match e {
         LockError::VramUnderLock(vram_error) => vram_saying(py, vram_error, say(e)),
         LockError::File { source, .. } => {
-            let err = InferenceError::new_err(say(e));
+            let err = raise(py, "InferenceError", say(e), &[]);
             err.set_cause(py, Some(os_error(source)));
             err
         }
-        other => InferenceError::new_err(say(other)),
+        other => raise(py, "InferenceError", say(other), &[]),
     }
 }
 
@@ -249,6 +237,10 @@ pub fn engine(py: Python<'_>, e: &EngineError) -> PyErr {
         EngineError::Lock(e) => lock(py, e),
         EngineError::Start(e) => start(py, e),
         EngineError::Request(e) => request(py, e),
-        other => InferenceError::new_err(say(other)),
+        EngineError::Pool(pool) => match <&[_; 1]>::try_from(pool.failures.as_slice()) {
+            Ok([only]) => engine(py, &only.error),
+            Err(_) => raise(py, "StartError", say(pool), &[]),
+        },
+        other => raise(py, "InferenceError", say(other), &[]),
     }
 }

@@ -1,11 +1,10 @@
 //! `GpuLock`: the engine's per-GPU, machine-wide lock, with `threading.Lock`'s methods.
 
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use engine_core::Wait;
 use engine_core::gpu::{GpuGuard, LockError};
+use engine_core::{CancellationToken, Wait};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -67,10 +66,10 @@ impl GpuLock {
         } else {
             let deadline = (timeout >= 0.0)
                 .then(|| Instant::now() + Duration::from_secs_f64(timeout.min(1e9)));
-            let cancel = Arc::new(AtomicBool::new(false));
-            let flag = Arc::clone(&cancel);
+            let cancel = CancellationToken::new();
+            let token = cancel.clone();
             match wait_for(py, &cancel, deadline, move || {
-                engine_core::gpu_lock(gpu, Wait::Until(&flag))
+                engine_core::gpu_lock(gpu, Wait::Until(&token))
             })? {
                 Some(Ok(guard)) => Some(guard),
                 Some(Err(LockError::Cancelled { .. })) | None => None,

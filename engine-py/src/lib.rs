@@ -1,9 +1,11 @@
 //! `cinecut_engine._engine`: the engine's calls for the Python package. Every call runs
 //! engine-core; the Python side (`python/cinecut_engine`) gives them CineCut's names and types.
 //!
-//! One file per concern: the exceptions (`errors`), the waits that Ctrl-C can end (`wait`), the
-//! options (`options`), the GPU lock (`gpu_lock`), the engines (`engine`).
+//! One file per concern: values to and from Python objects (`convert`), the exceptions (`errors`),
+//! the waits that Ctrl-C can end (`wait`), the options (`options`), the GPU lock (`gpu_lock`), the
+//! engines (`engine`).
 
+mod convert;
 mod engine;
 mod errors;
 mod gpu_lock;
@@ -13,6 +15,7 @@ mod wait;
 use std::time::Duration;
 
 use engine_core::gpu::{FreeVram, ProbeChoice, Visible, VramProbe, wait_for_free};
+use engine_core::setting::{Zero, duration_of};
 use engine_core::{GpuId, Wait};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -32,22 +35,10 @@ fn vram_free_mib(py: Python<'_>, gpu: u32, min_mib: u64) -> PyResult<u64> {
         .map_err(|e| errors::vram(py, &e))
 }
 
-/// `value` seconds, for an argument `name`: finite, more than zero (or zero, where `zero_ok`).
-fn seconds_argument(name: &str, value: f64, zero_ok: bool) -> PyResult<Duration> {
-    let ok = value.is_finite()
-        && value <= engine_core::config::MAX_DURATION.as_secs_f64()
-        && (value > 0.0 || (zero_ok && value == 0.0));
-    if !ok {
-        return Err(PyValueError::new_err(format!(
-            "{name} is {value}: it must be a number of seconds, {} and at most a year",
-            if zero_ok {
-                "zero or more"
-            } else {
-                "more than zero"
-            }
-        )));
-    }
-    Ok(Duration::from_secs_f64(value))
+/// `value` seconds, for an argument `name` (a call's own, not a setting), by the engine's rule for
+/// durations.
+pub fn seconds_argument(name: &str, value: f64, zero: Zero) -> PyResult<Duration> {
+    duration_of(value, zero).map_err(|reason| PyValueError::new_err(format!("{name} {reason}")))
 }
 
 /// Waits until `gpu` has `min_free_mib` free, asking every `poll_interval_s`, for at most
@@ -64,17 +55,17 @@ fn wait_for_vram(
     let probe = probe(py)?;
     let need = FreeVram {
         min_mib: min_free_mib,
-        timeout: seconds_argument("timeout_s", timeout_s, true)?,
-        poll: seconds_argument("poll_interval_s", poll_interval_s, false)?,
+        timeout: seconds_argument("timeout_s", timeout_s, Zero::Allowed)?,
+        poll: seconds_argument("poll_interval_s", poll_interval_s, Zero::Refused)?,
     };
     let visible = Visible::from_env();
-    let reading = wait::cancellable(py, move |flag| {
+    let reading = wait::cancellable(py, move |cancel| {
         wait_for_free(
             &probe,
             &GpuId::Index(gpu),
             &visible,
             need,
-            Wait::Until(flag),
+            Wait::Until(cancel),
         )
     })?;
     reading
@@ -82,38 +73,33 @@ fn wait_for_vram(
         .map_err(|e| errors::vram(py, &e))
 }
 
-/// The violations of `value_json` against the SceneDescription schema (empty: valid).
+/// The violations of `value` (any JSON-like object) against the SceneDescription schema (empty:
+/// valid); a `ValueError` for a value JSON cannot hold.
 #[pyfunction]
-fn scene_violations(value_json: &str) -> PyResult<Vec<String>> {
-    let value: serde_json::Value =
-        serde_json::from_str(value_json).map_err(|e| PyValueError::new_err(e.to_string()))?;
+fn scene_violations(value: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+    let value: serde_json::Value = convert::from_python(value)?;
     Ok(match engine_core::validate_scene_description(&value) {
         Ok(_) => Vec::new(),
         Err(violation) => violation.violations,
     })
 }
 
-/// The SceneDescription schema, as JSON text.
+/// The SceneDescription schema, as a dict.
 #[pyfunction]
-fn scene_schema_json() -> String {
-    engine_core::SCENE_DESCRIPTION_SCHEMA.to_string()
+fn scene_schema(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    convert::to_python(py, &*engine_core::SCENE_DESCRIPTION_SCHEMA)
 }
 
 /// The extension module.
 #[pymodule]
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    let py = m.py();
-    m.add("EngineFailure", py.get_type::<errors::EngineFailure>())?;
-    m.add("VramError", py.get_type::<errors::VramError>())?;
-    m.add("InferenceError", py.get_type::<errors::InferenceError>())?;
-    m.add("StartError", py.get_type::<errors::StartError>())?;
-    m.add("RequestError", py.get_type::<errors::RequestError>())?;
     m.add("VRAM_MINIMUM_MIB", engine_core::VRAM_MINIMUM_MIB)?;
     m.add("DEFAULT_PORT", engine_core::config::DEFAULT_PORT)?;
+    m.add("OPTIONS", options::OPTIONS.to_vec())?;
     m.add_function(wrap_pyfunction!(vram_free_mib, m)?)?;
     m.add_function(wrap_pyfunction!(wait_for_vram, m)?)?;
     m.add_function(wrap_pyfunction!(scene_violations, m)?)?;
-    m.add_function(wrap_pyfunction!(scene_schema_json, m)?)?;
+    m.add_function(wrap_pyfunction!(scene_schema, m)?)?;
     m.add_class::<gpu_lock::GpuLock>()?;
     m.add_class::<engine::Engine>()?;
     Ok(())

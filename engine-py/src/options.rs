@@ -1,21 +1,26 @@
 //! The engines' `**options`, read into the engine's configuration by the engine's own rules (the
-//! durations by `config::seconds`, every value by the builder): a mistake is a `ValueError` that
+//! durations by `setting::seconds`, every value by the builder): a mistake is a `ValueError` that
 //! names the option.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use engine_core::config::{EngineConfigBuilder, ImageTransport, Setting, Zero, seconds};
-use engine_core::{DescribeOptions, EngineConfig, GpuId};
+use engine_core::config::{Count, EngineConfigBuilder, ImageTransport};
+use engine_core::gpu::ProbeChoice;
+use engine_core::launch::Gpus;
+use engine_core::setting::{Setting, Zero, seconds};
+use engine_core::{DescribeOptions, EngineConfig, GpuId, Launch};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::errors;
 
-/// The options an engine takes, besides its model, port and debug.
-pub const OPTIONS: [&str; 19] = [
+/// The options an engine takes, besides its model, port and debug (the engines' docstrings list
+/// them from here: `options()`).
+pub const OPTIONS: [&str; 21] = [
     "slots",
+    "servers_per_gpu",
     "ctx_size",
     "gpu",
     "gpus",
@@ -34,15 +39,8 @@ pub const OPTIONS: [&str; 19] = [
     "stop_grace_s",
     "threads",
     "image_transport",
+    "vram_probe",
 ];
-
-/// Which GPUs an engine runs on: one (the `gpu` option), a list, or all this process may use.
-#[derive(Debug, Clone)]
-pub enum Gpus {
-    One,
-    List(Vec<GpuId>),
-    All,
-}
 
 /// A `**options` value read as `$type`, or a `ValueError` naming the option.
 macro_rules! option {
@@ -75,23 +73,78 @@ fn gpu_id(value: &Bound<'_, PyAny>, name: &str) -> PyResult<GpuId> {
         .map_err(|e: String| PyValueError::new_err(format!("option {name}: {e}")))
 }
 
-/// A port: 0 (a free one) to 65535.
-pub fn port(port: i64) -> PyResult<u16> {
-    u16::try_from(port).map_err(|_| {
+/// A port: 0 (a free one) to 65535; never a bool (`port=True` is a mistake, not port 1).
+pub fn port(port: &Bound<'_, PyAny>) -> PyResult<u16> {
+    let refuse = || {
         PyValueError::new_err(format!(
-            "port is {port}: it must be 0 (any free port) to 65535"
+            "port is {port}: it must be a whole number, 0 (any free port) to 65535"
         ))
-    })
+    };
+    if port.is_instance_of::<pyo3::types::PyBool>() {
+        return Err(refuse());
+    }
+    port.extract::<i64>()
+        .ok()
+        .and_then(|p| u16::try_from(p).ok())
+        .ok_or_else(refuse)
 }
 
-/// The configuration for `model` (and `mmproj`, a vision model), and the GPUs it runs on.
+/// A count: a whole number of at least 1, or `"auto"` (never a bool).
+fn count(value: &Bound<'_, PyAny>, name: &str) -> PyResult<Count> {
+    let refuse = |why: String| PyValueError::new_err(format!("option {name}: {why}"));
+    if value.is_instance_of::<pyo3::types::PyBool>() {
+        return Err(refuse(format!(
+            "{value} — a whole number of at least 1, or \"auto\""
+        )));
+    }
+    if let Ok(text) = value.extract::<String>() {
+        return text.parse().map_err(refuse);
+    }
+    match value.extract::<i64>() {
+        Ok(n) => u32::try_from(n)
+            .ok()
+            .filter(|n| *n >= 1)
+            .map(Count::Fixed)
+            .ok_or_else(|| refuse(format!("{n} — a whole number of at least 1, or \"auto\""))),
+        Err(_) => Err(refuse(format!(
+            "{value} — a whole number of at least 1, or \"auto\""
+        ))),
+    }
+}
+
+/// An engine's configuration and what its launch starts: the GPUs, and the slots and servers of
+/// each.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub config: EngineConfig,
+    pub gpus: Gpus,
+    pub slots: Count,
+    pub servers: Count,
+}
+
+impl Setup {
+    /// The launch of this setup (planned at `start`).
+    pub fn launch(&self) -> Launch {
+        Launch::new(self.config.clone())
+            .gpus(self.gpus.clone())
+            .slots(self.slots)
+            .servers_per_gpu(self.servers)
+    }
+
+    /// Whether it runs one server on one GPU (what a swap keeps).
+    pub fn single(&self) -> bool {
+        self.gpus == Gpus::Configured && self.servers == Count::Fixed(1)
+    }
+}
+
+/// The configuration for `model` (and `mmproj`, a vision model), and what its launch starts.
 pub fn configure(
     model: PathBuf,
     mmproj: Option<PathBuf>,
     port: u16,
     debug: bool,
     options: Option<&Bound<'_, PyDict>>,
-) -> PyResult<(EngineConfig, Gpus)> {
+) -> PyResult<Setup> {
     if let Some(options) = options {
         for key in options.keys() {
             let key: String = key.extract()?;
@@ -108,17 +161,32 @@ pub fn configure(
         None => EngineConfig::text(model),
     };
     builder = builder.port(port).debug(debug);
-    if let Some(v) = option!(options, "slots", u32) {
-        builder = builder.slots(v);
+    let slots = match option!(options, "slots", Bound<'_, PyAny>) {
+        Some(v) => count(&v, "slots")?,
+        None => Count::Fixed(1),
+    };
+    if let Count::Fixed(n) = slots {
+        builder = builder.slots(n);
     }
+    let servers = match option!(options, "servers_per_gpu", Bound<'_, PyAny>) {
+        Some(v) => count(&v, "servers_per_gpu")?,
+        None => Count::Fixed(1),
+    };
     if let Some(v) = option!(options, "ctx_size", u32) {
         builder = builder.ctx_size(v);
     }
-    if let Some(v) = option!(options, "gpu", Bound<'_, PyAny>) {
+    let gpu = option!(options, "gpu", Bound<'_, PyAny>);
+    let gpus = option!(options, "gpus", Bound<'_, PyAny>);
+    if gpu.is_some() && gpus.is_some() {
+        return Err(PyValueError::new_err(
+            "options gpu and gpus name the GPUs twice: give gpu (one GPU) or gpus (several), not both",
+        ));
+    }
+    if let Some(v) = gpu {
         builder = builder.gpu(gpu_id(&v, "gpu")?);
     }
-    let gpus = match option!(options, "gpus", Bound<'_, PyAny>) {
-        None => Gpus::One,
+    let gpus = match gpus {
+        None => Gpus::Configured,
         Some(v) if v.extract::<String>().is_ok_and(|s| s == "all") => Gpus::All,
         Some(v) => {
             let list: Vec<Bound<'_, PyAny>> = v.extract().map_err(|_| {
@@ -161,6 +229,12 @@ pub fn configure(
     if let Some(v) = option!(options, "threads", u32) {
         builder = builder.threads(v);
     }
+    if let Some(v) = option!(options, "vram_probe", String) {
+        let choice: ProbeChoice = v
+            .parse()
+            .map_err(|e| PyValueError::new_err(format!("option vram_probe: {e}")))?;
+        builder = builder.vram_probe(choice);
+    }
     if let Some(v) = option!(options, "image_transport", String) {
         builder = builder.image_transport(match v.as_str() {
             "auto" => ImageTransport::Auto,
@@ -196,5 +270,10 @@ pub fn configure(
         .describe_options(describe)
         .build()
         .map_err(errors::config)?;
-    Ok((config, gpus))
+    Ok(Setup {
+        config,
+        gpus,
+        slots,
+        servers,
+    })
 }

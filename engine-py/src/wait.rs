@@ -3,11 +3,11 @@
 //! up (a VRAM reading, a lock wait or a start is cancelled through its `Wait`; a request in flight is
 //! left to finish, or to the engine's abort), releasing what it holds.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{RecvTimeoutError, channel};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use engine_core::CancellationToken;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
@@ -23,11 +23,12 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Runs `work` on a helper thread and waits for it with the GIL released, checking for signals;
-/// `deadline` ends the wait with `None`. On a signal: `cancel` is set, the helper gets a moment to
-/// give up, and the signal's exception is raised. The helper drops its result if nobody takes it.
+/// `deadline` ends the wait with `None` (and cancels `cancel`). On a signal: `cancel` is
+/// cancelled, the helper gets a moment to give up, and the signal's exception is raised. The helper
+/// drops its result if nobody takes it.
 pub fn wait_for<T: Send + 'static>(
     py: Python<'_>,
-    cancel: &Arc<AtomicBool>,
+    cancel: &CancellationToken,
     deadline: Option<Instant>,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> PyResult<Option<T>> {
@@ -52,12 +53,12 @@ pub fn wait_for<T: Send + 'static>(
             Err(RecvTimeoutError::Timeout) => {}
         }
         if let Err(signal) = py.check_signals() {
-            cancel.store(true, Ordering::Release);
+            cancel.cancel();
             let _ = py.detach(|| receive(GIVE_UP_WAIT));
             return Err(signal);
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            cancel.store(true, Ordering::Release);
+            cancel.cancel();
             return Ok(None);
         }
     }
@@ -97,13 +98,13 @@ mod helpers {
     }
 }
 
-/// `work(cancel)` on a helper, waited for without a deadline; the flag is set on Ctrl-C.
+/// `work(cancel)` on a helper, waited for without a deadline; the token is cancelled on Ctrl-C.
 pub fn cancellable<T: Send + 'static>(
     py: Python<'_>,
-    work: impl FnOnce(&AtomicBool) -> T + Send + 'static,
+    work: impl FnOnce(&CancellationToken) -> T + Send + 'static,
 ) -> PyResult<T> {
-    let cancel = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&cancel);
-    let done = wait_for(py, &cancel, None, move || work(&flag))?;
+    let cancel = CancellationToken::new();
+    let token = cancel.clone();
+    let done = wait_for(py, &cancel, None, move || work(&token))?;
     Ok(done.expect("no deadline"))
 }

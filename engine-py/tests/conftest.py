@@ -50,12 +50,28 @@ class KeyframeRecord:
 
 
 def write_gguf(path: Path, keys) -> Path:
+    """A GGUF header of `keys`: strings, and whole numbers (uint32)."""
     out = b"GGUF" + struct.pack("<IQQ", 3, 0, len(keys))
     for key, value in keys:
-        k, v = key.encode(), value.encode()
-        out += struct.pack("<Q", len(k)) + k + struct.pack("<I", 8) + struct.pack("<Q", len(v)) + v
+        k = key.encode()
+        out += struct.pack("<Q", len(k)) + k
+        if isinstance(value, int):
+            out += struct.pack("<II", 4, value)
+        else:
+            v = value.encode()
+            out += struct.pack("<I", 8) + struct.pack("<Q", len(v)) + v
     path.write_bytes(out)
     return path
+
+
+#: LLaVA-1.5-7B's KV numbers: 1024 MiB per slot of 2048 tokens (what `auto` reads).
+LLAVA_7B_SHAPE = [
+    ("general.architecture", "llama"),
+    ("llama.block_count", 32),
+    ("llama.embedding_length", 4096),
+    ("llama.attention.head_count", 32),
+    ("llama.attention.head_count_kv", 32),
+]
 
 
 def write_png(path: Path, width: int, height: int, rgb) -> Path:

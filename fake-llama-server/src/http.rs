@@ -16,9 +16,26 @@ pub struct Request {
     pub path: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// The connection the request came on, to see whether the client is still there.
+    pub client: Option<TcpStream>,
 }
 
 impl Request {
+    /// Whether the client closed the connection (it gave up waiting): as the real server does, a
+    /// request whose client is gone is not worked on further.
+    pub fn client_gone(&self) -> bool {
+        let Some(client) = &self.client else {
+            return false;
+        };
+        if client.set_nonblocking(true).is_err() {
+            return false;
+        }
+        let mut byte = [0u8; 1];
+        let gone = matches!(client.peek(&mut byte), Ok(0));
+        let _ = client.set_nonblocking(false);
+        gone
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -79,6 +96,7 @@ fn connection(stream: TcpStream, handler: &Handler) -> io::Result<()> {
             path: target.split('?').next().unwrap_or("").to_string(),
             headers,
             body: Vec::new(),
+            client: writer.try_clone().ok(),
         };
         let length = request
             .header("Content-Length")

@@ -29,6 +29,9 @@ pub struct Knobs {
     sigterm: String,
     flood_bytes: usize,
     pub crash_after: Option<usize>,
+    /// Where servers that share the crash knob claim the one crash: only the first to create it
+    /// crashes.
+    pub crash_claim: Option<String>,
     modes: Vec<Mode>,
     pub latency_ms: Option<u64>,
     slots: Option<u32>,
@@ -102,6 +105,7 @@ impl Knobs {
             sigterm: env("FAKE_LLAMA_SIGTERM").unwrap_or_else(|| "exit".into()),
             flood_bytes: env_num("FAKE_LLAMA_FLOOD_BYTES")?.unwrap_or(0),
             crash_after: env_num_for_gpu("FAKE_LLAMA_CRASH_AFTER")?,
+            crash_claim: env("FAKE_LLAMA_CRASH_CLAIM"),
             modes,
             latency_ms: env_num_for_gpu("FAKE_LLAMA_LATENCY_MS")?,
             slots: env_num("FAKE_LLAMA_SLOTS")?,

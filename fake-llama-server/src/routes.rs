@@ -225,7 +225,22 @@ fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
     let started = Instant::now();
     let number = fake.completions.fetch_add(1, Ordering::AcqRel);
     let raw = &request.body;
-    if fake.knobs.crash_after.is_some_and(|n| number >= n) {
+    // With a claim file, only the first server to create it crashes: one of a GPU's servers.
+    let mine = || {
+        fake.knobs.crash_claim.as_ref().is_none_or(|claim| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(claim)
+                .is_ok()
+                || std::fs::read_to_string(claim)
+                    .is_ok_and(|pid| pid.trim() == std::process::id().to_string())
+        })
+    };
+    if fake.knobs.crash_after.is_some_and(|n| number >= n) && mine() {
+        if let Some(claim) = &fake.knobs.crash_claim {
+            let _ = std::fs::write(claim, std::process::id().to_string());
+        }
         // Mid-request, as a GGML assertion would: the connection is reset, nothing is answered.
         eprintln!("GGML_ASSERT(fake) failed: crash knob FAKE_LLAMA_CRASH_AFTER reached");
         event(fake, "crash", json!({}));
@@ -275,7 +290,20 @@ fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
                "image_sources": image_sources(&body)}),
     );
     if let Some(ms) = fake.knobs.latency_ms {
-        std::thread::sleep(Duration::from_millis(ms));
+        // The slot is held for the latency, unless the client gives up first.
+        let until = Instant::now() + Duration::from_millis(ms);
+        while Instant::now() < until {
+            if request.client_gone() {
+                event(fake, "request_cancelled", json!({"n": number}));
+                fake.in_flight.fetch_sub(1, Ordering::AcqRel);
+                return json_reply(499, "{}".into());
+            }
+            std::thread::sleep(
+                until
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(5)),
+            );
+        }
     }
     let mode = fake.knobs.mode(number);
     let description = match facts {

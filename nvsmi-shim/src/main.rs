@@ -17,6 +17,7 @@ Knobs (environment variables):
                          as given, so [N/A] or [Insufficient Permissions] work per GPU.
   NVSMI_FREE_FILE=PATH   read the NVSMI_GPUS list from PATH at each call (tests change it between calls)
   NVSMI_GPU_COUNT=N      N GPUs, each with the first NVSMI_GPUS value (default: NVSMI_GPUS's length)
+  NVSMI_ONLY=I[,I...]    list only these GPUs (by index): a machine whose GPUs are these
   NVSMI_TOTAL_MIB=N      total MiB per GPU (default 81559)
   NVSMI_NAME=S           GPU name (default \"NVIDIA H100 80GB HBM3\")
   NVSMI_OUTPUT=TEXT      print TEXT instead of the query answer (garbage, spaces, nothing: NVSMI_OUTPUT=)
@@ -108,10 +109,16 @@ fn answer(query: &Query) -> Result<String, (u8, String)> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(81559);
     let name = env("NVSMI_NAME").unwrap_or_else(|| "NVIDIA H100 80GB HBM3".into());
+    let only: Option<Vec<usize>> = env("NVSMI_ONLY").map(|list| {
+        list.split(',')
+            .filter_map(|i| i.trim().parse().ok())
+            .collect()
+    });
+    let listed = |i: &usize| *i < gpus.len() && only.as_ref().is_none_or(|o| o.contains(i));
     let selected: Vec<usize> = match query.id {
-        Some(i) if i < gpus.len() => vec![i],
+        Some(i) if listed(&i) => vec![i],
         Some(_) => return Err((6, "No devices were found".into())),
-        None => (0..gpus.len()).collect(),
+        None => (0..gpus.len()).filter(listed).collect(),
     };
     let mib = |v: String| if query.units { format!("{v} MiB") } else { v };
     let mut out = String::new();

@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use engine_core::config::EngineConfigBuilder;
+use engine_core::config::{Count, EngineConfigBuilder};
 use engine_core::gpu::NvidiaSmi;
-use engine_core::pool::WhenLocked;
+use engine_core::launch::Gpus;
 use engine_core::shard::Shard;
-use engine_core::{Engine, EnginePool, KeyframeRecord, Wait, check_vram_free_mib};
+use engine_core::{CancellationToken, Engine, KeyframeRecord, Launch, Wait, check_vram_free_mib};
 use tests::Harness;
 
 fn unix_ns() -> u64 {
@@ -295,8 +295,9 @@ fn pool_dispatch(r: &mut Report, frames_n: usize) {
             )
         })
         .collect();
-    let time = |configs: Vec<engine_core::EngineConfig>| {
-        let pool = EnginePool::launch(configs, WhenLocked::Wait, Wait::Forever).unwrap();
+    let time = |launch: Launch| {
+        let never = CancellationToken::new();
+        let pool = launch.plan(&never).unwrap().start(&never, &|_| {}).unwrap();
         let started = Instant::now();
         let done = pool.describe_many(&frames, |_, _| std::ops::ControlFlow::Continue(()));
         let took = started.elapsed().as_secs_f64();
@@ -306,14 +307,19 @@ fn pool_dispatch(r: &mut Report, frames_n: usize) {
     };
     let mut single = Vec::new();
     let mut pooled = Vec::new();
+    let mut siblings = Vec::new();
     for _ in 0..3 {
-        single.push(time(vec![base.clone().slots(4).build().unwrap()]));
-        pooled.push(time(vec![
-            base.clone().slots(2).build().unwrap(),
-            base.clone().slots(2).gpu(other.gpu).build().unwrap(),
-        ]));
+        single.push(time(Launch::new(base.clone().slots(4).build().unwrap())));
+        let two_gpus = Gpus::List(vec![h.gpu.into(), other.gpu.into()]);
+        pooled.push(time(
+            Launch::new(base.clone().slots(2).build().unwrap()).gpus(two_gpus),
+        ));
+        siblings.push(time(
+            Launch::new(base.clone().slots(4).build().unwrap()).servers_per_gpu(Count::Fixed(2)),
+        ));
     }
     let (s, p) = (pct(&mut single, 50), pct(&mut pooled, 50));
+    let sib = pct(&mut siblings, 50);
     let overhead = (p / s - 1.0) * 100.0;
     r.line("## Pool dispatch");
     r.line(format!(
@@ -325,8 +331,12 @@ fn pool_dispatch(r: &mut Report, frames_n: usize) {
     r.line("| --- | --- |");
     r.line(format!("| 1 × 4 slots | {:.1} |", frames_n as f64 / s));
     r.line(format!(
-        "| 2 × 2 slots (`EnginePool`) | {:.1} |",
+        "| 2 GPUs × 2 slots (a pool) | {:.1} |",
         frames_n as f64 / p
+    ));
+    r.line(format!(
+        "| 1 GPU × 2 servers × 2 slots (`--servers-per-gpu 2`) | {:.1} |",
+        frames_n as f64 / sib
     ));
     r.line("");
     r.line(format!(

@@ -11,8 +11,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use engine_core::gpu::{GpuRow, NvidiaSmi, ProbeChoice, VramProbe, VramRecovery};
-use engine_core::pool::WhenLocked;
-use engine_core::{Engine, EngineConfig, EnginePool, KeyframeRecord, Wait, check_vram_free_mib};
+use engine_core::launch::Gpus;
+use engine_core::{
+    CancellationToken, Engine, EngineConfig, KeyframeRecord, Launch, Wait, check_vram_free_mib,
+};
 use tests::Harness;
 
 fn env_path(name: &str) -> PathBuf {
@@ -247,12 +249,12 @@ fn gpu_pool() {
     let mut rates = Vec::new();
     let mut ownership = String::new();
     for use_gpus in [&gpus[..1], &gpus[..]] {
-        let configs = use_gpus
-            .iter()
-            .map(|&g| base.clone().gpu(g).build().unwrap())
-            .collect();
-        let pool =
-            EnginePool::launch(configs, WhenLocked::Wait, Wait::Forever).expect("the pool starts");
+        let never = CancellationToken::new();
+        let pool = Launch::new(base.clone().build().unwrap())
+            .gpus(Gpus::List(use_gpus.iter().map(|&g| g.into()).collect()))
+            .plan(&never)
+            .and_then(|plan| plan.start(&never, &|_| {}))
+            .expect("the pool starts");
         assert!(pool.left_out().is_empty(), "{:?}", pool.left_out());
         // Warm each server once, so the timing is of describing, not of first-request setup.
         for engine in pool.engines() {

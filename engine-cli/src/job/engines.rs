@@ -1,25 +1,27 @@
-//! Running a planned `describe` or `run` job on its engines: brought up (in parallel, one per GPU),
-//! every item answered and its line written in input order, Ctrl-C and SIGTERM honoured from the
-//! first moment (while reading VRAM, waiting for a GPU lock and while the model loads too), and the
-//! counts for the summary.
+//! Running a planned `describe` or `run` job on the engine's launch plan: its GPUs started, every
+//! item answered as they turn ready and its line written in input order, Ctrl-C and SIGTERM
+//! honoured from the first moment (while waiting for a GPU lock and while the model loads too),
+//! and the run's summary from the engine, with what became of each line.
 
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, Once};
 use std::time::SystemTime;
 
-use engine_core::batch::{RunTimes, Summary as RunSummary};
-use engine_core::error::{LockError, VramError};
+use engine_core::batch::{Delivery, RunTimes, Summary as RunSummary};
+use engine_core::config::counted;
+use engine_core::launch::Plan as LaunchPlan;
 use engine_core::pool::{Event, WhenLocked};
 use engine_core::request::Answer;
-use engine_core::{EngineConfig, EngineError, EnginePool, Prompt, RequestError, StartError, Wait};
+use engine_core::{CancellationToken, EngineError, Prompt, RequestError};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::lines::{Ended, OrderedLines};
+use super::lines::OrderedLines;
 use super::plan::{Head, Item, Plan};
-use super::progress::{Progress, Style};
-use super::summary::{Kind, Summary};
+use super::progress::Progress;
+use super::summary::Kind;
+use crate::cli::Style;
 use crate::settings::say;
 
 /// One output line: the head, then the answer (`scene` for `describe`, `result` for `run`) or `error`;
@@ -97,23 +99,6 @@ impl<'a, T: Serialize> Line<'a, T> {
     }
 }
 
-/// How the engines could not be brought up.
-pub enum StartFailed {
-    /// A signal arrived first; everything was cleaned up.
-    Interrupted,
-    /// Why (each GPU's reason, for several).
-    Failed(String),
-}
-
-fn cancelled(error: &EngineError) -> bool {
-    matches!(
-        error,
-        EngineError::Vram(VramError::Cancelled)
-            | EngineError::Lock(LockError::Cancelled { .. })
-            | EngineError::Start(StartError::Cancelled)
-    )
-}
-
 /// Says, before the wait, who holds a GPU's lock that this run is about to wait for: another engine
 /// (by its pid, while that process lives) or another process (a `flock` of a GPU job); nothing if
 /// the lock is free (a lock file left by a process that died holds nothing).
@@ -130,6 +115,40 @@ fn say_who_holds(gpu: u32) {
     eprintln!("cinecut-infer: waiting for GPU {gpu}: its lock ({file}) is held by {holder}");
 }
 
+/// A GPU's servers and slots in words: `4 slots`, or `4 servers × 4 slots` (the slots are the
+/// GPU's, split over its servers).
+fn servers_and_slots(servers: u32, slots: u32) -> String {
+    if servers == 1 {
+        counted(slots, "slot")
+    } else {
+        format!(
+            "{} × {} ({} in all)",
+            counted(servers, "server"),
+            counted(slots / servers, "slot"),
+            slots
+        )
+    }
+}
+
+/// Says what the launch will start where `auto` chose (the choice and the numbers behind it), and
+/// the GPUs it left out while planning.
+pub fn say_the_plan(plan: &LaunchPlan, auto: &str) {
+    for gpu in plan.gpus() {
+        let layout = &gpu.layout;
+        if !layout.why.is_empty() {
+            eprintln!(
+                "cinecut-infer: {auto}: GPU {}: {} — {}",
+                gpu.gpu,
+                servers_and_slots(layout.servers, layout.slots),
+                layout.why
+            );
+        }
+    }
+    for left in plan.left_out() {
+        eprintln!("cinecut-infer: {} left out: {}", left.gpu, say(&left.error));
+    }
+}
+
 /// How a job shows itself: what its items are, how progress is drawn, and whether lines carry
 /// their cost.
 #[derive(Debug, Clone, Copy)]
@@ -140,28 +159,30 @@ pub struct Show {
     pub timings: bool,
 }
 
-/// What a served job did: its lines' counts, and the run's summary (`--summary`).
+/// What a served job did: the run's summary (the engine's, with what became of each line), the
+/// first write error, and whether a signal came.
 pub struct Served {
-    pub summary: Summary,
     pub run: RunSummary,
+    pub write_error: Option<String>,
+    pub interrupted: bool,
 }
 
-/// Brings one engine per configuration up (in parallel) and answers every item of `plan` as a `T`
-/// on each as soon as it is ready (each with its slots in flight); writes one line per item in
-/// input order, stops dispatching when `stop` is set (giving up starts still under way, cleanly),
-/// and shuts the engines down. `started` is when the job began (for the summary's wall time).
+/// Starts the launch's GPUs and answers every item of `plan` as a `T` on each as soon as it is
+/// ready; writes one line per item in input order, stops dispatching when `stop` is cancelled
+/// (giving up starts still under way, cleanly), and shuts the engines down. With no GPU started,
+/// the engine's error (no line was written).
 pub fn serve<T>(
-    configs: Vec<EngineConfig>,
-    when_locked: WhenLocked,
+    launch: LaunchPlan,
     plan: Plan,
-    stop: &AtomicBool,
+    stop: &CancellationToken,
     show: Show,
-    started: SystemTime,
-) -> Result<Served, StartFailed>
+) -> Result<Served, EngineError>
 where
     T: Serialize + DeserializeOwned + Send,
 {
-    let several = configs.len() > 1;
+    let several = launch.gpus().len() > 1;
+    let waits = launch.when_locked() == WhenLocked::Wait;
+    let started = launch.began();
     let Plan { items, out, .. } = plan;
     let writer = Writer::new(out, items.len(), stop, show);
     let todo: Vec<usize> = (0..items.len())
@@ -175,17 +196,20 @@ where
     // starts leaves the output as it was).
     let unsendable_written = Once::new();
     let events = |event: Event| match event {
-        Event::Locking { gpu } if when_locked == WhenLocked::Wait => say_who_holds(gpu),
-        Event::Ready { gpu, slots } => {
-            unsendable_written.call_once(|| {
-                writer.unsendable(&items);
-            });
-            if several {
-                eprintln!("cinecut-infer: GPU {gpu} ready ({slots} slots); serving");
+        Event::Locking { gpu } if waits => say_who_holds(gpu),
+        Event::Ready {
+            gpu,
+            servers,
+            slots,
+        } => {
+            unsendable_written.call_once(|| writer.unsendable(&items));
+            if several || servers > 1 {
+                let layout = servers_and_slots(servers, slots);
+                eprintln!("cinecut-infer: GPU {gpu} ready ({layout}); serving");
             }
         }
-        Event::LeftOut(left) if several && !stop.load(Ordering::Relaxed) => {
-            let why = if cancelled(&left.error) {
+        Event::LeftOut(left) if several && !stop.is_cancelled() => {
+            let why = if left.error.is_cancelled() {
                 "not needed: every item was done before its server was ready".to_string()
             } else {
                 say(&left.error)
@@ -194,66 +218,53 @@ where
         }
         _ => {}
     };
-    let launched = EnginePool::launch_answering::<T, _>(
-        configs,
-        when_locked,
-        Wait::Until(stop),
-        &events,
-        &prompts,
-        |k, outcome| {
-            let item = &items[todo[k]];
-            let ended = match outcome {
-                Ok(_) => Ended::Answered,
-                Err(e) if e.not_attempted() => Ended::NotAttempted,
-                Err(_) => Ended::Failed,
-            };
-            let answer = outcome.as_ref().map_err(say);
-            let finished_s = started.elapsed().map_or(0.0, |d| d.as_secs_f64());
-            let line = Line::new(show, item, answer, finished_s).json();
-            writer.put(todo[k], &item.head, line, ended)
-        },
-    );
-    let served = match launched {
-        Ok(served) => served,
-        Err(e) if e.failures.iter().all(|f| cancelled(&f.error)) => {
-            return Err(StartFailed::Interrupted);
-        }
-        Err(e) if !several => {
-            let only = e.failures.into_iter().next().expect("one failure per GPU");
-            return Err(StartFailed::Failed(say(only.error)));
-        }
-        Err(e) => return Err(StartFailed::Failed(say(e))),
-    };
+    let served = launch.serve::<T, _>(&prompts, stop, &events, |k, outcome| {
+        let item = &items[todo[k]];
+        let answer = outcome.as_ref().map_err(say);
+        let finished_s = started.elapsed().map_or(0.0, |d| d.as_secs_f64());
+        let line = Line::new(show, item, answer, finished_s).json();
+        writer.put(todo[k], &item.head, line, outcome.is_ok())
+    })?;
     writer.progress.finish();
     let done = &served.batch;
     for server in done.servers.iter().filter(|s| s.died.is_some()) {
         let death = server.died.as_ref().expect("filtered on a death");
+        let siblings = done.servers.iter().filter(|s| s.gpu == server.gpu).count();
+        let (which, others) = match siblings {
+            1 => (format!("GPU {}'s server", server.gpu), "GPUs"),
+            n => (
+                format!("one of GPU {}'s {n} servers", server.gpu),
+                "servers",
+            ),
+        };
         eprintln!(
-            "cinecut-infer: GPU {}'s server died ({}); {}",
-            server.gpu,
+            "cinecut-infer: {which} died ({}); {}",
             death.status,
             match server.handed_over {
                 0 => "its items' lines say what became of them".to_string(),
-                n => format!("the other GPUs took its {n} item(s) in flight"),
+                n => format!("the other {others} took its {n} item(s) in flight"),
             }
         );
     }
-    if done.servers.len() > 1 {
-        let per_gpu: Vec<String> = done
-            .servers
+    let finished = SystemTime::now();
+    // An answer whose line did not reach the output is not written; refused items are failed.
+    let kept = |k: usize| writer.lines.kept(todo[k]);
+    let delivery = Delivery {
+        refused: items.len() - todo.len(),
+        kept: &kept,
+    };
+    let run = done.summary_delivered(served.times(finished), delivery);
+    if run.gpus.len() > 1 || run.gpus.iter().any(|g| g.servers > 1) {
+        let per_gpu: Vec<String> = run
+            .gpus
             .iter()
-            .map(|s| format!("GPU {}: {}", s.gpu, s.answered))
+            .map(|g| match g.servers {
+                1 => format!("GPU {}: {}", g.gpu, g.answered),
+                n => format!("GPU {}: {} ({n} servers)", g.gpu, g.answered),
+            })
             .collect();
         eprintln!("cinecut-infer: answered per GPU: {}", per_gpu.join(", "));
     }
-    let mut run = done.summary(RunTimes {
-        started,
-        ready: served.first_ready,
-        finished: SystemTime::now(),
-    });
-    // The items refused before sending are the run's too; and the counts are the lines' (an
-    // answer whose line could not be written is not counted as answered).
-    run.items = items.len();
     for (gpu, stopped) in served.pool.shutdown() {
         match stopped {
             Err(RequestError::ServerDied { .. }) => {}
@@ -261,7 +272,7 @@ where
             Ok(report) if !report.left_running.is_empty() => {
                 let left: Vec<String> = report.left_running.iter().map(|l| l.to_string()).collect();
                 eprintln!(
-                    "cinecut-infer: warning: processes of GPU {gpu}'s server could not be \
+                    "cinecut-infer: warning: processes of a server of GPU {gpu} could not be \
                      stopped: {}",
                     left.join(", ")
                 );
@@ -269,19 +280,12 @@ where
             Ok(_) => {}
         }
     }
-    let summary = writer.summary(items.len());
-    let written = summary.written;
-    (run.answered, run.failed, run.not_attempted) =
-        (written.answered, written.failed, written.not_attempted);
-    if run.wall_s > 0.0 {
-        run.items_per_s = run.answered as f64 / run.wall_s;
-    }
-    Ok(Served { summary, run })
+    Ok(writer.into_served(run))
 }
 
 /// Writes only the error lines of a plan none of whose items can be sent (no engine is started).
 pub fn write_unsendable(plan: Plan, show: Show, started: SystemTime) -> Served {
-    let never = AtomicBool::new(false);
+    let never = CancellationToken::new();
     let writer = Writer::new(plan.out, plan.items.len(), &never, show);
     writer.unsendable(&plan.items);
     writer.progress.finish();
@@ -291,10 +295,7 @@ pub fn write_unsendable(plan: Plan, show: Show, started: SystemTime) -> Served {
         ready: now,
         finished: now,
     };
-    Served {
-        summary: writer.summary(plan.items.len()),
-        run: RunSummary::unsent(plan.items.len(), times),
-    }
+    writer.into_served(RunSummary::nothing_sent(times, plan.items.len(), 0))
 }
 
 /// The output side of a run: lines in order, progress, the first write error.
@@ -304,7 +305,7 @@ struct Writer<'a> {
     finished: AtomicUsize,
     failed: AtomicUsize,
     write_error: Mutex<Option<String>>,
-    stop: &'a AtomicBool,
+    stop: &'a CancellationToken,
     show: Show,
 }
 
@@ -312,7 +313,7 @@ impl<'a> Writer<'a> {
     fn new(
         out: Box<dyn std::io::Write + Send>,
         total: usize,
-        stop: &'a AtomicBool,
+        stop: &'a CancellationToken,
         show: Show,
     ) -> Self {
         Writer {
@@ -326,13 +327,13 @@ impl<'a> Writer<'a> {
         }
     }
 
-    /// Queues line `index`; says whether the batch should go on.
-    fn put(&self, index: usize, head: &Head, line: String, ended: Ended) -> ControlFlow<()> {
-        let ok = ended == Ended::Answered;
+    /// Queues line `index`; says whether the batch should go on (not after a failed write: the
+    /// items not yet sent are then not attempted).
+    fn put(&self, index: usize, head: &Head, line: String, ok: bool) -> ControlFlow<()> {
         if !ok {
             self.failed.fetch_add(1, Ordering::Relaxed);
         }
-        if let Err(e) = self.lines.put(index, line, ended) {
+        if let Err(e) = self.lines.put(index, line) {
             let mut first = self.write_error.lock().unwrap_or_else(|p| p.into_inner());
             first.get_or_insert_with(|| e.to_string());
             return ControlFlow::Break(());
@@ -340,38 +341,31 @@ impl<'a> Writer<'a> {
         let n = self.finished.fetch_add(1, Ordering::Relaxed) + 1;
         self.progress
             .tick(n, self.failed.load(Ordering::Relaxed), head, ok);
-        if self.stop.load(Ordering::Relaxed) {
+        if self.stop.is_cancelled() {
             ControlFlow::Break(())
         } else {
             ControlFlow::Continue(())
         }
     }
 
-    /// Writes the error line of every item that cannot be sent; returns the other indices.
-    fn unsendable(&self, items: &[Item]) -> Vec<usize> {
-        let mut todo = Vec::new();
+    /// Writes the error line of every item that cannot be sent.
+    fn unsendable(&self, items: &[Item]) {
         for (index, item) in items.iter().enumerate() {
-            match &item.prompt {
-                Ok(_) => todo.push(index),
-                Err(reason) => {
-                    let line = Line::<()>::new(self.show, item, Err(reason.clone()), 0.0).json();
-                    let _ = self.put(index, &item.head, line, Ended::Failed);
-                }
+            if let Err(reason) = &item.prompt {
+                let line = Line::<()>::new(self.show, item, Err(reason.clone()), 0.0).json();
+                let _ = self.put(index, &item.head, line, false);
             }
         }
-        todo
     }
 
-    fn summary(self, total: usize) -> Summary {
-        Summary {
-            kind: self.show.kind,
-            total,
-            written: self.lines.written(),
+    fn into_served(self, run: RunSummary) -> Served {
+        Served {
+            run,
             write_error: self
                 .write_error
                 .into_inner()
                 .unwrap_or_else(|p| p.into_inner()),
-            interrupted: self.stop.load(Ordering::Relaxed),
+            interrupted: self.stop.is_cancelled(),
         }
     }
 }

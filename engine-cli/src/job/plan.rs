@@ -95,6 +95,17 @@ pub struct Request<'a> {
 }
 
 pub fn plan(request: Request) -> Result<Plan, String> {
+    let lines_to_stdout = request.output.is_none_or(is_our_stdout);
+    if let Some(summary) = request.summary
+        && lines_to_stdout
+        && is_our_stdout(summary)
+    {
+        return Err(format!(
+            "--summary {} is this program's stdout, where the lines go too: the summary would \
+             land among them — give --output FILE for the lines, or another file for the summary",
+            summary.display()
+        ));
+    }
     if let Some(summary) = request.summary {
         crate::outfile::check_writable(summary).map_err(|e| format!("--summary {e}"))?;
         let files = request.items.iter().flat_map(|item| &item.files);

@@ -10,17 +10,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use super::plan::Head;
-
-/// `--progress`: how progress is shown.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Style {
-    /// A bar on a terminal, a line every 5 s otherwise.
-    Auto,
-    /// One JSON line per finished item: {"done","total","failed","frame_path" or "id","ok"}.
-    Json,
-    /// Nothing.
-    Off,
-}
+use crate::cli::Style;
 
 /// How often plain progress lines are printed.
 const PLAIN_EVERY: Duration = Duration::from_secs(5);

@@ -18,10 +18,15 @@
     shown.textContent = n + " of " + cards.length + " shown";
   }
   // A link can carry the view: report.html#failed, report.html#q=rooftop, or both (#failed&q=...).
-  var hash = decodeURIComponent(location.hash.slice(1)).split("&");
+  // A part that is not valid percent-encoding (#q=100%) is taken as written.
+  function decoded(part) {
+    try { return decodeURIComponent(part); } catch (e) { return part; }
+  }
+  var hash = location.hash.slice(1).split("&");
   for (var j = 0; j < hash.length; j++) {
-    if (hash[j] === "failed") failedOnly.checked = true;
-    if (hash[j].indexOf("q=") === 0) search.value = hash[j].slice(2);
+    var part = decoded(hash[j]);
+    if (part === "failed") failedOnly.checked = true;
+    if (hash[j].indexOf("q=") === 0) search.value = decoded(hash[j].slice(2));
   }
   failedOnly.addEventListener("change", apply);
   search.addEventListener("input", apply);

@@ -14,11 +14,13 @@ mod thumb;
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
+use engine_core::CancellationToken;
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::cli::ReportArgs;
+use crate::exit::{Exit, Failure, Outcome as CommandOutcome};
 use crate::outfile::write_streamed;
 
 const STYLE: &str = include_str!("style.css");
@@ -34,6 +36,55 @@ pub struct Scan {
     /// Each answered line's latency (ms) and end (s from the run's start), from `--timings`.
     pub latencies_ms: Vec<f64>,
     pub finished_s: Vec<f64>,
+    /// A torn last line (an interrupted run) was left out.
+    pub torn_last_line: Option<usize>,
+}
+
+/// The numbers of `--summary`'s file the page shows, read as numbers (a file whose values are not
+/// numbers is refused: nothing from it reaches the page but numbers and one checked date).
+#[derive(Debug, Deserialize)]
+pub struct RunNumbers {
+    items: u64,
+    items_per_s: f64,
+    wall_s: f64,
+    latency_ms: LatencyNumbers,
+    tokens: TokenNumbers,
+    started_at: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct LatencyNumbers {
+    p50: f64,
+    p95: f64,
+    max: f64,
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenNumbers {
+    prompt: u64,
+    generated: u64,
+}
+
+impl RunNumbers {
+    /// Reads `path` as the file `--summary` wrote; the error says what is wrong with it.
+    fn read(path: &Path) -> Result<RunNumbers, String> {
+        let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+        if !meta.is_file() || meta.len() > crate::jsonl::MAX_LINE {
+            return Err("not a regular file of a summary's size".into());
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        let numbers: RunNumbers = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        let moment = numbers.started_at.as_bytes();
+        let plain = moment.len() <= 40 && moment.iter().all(|b| b"0123456789-:.TZ+".contains(b));
+        if !plain {
+            return Err(format!(
+                "started_at {:?} is not an RFC 3339 moment",
+                numbers.started_at
+            ));
+        }
+        let _ = numbers.items;
+        Ok(numbers)
+    }
 }
 
 /// How a line ended.
@@ -63,9 +114,20 @@ enum Outcome {
 pub fn scan(results: &Path, output: &Path) -> Result<Scan, String> {
     let base = results.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut scan = Scan::default();
-    crate::jsonl::each_line(results, |n, text| {
-        let line: Value = serde_json::from_str(text)
-            .map_err(|e| format!("{} line {n}: not JSON ({e})", results.display()))?;
+    crate::jsonl::each_line(results, |n, text, ended| {
+        if scan.torn_last_line.is_some() {
+            return Err(format!("{} line {}: not JSON", results.display(), n - 1));
+        }
+        let line: Value = match serde_json::from_str(text) {
+            Ok(line) => line,
+            // Possibly the last line an interrupted run left half written (as --resume and merge
+            // take it): left out if no line follows.
+            Err(_) if !ended => {
+                scan.torn_last_line = Some(n);
+                return Ok(());
+            }
+            Err(e) => return Err(format!("{} line {n}: not JSON ({e})", results.display())),
+        };
         if line.get("index").is_some() && line.get("of").is_some() {
             return Err(format!(
                 "{} is one shard of a sharded job (its lines carry \"index\" and \"of\"): merge the \
@@ -81,13 +143,15 @@ pub fn scan(results: &Path, output: &Path) -> Result<Scan, String> {
                 results.display()
             ));
         }
-        if let Some(frame) = line.get("frame_path").and_then(Value::as_str)
-            && crate::outfile::same_file(&resolve(Path::new(frame), &base), output)
+        if let Some(image) = images(&line)
+            .iter()
+            .find(|image| crate::outfile::same_file(&resolve(image, &base), output))
         {
             return Err(format!(
-                "--output {} is the frame of line {n}: writing it would destroy it — choose \
+                "--output {} is {}, an image of line {n}: writing it would destroy it — choose \
                  another file",
-                output.display()
+                output.display(),
+                image.display()
             ));
         }
         scan.lines += 1;
@@ -107,9 +171,25 @@ pub fn scan(results: &Path, output: &Path) -> Result<Scan, String> {
     Ok(scan)
 }
 
-pub fn command(args: ReportArgs) -> ExitCode {
+/// The images a line names: its frame, or a record's `images`.
+fn images(line: &Value) -> Vec<PathBuf> {
+    match line.get("frame_path").and_then(Value::as_str) {
+        Some(frame) => vec![PathBuf::from(frame)],
+        None => line["images"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|i| i.as_str().map(PathBuf::from))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+pub fn command(args: ReportArgs) -> CommandOutcome {
+    let refuse = |message: String| Err(Failure::refused(message));
     if crate::outfile::same_file(&args.output, &args.results) {
-        return crate::fail(format!(
+        return refuse(format!(
             "--output {} is the results file: writing it would destroy it — choose another file",
             args.output.display()
         ));
@@ -117,66 +197,58 @@ pub fn command(args: ReportArgs) -> ExitCode {
     if let Some(summary) = &args.summary
         && crate::outfile::same_file(&args.output, summary)
     {
-        return crate::fail(format!(
+        return refuse(format!(
             "--output {} is the --summary file: writing it would destroy it — choose another file",
             args.output.display()
         ));
     }
-    if let Err(e) = crate::outfile::check_writable(&args.output) {
-        return crate::fail(format!("--output {e}"));
+    crate::outfile::check_writable(&args.output).map_err(|e| format!("--output {e}"))?;
+    // Two passes read the file twice: a pipe or a FIFO would give its lines once (or block).
+    match std::fs::metadata(&args.results) {
+        Ok(meta) if meta.is_file() => {}
+        Ok(_) => {
+            return refuse(format!(
+                "{} is not a regular file (a pipe or a device): report reads its results twice — \
+                 save them to a file first",
+                args.results.display()
+            ));
+        }
+        Err(e) => return refuse(format!("cannot read {}: {e}", args.results.display())),
     }
-    let scan = match scan(&args.results, &args.output) {
-        Ok(scan) => scan,
-        Err(e) => return crate::fail(e),
-    };
+    let scan = scan(&args.results, &args.output)?;
     let summary = match &args.summary {
         None => None,
-        Some(path) => match std::fs::read_to_string(path)
-            .map_err(|e| e.to_string())
-            .and_then(|t| serde_json::from_str::<Value>(&t).map_err(|e| e.to_string()))
-            .and_then(|v| match v.get("items") {
-                Some(_) => Ok(v),
-                None => Err("it has no \"items\": not a summary".into()),
-            }) {
-            Ok(summary) => Some(summary),
-            Err(e) => {
-                return crate::fail(format!(
-                    "--summary {}: {e} — give the file --summary wrote",
-                    path.display()
-                ));
-            }
-        },
+        Some(path) => Some(RunNumbers::read(path).map_err(|e| {
+            format!(
+                "--summary {}: {e} — give the file --summary wrote",
+                path.display()
+            )
+        })?),
     };
+    if let Some(n) = scan.torn_last_line {
+        eprintln!(
+            "cinecut-infer: {} line {n} is torn (an interrupted run): left out",
+            args.results.display()
+        );
+    }
     let stop = crate::signals::stop_on_signals();
     let base = args
         .results
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    let written = write_streamed(&args.output, |out| {
+    write_streamed(&args.output, &stop, |out| {
         write_page(out, &args.results, &base, &scan, summary.as_ref(), &stop)
-    });
-    if stop.load(std::sync::atomic::Ordering::Relaxed) {
-        eprintln!(
-            "cinecut-infer: interrupted; {} not written",
-            args.output.display()
-        );
-        return ExitCode::from(crate::job::summary::EXIT_INTERRUPTED);
-    }
-    match written {
-        Ok(()) => {
-            eprintln!(
-                "cinecut-infer: wrote {} ({} cards: {} answered, {} failed, {} not attempted)",
-                args.output.display(),
-                scan.lines,
-                scan.answered,
-                scan.failed,
-                scan.not_attempted
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => crate::fail(e),
-    }
+    })?;
+    eprintln!(
+        "cinecut-infer: wrote {} ({} cards: {} answered, {} failed, {} not attempted)",
+        args.output.display(),
+        scan.lines,
+        scan.answered,
+        scan.failed,
+        scan.not_attempted
+    );
+    Ok(Exit::Done)
 }
 
 /// `&`, `<`, `>`, `"` and `'` as HTML entities.
@@ -213,8 +285,8 @@ fn write_page(
     results: &Path,
     base: &Path,
     scan: &Scan,
-    summary: Option<&Value>,
-    stop: &std::sync::atomic::AtomicBool,
+    summary: Option<&RunNumbers>,
+    stop: &CancellationToken,
 ) -> io::Result<()> {
     let title = format!(
         "{} — cinecut-infer report",
@@ -248,9 +320,12 @@ fn write_page(
          descriptions\"> <span id=\"shown\"></span></div>\n<main class=\"grid\">"
     )?;
     let mut written = Ok(());
-    crate::jsonl::each_line(results, |n, text| {
-        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+    crate::jsonl::each_line(results, |n, text, _| {
+        if stop.is_cancelled() {
             return Err("interrupted".into());
+        }
+        if scan.torn_last_line == Some(n) {
+            return Ok(());
         }
         let line: Value = serde_json::from_str(text).map_err(|e| format!("line {n}: {e}"))?;
         written = out.write_all(card(&line, base).as_bytes());
@@ -261,7 +336,7 @@ fn write_page(
     write!(out, "</main>\n<script>{SCRIPT}</script>\n</body></html>\n")
 }
 
-fn write_charts(out: &mut dyn Write, scan: &Scan, summary: Option<&Value>) -> io::Result<()> {
+fn write_charts(out: &mut dyn Write, scan: &Scan, summary: Option<&RunNumbers>) -> io::Result<()> {
     let mut figures = String::new();
     if !scan.finished_s.is_empty() {
         figures.push_str(&chart::throughput(&scan.finished_s));
@@ -270,20 +345,19 @@ fn write_charts(out: &mut dyn Write, scan: &Scan, summary: Option<&Value>) -> io
         figures.push_str(&chart::latency(&scan.latencies_ms));
     }
     if let Some(s) = summary {
-        let number = |v: &Value| v.as_f64().map_or("–".into(), |n| format!("{n:.2}"));
         let _ = write!(
             figures,
-            "<figure><figcaption>the run (--summary)</figcaption><p>{} items/s over {} s of wall \
-             time; latency p50 {} ms, p95 {} ms, max {} ms; {} prompt and {} generated tokens; \
-             started {}</p></figure>",
-            number(&s["items_per_s"]),
-            number(&s["wall_s"]),
-            number(&s["latency_ms"]["p50"]),
-            number(&s["latency_ms"]["p95"]),
-            number(&s["latency_ms"]["max"]),
-            s["tokens"]["prompt"],
-            s["tokens"]["generated"],
-            escape(s["started_at"].as_str().unwrap_or("–"))
+            "<figure><figcaption>the run (--summary)</figcaption><p>{:.2} items/s over {:.2} s of \
+             wall time; latency p50 {:.2} ms, p95 {:.2} ms, max {:.2} ms; {} prompt and {} \
+             generated tokens; started {}</p></figure>",
+            s.items_per_s,
+            s.wall_s,
+            s.latency_ms.p50,
+            s.latency_ms.p95,
+            s.latency_ms.max,
+            s.tokens.prompt,
+            s.tokens.generated,
+            escape(&s.started_at)
         );
     }
     if figures.is_empty() {
@@ -299,18 +373,7 @@ fn card(line: &Value, base: &Path) -> String {
         "<article class=\"card{}\">",
         if failed { " failed" } else { "" }
     );
-    let images: Vec<PathBuf> = match line.get("frame_path").and_then(Value::as_str) {
-        Some(frame) => vec![PathBuf::from(frame)],
-        None => line["images"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|i| i.as_str().map(PathBuf::from))
-                    .collect()
-            })
-            .unwrap_or_default(),
-    };
-    for image in &images {
+    for image in &images(line) {
         html.push_str(&thumb::tag(&resolve(image, base)));
     }
     html.push_str("<div class=\"body\">");

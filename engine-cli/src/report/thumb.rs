@@ -26,6 +26,19 @@ pub fn tag(frame: &Path) -> String {
     }
 }
 
+/// The most a frame may take to decode: an 8K frame (7680×4320) fits, a 13000×13000 picture
+/// planted among the frames does not (it would take 500 MB for a 192×108 thumbnail).
+const MAX_SIDE: u32 = 8192;
+const MAX_DECODE_BYTES: u64 = 160 << 20;
+
+fn limits() -> image::Limits {
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    limits
+}
+
 fn thumbnail(frame: &Path) -> Result<(String, u32, u32), String> {
     match std::fs::metadata(frame) {
         Err(_) => return Err("frame missing on disk".into()),
@@ -33,9 +46,11 @@ fn thumbnail(frame: &Path) -> Result<(String, u32, u32), String> {
         Ok(meta) if !meta.is_file() => return Err("not a regular file".into()),
         Ok(_) => {}
     }
-    let image = ImageReader::open(frame)
+    let mut reader = ImageReader::open(frame)
         .and_then(|r| r.with_guessed_format())
-        .map_err(|e| format!("cannot read the frame: {e}"))?
+        .map_err(|e| format!("cannot read the frame: {e}"))?;
+    reader.limits(limits());
+    let image = reader
         .decode()
         .map_err(|e| format!("cannot decode the frame: {e}"))?;
     // Down to fit, never up: a small frame stays as it is.

@@ -1,18 +1,19 @@
 //! [`EngineConfig`]: everything the engine needs to know, with CineCut's defaults, built and
-//! checked once by [`EngineConfigBuilder`]; the settings by name ([`Setting`]) and the rules the
-//! front ends share ([`seconds`]).
+//! checked once by [`EngineConfigBuilder`]; `--slots auto`'s choice from the model's own numbers
+//! ([`EngineConfig::auto_slots`]).
 
-mod setting;
+mod layout;
 mod slots;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use setting::{ConfigError, MAX_DURATION, Setting, Zero, seconds};
-pub use slots::{
-    CacheType, CacheTypes, KvShape, MARGIN_MIB, MAX_AUTO_SLOTS, SlotChoice, choose_slots,
+pub use layout::{
+    Budget, CORES_PER_SERVER, Count, Layout, MARGIN_MIB, MAX_AUTO_SLOTS, MIN_SLOTS_PER_SERVER,
+    choose_layout, counted,
 };
+pub use slots::{CacheType, CacheTypes, KvShape};
 
 /// How images reach the server ([`EngineConfigBuilder::image_transport`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -25,10 +26,10 @@ pub enum ImageTransport {
     Base64,
 }
 
-use crate::error::{ModelRole, StartError};
 use crate::gpu::{GpuId, NvidiaSmi, ProbeChoice, VRAM_MINIMUM_MIB, VramProbe};
 use crate::request::DescribeOptions;
-pub(crate) use setting::check_duration;
+use crate::server::{ServerSpec, StartError, check_extra_args, check_model_files};
+use crate::setting::{ConfigError, Setting, Zero, check_duration};
 
 /// The port llama-server listens on unless configured otherwise.
 pub const DEFAULT_PORT: u16 = 8089;
@@ -46,7 +47,7 @@ pub const DEFAULT_PORT: u16 = 8089;
 ///     .build()?;
 /// assert_eq!(config.port(), 0);
 /// assert_eq!(config.min_vram_mib(), 6144);
-/// # Ok::<(), engine_core::config::ConfigError>(())
+/// # Ok::<(), engine_core::setting::ConfigError>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -97,7 +98,7 @@ impl EngineConfig {
     ///     .ctx_size(8192)
     ///     .build()?;
     /// assert!(config.mmproj().is_none());
-    /// # Ok::<(), engine_core::config::ConfigError>(())
+    /// # Ok::<(), engine_core::setting::ConfigError>(())
     /// ```
     pub fn text(model: impl Into<PathBuf>) -> EngineConfigBuilder {
         EngineConfigBuilder {
@@ -245,22 +246,7 @@ impl EngineConfig {
     /// (version 2 or 3); the model must not be a vision projector; the mmproj must be one
     /// (`general.architecture = clip`) with a `clip.projector_type`.
     pub fn check_model_files(&self) -> Result<(), StartError> {
-        let files = std::iter::once((ModelRole::Model, &self.model))
-            .chain(self.mmproj.as_ref().map(|p| (ModelRole::Mmproj, p)));
-        for (role, path) in files {
-            if !path.is_file() {
-                return Err(StartError::ModelNotFound {
-                    role,
-                    path: path.clone(),
-                });
-            }
-            crate::gguf::check_role(role, path).map_err(|reason| StartError::BadModel {
-                role,
-                path: path.clone(),
-                reason,
-            })?;
-        }
-        Ok(())
+        check_model_files(&self.model, self.mmproj.as_deref())
     }
 
     /// Where debug mode writes the server's output: `llama-server.log` beside the model.
@@ -279,34 +265,49 @@ impl EngineConfig {
     /// let config = engine_core::EngineConfig::builder("m.gguf", "p.gguf").log_disable(true).build()?;
     /// let args: Vec<String> = config.server_args(8089).iter().map(|a| a.to_string_lossy().into_owned()).collect();
     /// assert_eq!(args.join(" "), "-m m.gguf --mmproj p.gguf --port 8089 --host 127.0.0.1 -ngl 99 -c 2048 -np 1 --log-disable");
-    /// # Ok::<(), engine_core::config::ConfigError>(())
+    /// # Ok::<(), engine_core::setting::ConfigError>(())
     /// ```
     pub fn server_args(&self, port: u16) -> Vec<OsString> {
-        let total_ctx = u64::from(self.ctx_size) * u64::from(self.slots);
-        let mut args: Vec<OsString> = vec!["-m".into(), self.model.clone().into()];
-        if let Some(mmproj) = &self.mmproj {
-            args.extend(["--mmproj".into(), mmproj.clone().into()]);
+        self.server_spec().args(port)
+    }
+
+    /// This configuration split over `servers` servers of one GPU: the slots divided evenly (the
+    /// first servers get one more where they do not divide; never fewer than one each), and each on
+    /// a free port when there are several.
+    pub(crate) fn per_server(&self, servers: u32) -> Vec<EngineConfig> {
+        let servers = servers.clamp(1, self.slots);
+        (0..servers)
+            .map(|k| {
+                let mut config = self.clone();
+                config.slots = self.slots / servers + u32::from(k < self.slots % servers);
+                if servers > 1 {
+                    config.port = 0;
+                }
+                config
+            })
+            .collect()
+    }
+
+    /// What this configuration's server is started with.
+    pub(crate) fn server_spec(&self) -> ServerSpec {
+        ServerSpec {
+            program: self.server_bin(),
+            model: self.model.clone(),
+            mmproj: self.mmproj.clone(),
+            port: self.port,
+            gpu_layers: self.gpu_layers,
+            ctx_size: self.ctx_size,
+            slots: self.slots,
+            threads: self.threads,
+            log_disable: self.log_disable,
+            extra_args: self.extra_args.clone(),
+            env: self.env.clone(),
+            debug_log: self.debug.then(|| self.debug_log_path()),
+            offer_files: self.image_transport == ImageTransport::Auto,
+            health_poll_interval: self.health_poll_interval,
+            startup_timeout: self.startup_timeout,
+            stop_grace: self.stop_grace,
         }
-        args.extend([
-            "--port".into(),
-            port.to_string().into(),
-            "--host".into(),
-            "127.0.0.1".into(),
-            "-ngl".into(),
-            self.gpu_layers.to_string().into(),
-            "-c".into(),
-            total_ctx.to_string().into(),
-            "-np".into(),
-            self.slots.to_string().into(),
-        ]);
-        if self.log_disable {
-            args.push("--log-disable".into());
-        }
-        if let Some(threads) = self.threads {
-            args.extend(["-t".into(), threads.to_string().into()]);
-        }
-        args.extend(self.extra_args.iter().cloned());
-        args
     }
 }
 
@@ -489,70 +490,6 @@ impl EngineConfigBuilder {
         check_extra_args(&c.extra_args)?;
         Ok(self.config)
     }
-}
-
-/// The server flags the engine owns, and the setting that sets each: an extra argument that
-/// overrode one would undo a guarantee (`--host 0.0.0.0` listens on every interface; a second
-/// `--port` or `--api-key` makes the server one the engine cannot prove its own; a `--log-disable`
-/// hides why a start failed).
-const OWNED_FLAGS: &[(&[&str], &str)] = &[
-    (&["--host"], "the engine listens on 127.0.0.1 only"),
-    (&["--port"], "use `port` (0 picks a free one)"),
-    (
-        &["--api-key", "--api-key-file"],
-        "the engine gives its server a fresh random key",
-    ),
-    (
-        &[
-            "-m",
-            "--model",
-            "-mu",
-            "--model-url",
-            "-hf",
-            "-hfr",
-            "--hf-repo",
-        ],
-        "use `model`",
-    ),
-    (
-        &["-mm", "--mmproj", "-mmu", "--mmproj-url", "--no-mmproj"],
-        "use `mmproj`",
-    ),
-    (&["-np", "--parallel"], "use `slots`"),
-    (
-        &["-c", "--ctx-size"],
-        "use `ctx_size` (the context per slot)",
-    ),
-    (
-        &["-ngl", "--gpu-layers", "--n-gpu-layers"],
-        "use `gpu_layers`",
-    ),
-    (
-        &["--log-disable", "--log-file"],
-        "the engine reads the server's log: use `debug` for a file",
-    ),
-    (&["--path"], "the engine serves no files"),
-    (
-        &["--media-path"],
-        "the engine sets it when it sends frames as files: use `image_transport`",
-    ),
-    (&["-t", "--threads"], "use `threads`"),
-];
-
-/// Refuses an extra argument that overrides a flag the engine owns, naming the setting to use.
-fn check_extra_args(args: &[OsString]) -> Result<(), ConfigError> {
-    for arg in args {
-        let Some(text) = arg.to_str() else { continue };
-        // `--port=9000` names the flag before the `=`.
-        let flag = text.split_once('=').map_or(text, |(flag, _)| flag);
-        if let Some((_, instead)) = OWNED_FLAGS.iter().find(|(flags, _)| flags.contains(&flag)) {
-            return Err(ConfigError::new(
-                Setting::Args,
-                format!("{flag:?} sets what the engine owns: {instead}"),
-            ));
-        }
-    }
-    Ok(())
 }
 
 fn resolve(configured: &Option<PathBuf>, env_var: &str, default: &str) -> PathBuf {

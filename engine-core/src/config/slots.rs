@@ -1,8 +1,7 @@
-//! `--slots auto`: how many requests a server can serve at once on a GPU, from the model's own
-//! numbers. Each slot holds a KV cache of `ctx_size` tokens; llama-server allocates them all at
-//! start (`-c ctx_size × slots`, `-np slots`), beside the weights and its compute buffers. So the
-//! slots that fit are what the free VRAM leaves after the weights and a margin, over one slot's
-//! cache — at most [`MAX_AUTO_SLOTS`], at least 1 (the VRAM check then decides whether it starts).
+//! What a server costs on a GPU, from the model's own numbers: its weights (the files' sizes) and
+//! one slot's KV cache. Each slot holds a cache of `ctx_size` tokens; llama-server allocates them
+//! all at start (`-c ctx_size × slots`, `-np slots`), beside the weights and its compute buffers.
+//! [`super::layout`] chooses servers and slots from these numbers ([`EngineConfig::budget`]).
 //!
 //! One slot's cache: 2 (K and V) × layers × KV heads × head size × tokens × the cache type's bytes
 //! per element (f16 unless the server arguments set `--cache-type-k`/`-ctk` or `--cache-type-v`/
@@ -13,16 +12,10 @@
 use std::ffi::OsString;
 use std::path::Path;
 
-use super::{ConfigError, EngineConfig, Setting};
+use super::EngineConfig;
+use super::layout::Budget;
 use crate::gguf::read::read_header;
-
-/// The most slots `auto` picks: past 16 requests at once, llama-server's batches gain little and
-/// each request waits longer for its image to be encoded (measured on H200, BENCHMARKS.md).
-pub const MAX_AUTO_SLOTS: u32 = 16;
-
-/// VRAM kept free beyond the weights and the KV cache: llama.cpp's compute buffers (the language
-/// model's and the vision encoder's), the CUDA context, and other processes' growth.
-pub const MARGIN_MIB: u64 = 1536;
+use crate::setting::{ConfigError, Setting};
 
 /// The shape of a model's KV cache, per token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,24 +37,41 @@ impl KvShape {
         let arch = header
             .architecture
             .ok_or("its header names no general.architecture")?;
-        let number = |key: &str| header.numbers.get(&format!("{arch}.{key}")).copied();
-        let needed = |key: &str| {
-            number(key)
-                .filter(|n| *n > 0)
-                .ok_or_else(|| format!("its header has no {arch}.{key}"))
+        // A key that is there must be a positive whole number; `None` where it is missing.
+        let number = |key: &str| -> Result<Option<u64>, String> {
+            let key = format!("{arch}.{key}");
+            match header.numbers.get(&key) {
+                None => Ok(None),
+                Some(Ok(n)) if *n > 0 => Ok(Some(*n)),
+                Some(Ok(n)) => Err(format!(
+                    "its header's {key} is {n}, not a positive whole number"
+                )),
+                Some(Err(what)) => Err(format!(
+                    "its header's {key} is {what}, not a positive whole number"
+                )),
+            }
         };
+        let needed =
+            |key: &str| number(key)?.ok_or_else(|| format!("its header has no {arch}.{key}"));
         let layers = needed("block_count")?;
         let heads = needed("attention.head_count")?;
-        let kv_heads = number("attention.head_count_kv")
-            .filter(|n| *n > 0)
-            .unwrap_or(heads);
-        let key_size = match number("attention.key_length").filter(|n| *n > 0) {
+        let kv_heads = number("attention.head_count_kv")?.unwrap_or(heads);
+        let key_size = match number("attention.key_length")? {
             Some(size) => size,
-            None => needed("embedding_length")? / heads,
+            None => {
+                let width = needed("embedding_length")?;
+                match width / heads {
+                    0 => {
+                        return Err(format!(
+                            "its head size works out to 0 ({arch}.embedding_length {width} over \
+                             {heads} heads): the header is wrong"
+                        ));
+                    }
+                    size => size,
+                }
+            }
         };
-        let value_size = number("attention.value_length")
-            .filter(|n| *n > 0)
-            .unwrap_or(key_size);
+        let value_size = number("attention.value_length")?.unwrap_or(key_size);
         Ok(KvShape {
             layers,
             kv_heads,
@@ -170,85 +180,58 @@ impl CacheTypes {
     }
 }
 
-/// What `auto` chose, and why, in words for a person.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct SlotChoice {
-    /// The slots.
-    pub slots: u32,
-    /// The numbers behind it.
-    pub why: String,
-}
-
-/// The slots that fit: `free_mib` less the weights and [`MARGIN_MIB`], over one slot's cache of
-/// `slot_bytes`; between 1 and [`MAX_AUTO_SLOTS`]. A pure decision (the property tests hold it to
-/// never overcommit when more than one slot is chosen).
-pub fn choose_slots(slot_bytes: u64, weights_bytes: u64, free_mib: u64) -> SlotChoice {
-    const MIB: u64 = 1 << 20;
-    let weights_mib = weights_bytes.div_ceil(MIB);
-    let slot_mib = slot_bytes.div_ceil(MIB).max(1);
-    let room = free_mib.saturating_sub(weights_mib + MARGIN_MIB);
-    let fit = room / slot_mib;
-    let slots = u32::try_from(fit)
-        .unwrap_or(u32::MAX)
-        .clamp(1, MAX_AUTO_SLOTS);
-    let limit = if fit > u64::from(MAX_AUTO_SLOTS) {
-        format!(" ({fit} would fit; at most {MAX_AUTO_SLOTS})")
-    } else if fit == 0 {
-        " (not even one fits: the VRAM check decides whether it starts)".to_string()
-    } else {
-        String::new()
-    };
-    SlotChoice {
-        slots,
-        why: format!(
-            "{free_mib} MiB free, less {weights_mib} MiB of weights and a {MARGIN_MIB} MiB \
-             margin, leaves {room} MiB for KV caches of {slot_mib} MiB per slot{limit}"
-        ),
-    }
-}
-
 impl EngineConfig {
-    /// The slots this configuration's model can serve at once with `free_mib` of VRAM (see the
-    /// module): its KV shape from the model's header, its cache types from the server arguments,
-    /// its weights from the files.
+    /// What this configuration's servers cost on a GPU with `free_mib` free, whose servers share
+    /// `cores` of the host: a copy of the weights per server (the files' sizes) and one slot's KV
+    /// cache (its shape from the model's header, its types from the server arguments). The
+    /// second value is how one slot's cache adds up, in words, or why it is unknown (`None` in
+    /// the budget): `auto` slots need it.
     ///
     /// ```no_run
     /// use engine_core::EngineConfig;
+    /// use engine_core::config::{Count, choose_layout};
     ///
     /// let config = EngineConfig::builder("llava.gguf", "mmproj.gguf").ctx_size(2048).build()?;
-    /// let choice = config.auto_slots(139_000)?;
-    /// eprintln!("{} slots: {}", choice.slots, choice.why);
+    /// let (budget, _) = config.budget(139_000, 16)?;
+    /// let layout = choose_layout(&budget, Count::Auto, Count::Auto);
+    /// eprintln!("{} servers, {} slots: {}", layout.servers, layout.slots, layout.why);
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn auto_slots(&self, free_mib: u64) -> Result<SlotChoice, ConfigError> {
+    pub fn budget(
+        &self,
+        free_mib: u64,
+        cores: u32,
+    ) -> Result<(Budget, Result<String, String>), ConfigError> {
+        const MIB: u64 = 1 << 20;
         let model = self.model();
-        let shape = KvShape::of_model(model).map_err(|e| {
-            ConfigError::new(
-                Setting::Slots,
-                format!(
-                    "auto reads the model's shape, and {}: {e} — give a number of slots instead",
-                    model.display()
-                ),
-            )
-        })?;
         let cache = CacheTypes::from_server_args(self.extra_args())
             .map_err(|e| ConfigError::new(Setting::Args, e))?;
         let size = |path: &Path| std::fs::metadata(path).map_or(0, |m| m.len());
         let weights = size(model) + self.mmproj().map_or(0, size);
         let tokens = self.ctx_size();
-        let mut choice = choose_slots(shape.bytes_per_slot(tokens, cache), weights, free_mib);
-        choice.why = format!(
-            "{}; one slot's cache: {tokens} tokens × {} layers × {} KV heads × ({} + {}) × {}/{}",
-            choice.why,
-            shape.layers,
-            shape.kv_heads,
-            shape.key_size,
-            shape.value_size,
-            cache.k.name(),
-            cache.v.name()
-        );
-        Ok(choice)
+        let (slot_mib, slot) = match KvShape::of_model(model) {
+            Ok(shape) => {
+                let bytes = shape.bytes_per_slot(tokens, cache);
+                let words = format!(
+                    "{tokens} tokens × {} layers × {} KV heads × ({} + {}) × {}/{}",
+                    shape.layers,
+                    shape.kv_heads,
+                    shape.key_size,
+                    shape.value_size,
+                    cache.k.name(),
+                    cache.v.name()
+                );
+                (Some(bytes.div_ceil(MIB).max(1)), Ok(words))
+            }
+            Err(e) => (None, Err(format!("{}: {e}", model.display()))),
+        };
+        let budget = Budget {
+            free_mib,
+            weights_mib: weights.div_ceil(MIB),
+            slot_mib,
+            cores,
+        };
+        Ok((budget, slot))
     }
 }
 
@@ -256,7 +239,6 @@ impl EngineConfig {
 mod tests {
     use super::*;
     use crate::gguf::{Gguf, Value};
-    use proptest::prelude::*;
 
     #[test]
     fn the_shape_of_llava_1_5_7b_gives_a_gibibyte_per_slot_of_2048_tokens() {
@@ -308,33 +290,26 @@ mod tests {
     }
 
     #[test]
-    fn the_choice_says_its_numbers() {
-        let choice = choose_slots(1 << 30, 4 << 30, 140_000);
-        assert_eq!(choice.slots, MAX_AUTO_SLOTS);
-        assert!(choice.why.contains("at most 16"), "{}", choice.why);
-        let choice = choose_slots(1 << 30, 4 << 30, 4096 + MARGIN_MIB + 3 * 1024 + 10);
-        assert_eq!(choice.slots, 3);
-        let choice = choose_slots(1 << 30, 4 << 30, 1000);
-        assert_eq!(choice.slots, 1);
-        assert!(choice.why.contains("not even one"), "{}", choice.why);
-    }
-
-    proptest! {
-        #[test]
-        fn auto_never_overcommits_and_stays_in_bounds(
-            slot_mib in 1u64..4096,
-            weights_mib in 0u64..200_000,
-            free_mib in 0u64..300_000,
-        ) {
-            let choice = choose_slots(slot_mib << 20, weights_mib << 20, free_mib);
-            prop_assert!((1..=MAX_AUTO_SLOTS).contains(&choice.slots));
-            if choice.slots > 1 {
-                prop_assert!(weights_mib + MARGIN_MIB + u64::from(choice.slots) * slot_mib <= free_mib);
-            }
-            // One more slot would not have fitted, unless the cap held it back.
-            if choice.slots < MAX_AUTO_SLOTS {
-                prop_assert!(weights_mib + MARGIN_MIB + u64::from(choice.slots + 1) * slot_mib > free_mib);
-            }
-        }
+    fn numbers_that_are_negative_fractional_or_zero_are_named_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let write = |extra: (&str, Value)| {
+            let mut gguf = Gguf::default();
+            gguf.kv("general.architecture", Value::Str("llama".into()))
+                .kv("llama.block_count", Value::U32(32))
+                .kv("llama.embedding_length", Value::U32(16))
+                .kv("llama.attention.head_count", Value::U32(32));
+            gguf.kv(extra.0, extra.1);
+            gguf.write(&mut std::fs::File::create(&path).unwrap())
+                .unwrap();
+            KvShape::of_model(&path).unwrap_err()
+        };
+        let err = write(("llama.block_count", Value::I32(-3)));
+        assert!(err.contains("llama.block_count is -3"), "{err}");
+        let err = write(("llama.block_count", Value::F32(32.5)));
+        assert!(err.contains("is the float 32.5"), "{err}");
+        // 16 wide over 32 heads: no head size at all.
+        let err = write(("general.name", Value::Str("x".into())));
+        assert!(err.contains("head size works out to 0"), "{err}");
     }
 }

@@ -2,32 +2,37 @@
 //! scheduler), swap to the next model keeping the GPU, stop, and abort.
 
 use std::ops::ControlFlow;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
-use super::running::ShutdownReport;
+use super::error::EngineError;
+use super::running::{Hold, ShutdownReport};
 use super::schedule::{self, Batch, Lanes};
 use super::typestate::{Engine, Healthy, start_server};
-use crate::config::{ConfigError, EngineConfig, Setting};
-use crate::error::{EngineError, RequestError};
+use crate::config::EngineConfig;
 use crate::gpu::{
-    FreeVram, GpuId, Visible, VramError, VramProbe, VramReading, select, wait_for_free,
+    FreeVram, GpuId, Visible, VramError, VramProbe, VramReading, VramRecovery, select,
+    wait_for_free,
 };
+use crate::request::RequestError;
 use crate::request::{
     Answer, KeyframeRecord, Modality, Prompt, SceneDescription, Subject, Transport, complete,
 };
+use crate::server::find_program;
+use crate::setting::{ConfigError, Setting};
 use crate::wait::Wait;
 
 impl Engine<Healthy> {
     /// The VRAM reading taken under the lock, before the server started.
     pub fn vram(&self) -> &VramReading {
-        &self.state.running.baseline
+        &self.state.hold.baseline
     }
 
     /// The GPU held (nvidia-smi index).
     pub fn gpu(&self) -> u32 {
-        self.state.guard.gpu()
+        self.state.hold.gpu()
     }
 
     /// The port the server listens on (127.0.0.1).
@@ -101,7 +106,7 @@ impl Engine<Healthy> {
     pub fn answer<T: DeserializeOwned>(&self, prompt: &Prompt) -> Result<Answer<T>, RequestError> {
         let server = &self.state.running.server;
         if let Some(died) = server.death(Duration::ZERO) {
-            return Err(died.during(&prompt.subject()));
+            return Err(RequestError::from(died).during(&prompt.subject()));
         }
         let modality = match (self.config.mmproj(), server.reads_files()) {
             (None, _) => Modality::Text,
@@ -113,7 +118,7 @@ impl Engine<Healthy> {
             self.config.describe_options(),
             modality,
             prompt,
-            &|wait| server.death(wait),
+            &|wait| server.death(wait).map(RequestError::from),
         )
     }
 
@@ -210,8 +215,10 @@ impl Engine<Healthy> {
     /// `min_vram_mib` to be free, start `next`'s server (as long as `wait` allows, as
     /// [`Engine::start`]). `next` must name the same GPU.
     ///
-    /// A failed swap leaves nothing running and releases the lock (the error says which step failed);
-    /// a server that had died before is only logged, since it is replaced anyway.
+    /// It checks `next` before it stops anything (its GPU, its model files, its server program): a
+    /// swap that fails there hands this engine back, still running ([`SwapError::still_running`]).
+    /// A swap that fails later leaves nothing running and releases the lock (the error says which
+    /// step failed); a server that had died before is only logged, since it is replaced anyway.
     ///
     /// ```no_run
     /// # use engine_core::{Engine, EngineConfig};
@@ -223,22 +230,71 @@ impl Engine<Healthy> {
     /// text.shutdown()?;
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn swap(self, next: EngineConfig, wait: Wait) -> Result<Engine<Healthy>, EngineError> {
-        let Healthy { mut running, guard } = self.state;
-        let gpu = guard.gpu();
+    pub fn swap(self, next: EngineConfig, wait: Wait) -> Result<Engine<Healthy>, SwapError> {
+        // Checked before anything stops: a swap that cannot work leaves this engine running.
+        if let Err(error) = self.can_swap_to(&next, wait) {
+            return Err(SwapError {
+                error,
+                still_running: Some(Box::new(self)),
+            });
+        }
+        let Healthy { mut running, hold } = self.state;
+        let hold = Arc::into_inner(hold).expect("a swap's engine is the only one of its GPU");
+        let gpu = hold.gpu();
         if let Some(died) = running.server.death(Duration::ZERO) {
             tracing::warn!(error = %died, "the server being swapped out had died");
         }
-        let report = running.stop();
+        let stopped = running.stop();
         drop(running);
-        tracing::info!(gpu, took = ?report.took, vram = ?report.vram, "swap: server stopped");
+        let recovery = hold.recover();
+        tracing::info!(gpu, exit = ?stopped.exit, vram = ?recovery, "swap: server stopped");
+        let guard = hold.into_guard();
+        let failed = |error: EngineError| SwapError {
+            error,
+            still_running: None,
+        };
         match reading_for_next(&next, gpu, wait) {
-            Ok((probe, reading)) => Ok(start_server(next, probe, reading, guard, wait)?),
+            Ok((probe, reading)) => {
+                let recovery = next.vram_recovery_timeout();
+                let hold = Arc::new(Hold::new(guard, reading, probe, recovery));
+                start_server(next, hold, wait).map_err(|e| failed(e.into()))
+            }
             Err(e) => {
                 drop(guard);
-                Err(e)
+                Err(failed(e))
             }
         }
+    }
+
+    /// What a swap to `next` checks before it stops this engine: this is the only server of its
+    /// GPU, `next`'s model files and server program are there, and `next` names this GPU.
+    fn can_swap_to(&self, next: &EngineConfig, wait: Wait) -> Result<(), EngineError> {
+        if Arc::strong_count(&self.state.hold) > 1 {
+            // Other servers of this GPU still run: the GPU is theirs too.
+            return Err(ConfigError::new(
+                Setting::ServersPerGpu,
+                "a swap replaces the only server of a GPU, and this one has siblings — stop the \
+                 pool and launch the next model",
+            )
+            .into());
+        }
+        next.check_model_files()?;
+        find_program(&next.server_bin())?;
+        let rows = next.vram_probe()?.query(wait)?;
+        let target = select(&rows, next.gpu(), &Visible::from_env(), 0)?;
+        if target.gpu != self.gpu() {
+            return Err(ConfigError::new(
+                Setting::Gpu,
+                format!(
+                    "names GPU {}, but a swap keeps the GPU it holds (GPU {}) — give the next \
+                     configuration the same GPU, or shut down and launch a new engine",
+                    target.gpu,
+                    self.gpu()
+                ),
+            )
+            .into());
+        }
+        Ok(())
     }
 
     /// Starts killing the server's whole tree and returns at once (tokio's `start_kill`): requests
@@ -256,14 +312,26 @@ impl Engine<Healthy> {
     /// No request of this engine can be in flight here: they all borrow the engine. Fails with
     /// [`RequestError::ServerDied`] if the server had died before (not by [`Engine::abort`]).
     pub fn shutdown(self) -> Result<ShutdownReport, RequestError> {
-        let Healthy { mut running, guard } = self.state;
-        let died = running.server.death(Duration::ZERO);
+        let Healthy { mut running, hold } = self.state;
+        let died = running.server.death(Duration::ZERO).map(RequestError::from);
         let aborted = running.server.aborted();
-        let report = running.stop();
+        let started = Instant::now();
+        let stopped = running.stop();
+        let took = started.elapsed();
+        let pid = running.server.pid();
         drop(running);
-        let gpu = guard.gpu();
-        drop(guard);
+        let gpu = hold.gpu();
+        // The last server of the GPU waits for its VRAM and releases the lock.
+        let vram = Arc::into_inner(hold).map_or(VramRecovery::Shared, Hold::release);
         tracing::info!(gpu, "engine shut down");
+        let report = ShutdownReport {
+            pid,
+            status: stopped.exit,
+            escalation: stopped.escalation,
+            left_running: stopped.left_running,
+            took,
+            vram,
+        };
         match died {
             Some(e) if !aborted => Err(e),
             _ => Ok(report),
@@ -271,8 +339,46 @@ impl Engine<Healthy> {
     }
 }
 
-/// The reading `next` starts from on the held `gpu`: one query finds which GPU `next` names (it
-/// must be `gpu`) and, usually, that its minimum is free; else the bounded wait for it.
+/// A swap that failed: why, and the engine it started from when the failure came before the stop
+/// (a swap checks the next configuration first: its GPU, its model files, its program), which then
+/// still runs, as it was.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct SwapError {
+    /// Why.
+    pub error: EngineError,
+    /// The engine swapped from, when nothing was stopped.
+    pub still_running: Option<Box<Engine<Healthy>>>,
+}
+
+impl std::fmt::Display for SwapError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.still_running {
+            Some(_) => write!(
+                f,
+                "{} (nothing was stopped: the engine still runs)",
+                self.error
+            ),
+            None => write!(f, "{}", self.error),
+        }
+    }
+}
+
+impl std::error::Error for SwapError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl From<SwapError> for EngineError {
+    /// The reason alone (an engine still running is dropped: stopped, its lock released).
+    fn from(failed: SwapError) -> Self {
+        failed.error
+    }
+}
+
+/// The reading `next` starts from on the held `gpu` (which a swap checked `next` names): usually
+/// one query that finds its minimum free; else the bounded wait for it.
 fn reading_for_next(
     next: &EngineConfig,
     gpu: u32,
@@ -280,18 +386,6 @@ fn reading_for_next(
 ) -> Result<(VramProbe, VramReading), EngineError> {
     let probe = next.vram_probe()?;
     let rows = probe.query(wait)?;
-    let target = select(&rows, next.gpu(), &Visible::from_env(), 0)?;
-    if target.gpu != gpu {
-        return Err(ConfigError::new(
-            Setting::Gpu,
-            format!(
-                "names GPU {}, but a swap keeps the GPU it holds (GPU {gpu}) — give the next \
-                 configuration the same GPU, or shut down and launch a new engine",
-                target.gpu
-            ),
-        )
-        .into());
-    }
     let held = GpuId::Index(gpu);
     let reading = match select(&rows, &held, &Visible::All, next.min_vram_mib()) {
         Err(VramError::Insufficient { .. }) => wait_for_free(

@@ -26,8 +26,9 @@ use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
-use crate::error::{RequestError, ServerDeath};
+use crate::request::RequestError;
 use crate::request::Subject;
+use crate::server::ServerDeath;
 use crate::util::unpoisoned;
 
 /// What a batch did: an outcome per item, in input order, and what each server did.
@@ -106,16 +107,6 @@ impl<R> Opener<'_, R> {
     /// `server` is ready (`true`: its lanes start taking work) or out (`false`: they end).
     pub(crate) fn open(&self, server: usize, ready: bool) {
         self.queue.open(server, ready);
-    }
-
-    /// `server` is ready, on the GPU its start found (index and UUID, for [`Batch::servers`]).
-    pub(crate) fn ready(&self, server: usize, gpu: u32, uuid: &str) {
-        {
-            let mut state = self.queue.lock();
-            let run = &mut state.servers[server];
-            (run.gpu, run.uuid) = (gpu, uuid.to_string());
-        }
-        self.queue.open(server, true);
     }
 }
 

@@ -5,9 +5,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::schedule::Batch;
-use crate::error::RequestError;
+use super::schedule::{Batch, ServerRun};
 use crate::request::Answer;
+use crate::request::RequestError;
 
 /// When a run began, when it could first answer (the first server ready), and when it ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,10 +28,14 @@ pub struct Summary {
     pub items: usize,
     /// Items answered.
     pub answered: usize,
-    /// Items that failed (a server's death while answering included).
+    /// Items that failed (a server's death while answering included, and the items the caller
+    /// refused before sending).
     pub failed: usize,
     /// Items never sent (the batch was stopped, or every server died first).
     pub not_attempted: usize,
+    /// Items answered whose answer the caller could not keep (a line a full disk refused): not
+    /// counted as answered, nor in the tokens and latencies. The four counts add up to `items`.
+    pub not_written: usize,
     /// Attempts made beyond the first, for invalid output, over all items.
     pub retries: u64,
     /// From the run's start to its last item's end, in seconds (the servers' start included).
@@ -86,33 +90,85 @@ pub struct Tokens {
     pub generated_per_s: f64,
 }
 
-/// What one server did.
+/// What one GPU's servers did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct GpuSummary {
-    /// Its GPU (nvidia-smi index).
+    /// The GPU (nvidia-smi index).
     pub gpu: u32,
-    /// Its GPU's UUID.
+    /// Its UUID.
     pub uuid: String,
+    /// How many servers ran on it.
+    pub servers: usize,
+    /// Items its servers answered.
+    pub answered: usize,
+    /// Items its servers failed (a death excluded: those items went to another server).
+    pub failed: usize,
+    /// How its first server to die died (`exit code 1`, `signal 6 (SIGABRT)`), or null.
+    pub died: Option<String>,
+    /// What each of its servers did, in order.
+    pub each: Vec<ServerSummary>,
+}
+
+/// What one server did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct ServerSummary {
     /// Items it answered.
     pub answered: usize,
-    /// Items it failed.
+    /// Items it failed (a death excluded).
     pub failed: usize,
-    /// How it died (`exit code 1`, `signal 6 (SIGABRT)`), or null.
+    /// How it died, or null.
     pub died: Option<String>,
+    /// Items it was answering when it died, which another server took.
+    pub handed_over: usize,
+}
+
+/// What became of a batch's outcomes at the caller's end, for its [`Summary`]: the items the
+/// caller refused before sending (each counted as failed, beside the batch's), and whether each
+/// outcome was kept (an answer whose line a full disk refused is counted as not written).
+#[derive(Clone, Copy)]
+pub struct Delivery<'a> {
+    /// Items refused before sending, not in the batch.
+    pub refused: usize,
+    /// Whether the outcome of the batch's item `i` was kept.
+    pub kept: &'a dyn Fn(usize) -> bool,
+}
+
+impl std::fmt::Debug for Delivery<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("refused", &self.refused)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Delivery<'_> {
+    /// Nothing refused, everything kept.
+    pub const ALL: Delivery<'static> = Delivery {
+        refused: 0,
+        kept: &|_| true,
+    };
 }
 
 impl Summary {
-    /// The summary of a run that sent nothing: `items` items, every one failed before it could be
-    /// sent (a front end's own refusals), over `times`.
-    pub fn unsent(items: usize, times: RunTimes) -> Summary {
+    /// The summary of a run that sent nothing: `refused` items the caller refused before sending
+    /// (failed), and `unsent` items never sent (no server started, or the run was stopped first),
+    /// over `times`.
+    pub fn nothing_sent(times: RunTimes, refused: usize, unsent: usize) -> Summary {
         let batch: Batch<Answer<()>> = Batch {
             results: Vec::new(),
             servers: Vec::new(),
         };
-        let mut summary = batch.summary(times);
-        summary.items = items;
-        summary.failed = items;
+        let mut summary = batch.summary_delivered(
+            times,
+            Delivery {
+                refused,
+                kept: &|_| true,
+            },
+        );
+        summary.items += unsent;
+        summary.not_attempted = unsent;
         summary
     }
 }
@@ -120,17 +176,29 @@ impl Summary {
 impl<T> Batch<Answer<T>> {
     /// The run's summary: the batch's outcomes, tokens and latencies, over `times`.
     pub fn summary(&self, times: RunTimes) -> Summary {
+        self.summary_delivered(times, Delivery::ALL)
+    }
+
+    /// The run's summary, counting what became of each outcome at the caller's end
+    /// ([`Delivery`]): an answer not kept is not written, and neither its tokens nor its latency
+    /// count; refused items are failed. The counts add up to the items.
+    pub fn summary_delivered(&self, times: RunTimes, delivery: Delivery) -> Summary {
         let answers: Vec<&Answer<T>> = self
             .results
             .iter()
-            .filter_map(|r| r.as_ref().ok())
+            .enumerate()
+            .filter(|(i, _)| (delivery.kept)(*i))
+            .filter_map(|(_, r)| r.as_ref().ok())
             .collect();
+        let all_answers = self.results.iter().filter(|r| r.is_ok()).count();
         let not_attempted = self
             .results
             .iter()
             .filter(|r| matches!(r, Err(e) if RequestError::not_attempted(e)))
             .count();
         let answered = answers.len();
+        let not_written = all_answers - answered;
+        let items = self.results.len() + delivery.refused;
         let since = |a: SystemTime, b: SystemTime| b.duration_since(a).unwrap_or(Duration::ZERO);
         let wall = since(times.started, times.finished).as_secs_f64();
         let serving = since(times.ready, times.finished).as_secs_f64();
@@ -149,10 +217,11 @@ impl<T> Batch<Answer<T>> {
         let prompt: u64 = answers.iter().map(|a| a.usage.prompt_tokens).sum();
         let generated: u64 = answers.iter().map(|a| a.usage.generated_tokens).sum();
         Summary {
-            items: self.results.len(),
+            items,
             answered,
-            failed: self.results.len() - answered - not_attempted,
+            failed: items - all_answers - not_attempted,
             not_attempted,
+            not_written,
             retries: answers.iter().map(|a| u64::from(a.attempts - 1)).sum(),
             wall_s: wall,
             serving_s: serving,
@@ -168,17 +237,7 @@ impl<T> Batch<Answer<T>> {
                 prompt_per_s: per(prompt as f64, serving),
                 generated_per_s: per(generated as f64, serving),
             },
-            gpus: self
-                .servers
-                .iter()
-                .map(|s| GpuSummary {
-                    gpu: s.gpu,
-                    uuid: s.uuid.clone(),
-                    answered: s.answered,
-                    failed: s.failed,
-                    died: s.died.as_ref().map(|d| d.status.to_string()),
-                })
-                .collect(),
+            gpus: per_gpu(&self.servers),
             started_at: rfc3339(times.started),
             ready_at: rfc3339(times.ready),
             finished_at: rfc3339(times.finished),
@@ -187,6 +246,43 @@ impl<T> Batch<Answer<T>> {
             finished_at_unix_s: unix(times.finished),
         }
     }
+}
+
+/// The servers' runs grouped by GPU, in the order each GPU first appears.
+fn per_gpu(servers: &[ServerRun]) -> Vec<GpuSummary> {
+    let mut gpus: Vec<GpuSummary> = Vec::new();
+    for run in servers {
+        let died = run.died.as_ref().map(|d| d.status.to_string());
+        let server = ServerSummary {
+            answered: run.answered,
+            failed: run.failed,
+            died: died.clone(),
+            handed_over: run.handed_over,
+        };
+        let gpu = match gpus.iter_mut().find(|g| g.gpu == run.gpu) {
+            Some(gpu) => gpu,
+            None => {
+                gpus.push(GpuSummary {
+                    gpu: run.gpu,
+                    uuid: run.uuid.clone(),
+                    servers: 0,
+                    answered: 0,
+                    failed: 0,
+                    died: None,
+                    each: Vec::new(),
+                });
+                gpus.last_mut().expect("just pushed")
+            }
+        };
+        gpu.servers += 1;
+        gpu.answered += run.answered;
+        gpu.failed += run.failed;
+        if gpu.died.is_none() {
+            gpu.died = died;
+        }
+        gpu.each.push(server);
+    }
+    gpus
 }
 
 fn unix(t: SystemTime) -> f64 {
@@ -221,7 +317,6 @@ fn rfc3339(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::schedule::ServerRun;
     use crate::request::{Subject, Usage};
 
     fn answered(ms: u64, attempts: u32) -> Result<Answer<()>, RequestError> {
@@ -295,6 +390,58 @@ mod tests {
         assert_eq!(summary.tokens.generated_per_s, 15.0);
         assert_eq!(summary.started_at, "2026-11-18T11:06:40.000Z");
         assert_eq!(summary.gpus[0].uuid, "GPU-a");
+        // The second answer's line was not written, and one item was refused before sending.
+        let kept = |i: usize| i != 1;
+        let delivered = batch.summary_delivered(
+            times,
+            Delivery {
+                refused: 1,
+                kept: &kept,
+            },
+        );
+        assert_eq!(
+            (
+                delivered.items,
+                delivered.answered,
+                delivered.failed,
+                delivered.not_attempted,
+                delivered.not_written
+            ),
+            (6, 2, 2, 1, 1)
+        );
+        assert_eq!(delivered.tokens.prompt, 200);
+        assert_eq!(delivered.latency_ms.max, 20.0);
+    }
+
+    #[test]
+    fn servers_are_summed_per_gpu_and_each_is_kept() {
+        let run = |gpu: u32, answered: usize, died: Option<i32>| ServerRun {
+            gpu,
+            uuid: format!("GPU-{gpu}"),
+            answered,
+            failed: 1,
+            died: died.map(|code| {
+                crate::server::ServerDeath::new(
+                    crate::process::ChildExit::Code(code),
+                    String::new(),
+                )
+            }),
+            handed_over: usize::from(died.is_some()),
+        };
+        let gpus = per_gpu(&[run(3, 5, None), run(4, 2, None), run(3, 7, Some(1))]);
+        assert_eq!(gpus.len(), 2);
+        assert_eq!(
+            (
+                gpus[0].gpu,
+                gpus[0].servers,
+                gpus[0].answered,
+                gpus[0].failed
+            ),
+            (3, 2, 12, 2)
+        );
+        assert_eq!(gpus[0].died.as_deref(), Some("exit code 1"));
+        assert_eq!(gpus[0].each[1].handed_over, 1);
+        assert_eq!((gpus[1].gpu, gpus[1].servers), (4, 1));
     }
 
     #[test]

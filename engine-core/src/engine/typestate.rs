@@ -11,16 +11,18 @@
 //! engine releases what it holds in reverse order (server stopped and reaped, then the GPU lock),
 //! also while unwinding from a panic and after a failed step.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::running::Running;
+use super::error::EngineError;
+use super::running::{Hold, Running};
 use crate::config::EngineConfig;
-use crate::error::{EngineError, StartError};
 use crate::gpu::{
     FreeVram, GpuGuard, GpuId, LockError, Visible, VramError, VramProbe, VramReading, gpu_lock,
-    wait_for_free, wait_for_recovery,
+    wait_for_free,
 };
 use crate::server::Server;
+use crate::server::StartError;
 use crate::wait::Wait;
 
 mod sealed {
@@ -57,11 +59,12 @@ pub struct Locked {
 }
 
 /// llama-server is running, healthy and proven ours. Field order is drop order: the running server
-/// (stopped, then VRAM waited for), then the lock.
+/// (stopped), then its share of the GPU's hold (the last share waits for VRAM, then releases the
+/// lock).
 #[derive(Debug)]
 pub struct Healthy {
     pub(super) running: Running,
-    pub(super) guard: GpuGuard,
+    pub(super) hold: Arc<Hold>,
 }
 
 impl sealed::Sealed for Unchecked {}
@@ -125,6 +128,26 @@ impl Engine<Unchecked> {
             free_mib = reading.free_mib,
             "VRAM check passed"
         );
+        Ok(Engine {
+            config: self.config,
+            state: VramOk { reading, probe },
+        })
+    }
+
+    /// [`Engine::check_vram`] against a reading already taken (a launch's plan reads every GPU
+    /// once): `reading` must be of this configuration's GPU and show its `min_vram_mib` free.
+    pub(crate) fn checked(
+        self,
+        probe: VramProbe,
+        reading: VramReading,
+    ) -> Result<Engine<VramOk>, VramError> {
+        if reading.free_mib < self.config.min_vram_mib() {
+            return Err(VramError::Insufficient {
+                gpu: reading.gpu,
+                free_mib: reading.free_mib,
+                min_mib: self.config.min_vram_mib(),
+            });
+        }
         Ok(Engine {
             config: self.config,
             state: VramOk { reading, probe },
@@ -206,49 +229,88 @@ impl Engine<Locked> {
     /// it). On failure the server's tree is stopped and reaped, VRAM is waited for as after a normal
     /// stop, and the GPU lock released, before the error is returned.
     pub fn start(self, wait: Wait) -> Result<Engine<Healthy>, StartError> {
+        let mut engines = self.start_servers(1, wait)?;
+        Ok(engines.pop().expect("one server started"))
+    }
+
+    /// Starts `servers` llama-servers on the locked GPU as one unit, all at once (their loads
+    /// overlap), under this one lock: the slots are split evenly over them (the first get one more
+    /// where they do not divide), each listens on a free port when there are several, and each is
+    /// shown only this GPU. The lock is released once the last of them has stopped and VRAM has
+    /// come back. If any fails to start, the others are stopped too and the first failure is
+    /// returned (everything cleaned up as after [`Engine::start`]'s failure).
+    ///
+    /// Why several: llama-server's one main loop samples every slot in turn on one CPU thread, so a
+    /// GPU that one server keeps waiting is kept busy by a few (BENCHMARKS.md, "one H200").
+    pub fn start_servers(
+        self,
+        servers: u32,
+        wait: Wait,
+    ) -> Result<Vec<Engine<Healthy>>, StartError> {
         let Locked {
             reading,
             guard,
             probe,
         } = self.state;
-        start_server(self.config, probe, reading, guard, wait)
+        let hold = Arc::new(Hold::new(
+            guard,
+            reading,
+            probe,
+            self.config.vram_recovery_timeout(),
+        ));
+        let configs = self.config.per_server(servers);
+        let started: Vec<Result<Engine<Healthy>, StartError>> = std::thread::scope(|scope| {
+            let starts: Vec<_> = configs
+                .into_iter()
+                .map(|config| {
+                    let hold = Arc::clone(&hold);
+                    scope.spawn(move || start_server(config, hold, wait))
+                })
+                .collect();
+            starts
+                .into_iter()
+                .map(|start| start.join().expect("a server's start does not panic"))
+                .collect()
+        });
+        drop(hold);
+        let (engines, failures): (Vec<_>, Vec<_>) = started.into_iter().partition(Result::is_ok);
+        // The failure that says most: a cancellation only if nothing else went wrong.
+        let failure = failures
+            .into_iter()
+            .filter_map(Result::err)
+            .min_by_key(|e| matches!(e, StartError::Cancelled));
+        match failure {
+            None => Ok(engines.into_iter().filter_map(Result::ok).collect()),
+            Some(error) => {
+                // The siblings stop here; the last one's hold waits for VRAM and releases the lock.
+                drop(engines);
+                Err(error)
+            }
+        }
     }
 }
 
-/// Starts `config`'s server on the locked GPU of `reading` (the baseline for the VRAM wait after
-/// its stop). On failure: the tree stopped and reaped, VRAM waited for, the lock released.
+/// Starts `config`'s server on the GPU of `hold` (the locked GPU, and the baseline for the VRAM
+/// wait after the last stop). On failure: the tree stopped and reaped; this share of the hold
+/// dropped (the last share waits for VRAM and releases the lock).
 pub(super) fn start_server(
     config: EngineConfig,
-    probe: VramProbe,
-    reading: VramReading,
-    guard: GpuGuard,
+    hold: Arc<Hold>,
     wait: Wait,
 ) -> Result<Engine<Healthy>, StartError> {
-    let visible = if reading.uuid.is_empty() {
-        reading.gpu.to_string()
+    let visible = if hold.baseline.uuid.is_empty() {
+        hold.baseline.gpu.to_string()
     } else {
-        reading.uuid.clone()
+        hold.baseline.uuid.clone()
     };
-    let server = match Server::start(&config, &visible, guard.raw_fd(), wait) {
-        Ok(server) => server,
-        Err(e) => {
-            // A start that died of "CUDA error: out of memory" may still hold VRAM a moment.
-            let recovery = wait_for_recovery(&probe, &reading, config.vram_recovery_timeout());
-            tracing::debug!(?recovery, "VRAM after the failed start");
-            drop(guard);
-            return Err(e);
-        }
-    };
+    let server = Server::start(&config.server_spec(), &visible, hold.raw_fd(), wait)?;
     let running = Running {
         server,
-        baseline: reading,
-        probe,
         stop_grace: config.stop_grace(),
-        recovery_timeout: config.vram_recovery_timeout(),
         stopped: false,
     };
     Ok(Engine {
         config,
-        state: Healthy { running, guard },
+        state: Healthy { running, hold },
     })
 }

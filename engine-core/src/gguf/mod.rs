@@ -1,6 +1,8 @@
 //! GGUF, llama.cpp's model format: reading a file's header (what the engine checks before it starts
 //! anything) and writing files (the models the project makes for itself).
 
+use std::fmt;
+
 pub(crate) mod read;
 mod write;
 
@@ -14,9 +16,28 @@ mod value_type {
     pub(super) const ARRAY: u32 = 9;
     pub(super) const U64: u32 = 10;
     pub(super) const I64: u32 = 11;
+    pub(super) const F64: u32 = 12;
 }
 
 pub use read::read_architecture;
 pub use write::{Fill, Gguf, TensorType, Value};
 
 pub(crate) use read::check_role;
+
+/// Which of the two model files a message is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelRole {
+    /// The language model (`-m`).
+    Model,
+    /// The vision projector (`--mmproj`).
+    Mmproj,
+}
+
+impl fmt::Display for ModelRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ModelRole::Model => "model",
+            ModelRole::Mmproj => "mmproj",
+        })
+    }
+}

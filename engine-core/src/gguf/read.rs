@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io::{BufReader, Read, Seek};
 use std::path::Path;
 
-use crate::error::ModelRole;
+use super::ModelRole;
 
 /// The metadata the engine checks.
 #[derive(Debug, Default, PartialEq)]
@@ -19,9 +19,10 @@ pub(crate) struct Header {
     pub(crate) architecture: Option<String>,
     /// `clip.projector_type`, or `clip.vision.projector_type` for projectors of several modalities.
     pub(crate) projector_type: Option<String>,
-    /// The integer keys that size a model's KV cache (`llama.block_count`, `llama.attention.
-    /// head_count_kv`, ...: any key ending in one of [`SHAPE_KEYS`]), by their full names.
-    pub(crate) numbers: std::collections::BTreeMap<String, u64>,
+    /// The keys that size a model's KV cache (`llama.block_count`, `llama.attention.
+    /// head_count_kv`, ...: any key ending in one of [`SHAPE_KEYS`]), by their full names: the
+    /// whole number, or what the value is instead (`-3`, `the float 32.5`), for a message.
+    pub(crate) numbers: std::collections::BTreeMap<String, Result<u64, String>>,
 }
 
 /// The ends of the integer keys [`Header::numbers`] keeps.
@@ -41,7 +42,8 @@ const MAX_STRING: u64 = 16 * 1024 * 1024;
 const MAX_KEYS: u64 = 1 << 20;
 
 use super::value_type::{
-    ARRAY as T_ARRAY, I32 as T_I32, I64 as T_I64, STRING as T_STRING, U32 as T_U32, U64 as T_U64,
+    ARRAY as T_ARRAY, F32 as T_F32, F64 as T_F64, I32 as T_I32, I64 as T_I64, STRING as T_STRING,
+    U32 as T_U32, U64 as T_U64,
 };
 
 /// Reads `path`'s header. The error says what is wrong, in words for a user.
@@ -93,9 +95,8 @@ pub(crate) fn read_header(path: &Path) -> Result<Header, String> {
                     header.projector_type.get_or_insert(value);
                 }
             }
-        } else if SHAPE_KEYS.iter().any(|end| key.ends_with(end))
-            && let Some(number) = integer(&mut r, kind)?
-        {
+        } else if SHAPE_KEYS.iter().any(|end| key.ends_with(end)) {
+            let number = number(&mut r, kind)?;
             header.numbers.insert(key, number);
         } else {
             skip_value(&mut r, kind, 0)?;
@@ -120,15 +121,21 @@ fn u64_le(r: &mut impl Read) -> Result<u64, String> {
     Ok(u64::from_le_bytes(bytes))
 }
 
-/// An integer value of type `kind` (`None`, having read nothing, for any other type; a negative
-/// one is read as 0).
-fn integer(r: &mut impl Read, kind: u32) -> Result<Option<u64>, String> {
+/// A value of type `kind` read as a whole number of zero or more; what it is instead for a
+/// negative number, a float or any other type (which is skipped).
+fn number<R: Read + Seek>(r: &mut BufReader<R>, kind: u32) -> Result<Result<u64, String>, String> {
+    let negative = |n: i64| u64::try_from(n).map_err(|_| n.to_string());
     Ok(match kind {
-        T_U32 => Some(u64::from(u32_le(r)?)),
-        T_I32 => Some(u64::try_from(u32_le(r)? as i32).unwrap_or(0)),
-        T_U64 => Some(u64_le(r)?),
-        T_I64 => Some(u64::try_from(u64_le(r)? as i64).unwrap_or(0)),
-        _ => None,
+        T_U32 => Ok(u64::from(u32_le(r)?)),
+        T_I32 => negative(i64::from(u32_le(r)? as i32)),
+        T_U64 => Ok(u64_le(r)?),
+        T_I64 => negative(u64_le(r)? as i64),
+        T_F32 => Err(format!("the float {}", f32::from_bits(u32_le(r)?))),
+        T_F64 => Err(format!("the float {}", f64::from_bits(u64_le(r)?))),
+        other => {
+            skip_value(r, other, 0)?;
+            Err(format!("a value of GGUF type {other}, not a number"))
+        }
     })
 }
 

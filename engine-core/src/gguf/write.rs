@@ -19,6 +19,8 @@ use super::value_type::{
 pub enum Value {
     /// `uint32`.
     U32(u32),
+    /// `int32`.
+    I32(i32),
     /// `float32`.
     F32(f32),
     /// `bool`.
@@ -131,6 +133,10 @@ fn write_value(head: &mut Vec<u8>, value: &Value) {
     match value {
         Value::U32(v) => {
             head.extend_from_slice(&T_UINT32.to_le_bytes());
+            head.extend_from_slice(&v.to_le_bytes());
+        }
+        Value::I32(v) => {
+            head.extend_from_slice(&T_INT32.to_le_bytes());
             head.extend_from_slice(&v.to_le_bytes());
         }
         Value::F32(v) => {

@@ -12,8 +12,8 @@ use crate::process::ChildExit;
 pub enum VramError {
     /// The nvidia-smi program does not exist.
     #[error(
-        "nvidia-smi not found at {} — install the NVIDIA driver utilities, or point NVIDIA_SMI \
-         (`nvidia_smi`) at it", program.display()
+        "nvidia-smi not found at {} — install the NVIDIA driver utilities, or set \
+         `nvidia_smi` to its path", program.display()
     )]
     NotInstalled {
         /// The program that was looked for.
@@ -97,6 +97,29 @@ pub enum VramError {
         free_mib: u64,
         /// The configured minimum.
         min_mib: u64,
+    },
+    /// The servers planned for the GPU need more than it has free: every copy of the weights and
+    /// every slot's cache counted.
+    #[error(
+        "GPU {gpu} has {free_mib} MiB free, and its servers need {need_mib} MiB ({detail}) — \
+         fewer servers (`servers_per_gpu`) or slots (`slots`), a smaller context (`ctx_size`), or \
+         a GPU with more free memory"
+    )]
+    TooSmall {
+        /// The GPU (nvidia-smi index).
+        gpu: u32,
+        /// Its free memory.
+        free_mib: u64,
+        /// What its servers need.
+        need_mib: u64,
+        /// How that adds up.
+        detail: String,
+    },
+    /// Every GPU was asked for, and the probe lists none this process may use.
+    #[error("{probe} lists no GPU this process may use — check CUDA_VISIBLE_DEVICES")]
+    NoGpu {
+        /// The probe (`NVML`, or the nvidia-smi program).
+        probe: String,
     },
     /// NVML was asked for but cannot be used.
     #[error(

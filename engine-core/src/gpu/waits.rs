@@ -49,6 +49,9 @@ pub enum VramRecovery {
     Unknown(String),
     /// The wait is switched off (`vram_recovery_timeout` zero).
     Skipped,
+    /// Other servers on the GPU still ran: VRAM is waited for once the last of them stops, before
+    /// the GPU's lock goes.
+    Shared,
 }
 
 /// Polls `probe` until GPU `before.gpu` has its free VRAM back within 5 % of `before`, or `timeout`

@@ -7,11 +7,12 @@ use serde_json::{Value, json};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
+use super::error::RequestError;
 use super::options::DescribeOptions;
 use super::scene::{KeyframeRecord, SCENE_DESCRIPTION_SCHEMA, SceneDescription};
 use super::send::{Modality, Transport, complete};
-use crate::error::{RequestError, ServerDeath};
 use crate::server::Client;
+use crate::server::ServerDeath;
 
 const KEY: &str = "test-key";
 

@@ -3,7 +3,7 @@
 use std::io::Read;
 use std::path::Path;
 
-use crate::error::RequestError;
+use super::error::RequestError;
 
 /// An image read from disk and checked: its MIME type and bytes.
 #[derive(Debug)]

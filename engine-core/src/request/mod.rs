@@ -4,6 +4,7 @@
 
 mod answer;
 mod body;
+mod error;
 mod image;
 mod options;
 mod prompt;
@@ -15,6 +16,7 @@ mod send;
 mod http_tests;
 
 pub use answer::{Answer, Usage, parse_chat_response, strip_code_fence};
+pub use error::RequestError;
 pub use options::{DEFAULT_PROMPT, DescribeOptions};
 pub use prompt::{Prompt, Subject, check_sampling};
 pub use scene::{

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::prompt::{Prompt, check_sampling};
 use super::scene::scene_schema;
-use crate::config::{ConfigError, Setting, Zero, check_duration};
+use crate::setting::{ConfigError, Setting, Zero, check_duration};
 
 /// The default prompt: what a film trailer editor needs from a keyframe.
 pub const DEFAULT_PROMPT: &str = "You are helping a film trailer editor choose shots. Describe this \
@@ -24,7 +24,7 @@ tone), action (what is happening), setting (where and when it takes place).";
 ///     .retries(0)
 ///     .request_timeout(Duration::from_secs(30));
 /// let config = engine_core::EngineConfig::builder("m.gguf", "p.gguf").describe_options(options).build()?;
-/// # Ok::<(), engine_core::config::ConfigError>(())
+/// # Ok::<(), engine_core::setting::ConfigError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct DescribeOptions {

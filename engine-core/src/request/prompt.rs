@@ -3,9 +3,10 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use super::schema::Schema;
-use crate::config::{ConfigError, Setting};
+use crate::setting::{ConfigError, Setting};
 
 /// One request for a schema-constrained answer: what [`crate::Engine::complete`] sends.
 ///
@@ -31,6 +32,8 @@ pub struct Prompt {
     pub(crate) max_tokens: u32,
     pub(crate) temperature: f32,
     pub(crate) id: Option<String>,
+    /// The whole answer's time limit, every attempt included.
+    pub(crate) timeout: Option<Duration>,
 }
 
 impl Prompt {
@@ -45,6 +48,7 @@ impl Prompt {
             max_tokens: 128,
             temperature: 0.1,
             id: None,
+            timeout: None,
         }
     }
     /// Sets the system message.
@@ -70,6 +74,14 @@ impl Prompt {
     /// Names the request in errors (else its first image, else the start of its text).
     pub fn id(mut self, id: impl Into<String>) -> Self {
         self.id = Some(id.into());
+        self
+    }
+    /// Bounds the whole answer, every attempt included: when it runs out, the request in flight is
+    /// abandoned (the server stops generating for it) and the answer is
+    /// [`RequestError::Timeout`](crate::RequestError::Timeout). Without it, each attempt gets the
+    /// engine's `request_timeout`.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
         self
     }
 
@@ -99,6 +111,14 @@ impl Prompt {
             .map_err(|e| format!("{} {}", e.setting, e.reason))?;
         if self.text.is_empty() && self.images.is_empty() {
             return Err("the prompt has neither text nor images: give at least one".into());
+        }
+        if let Some(timeout) = self.timeout {
+            crate::setting::check_duration(
+                Setting::RequestTimeout,
+                timeout,
+                crate::setting::Zero::Refused,
+            )
+            .map_err(|e| format!("{} {}", e.setting, e.reason))?;
         }
         Ok(())
     }

@@ -10,10 +10,10 @@ use super::answer::{
     Answer, Unusable, Usage, is_context_exceeded, is_invalid_output_status, parse_answer,
 };
 use super::body::chat_request;
+use super::error::RequestError;
 use super::image::{Part, file_reference, load_image};
 use super::options::DescribeOptions;
 use super::prompt::Prompt;
-use crate::error::RequestError;
 use crate::server::Client;
 use crate::util::truncate;
 
@@ -85,8 +85,21 @@ pub(crate) fn complete<T: DeserializeOwned>(
     let started = Instant::now();
     let mut usage = Usage::default();
     let mut attempts = Vec::new();
+    // The prompt's own limit bounds every attempt together; else each gets the engine's.
+    let deadline = prompt.timeout.map(|limit| started + limit);
+    let limit = prompt.timeout.unwrap_or(options.request_timeout);
     for attempt in 0..=options.retries {
-        let reply = match client.post_json("/v1/chat/completions", &body, options.request_timeout) {
+        let this_attempt = match deadline {
+            Some(at) => at.saturating_duration_since(Instant::now()),
+            None => options.request_timeout,
+        };
+        if this_attempt.is_zero() {
+            return Err(RequestError::Timeout {
+                subject,
+                timeout: limit,
+            });
+        }
+        let reply = match client.post_json("/v1/chat/completions", &body, this_attempt) {
             Ok(reply) => reply,
             Err(e) => {
                 // A refused or reset connection usually means the child died: say so if it did.
@@ -96,7 +109,7 @@ pub(crate) fn complete<T: DeserializeOwned>(
                 return Err(match e {
                     ureq::Error::Timeout(_) => RequestError::Timeout {
                         subject,
-                        timeout: options.request_timeout,
+                        timeout: limit,
                     },
                     other => RequestError::Transport {
                         subject,

@@ -4,7 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use crate::error::StartError;
+use super::error::StartError;
 
 /// Opens the debug log: a regular file only (never through a symlink, which could point the
 /// server's output anywhere), readable by its owner only (the log may show prompts and paths).

@@ -2,6 +2,8 @@
 //! ready and ours, talked to over HTTP with its own API key, and stopped.
 
 mod client;
+mod command;
+mod error;
 mod log;
 mod media;
 mod port;
@@ -9,4 +11,6 @@ mod ready;
 mod running;
 
 pub(crate) use client::Client;
+pub(crate) use command::{ServerSpec, check_extra_args, check_model_files, find_program};
+pub use error::{ServerDeath, StartError};
 pub(crate) use running::Server;

@@ -2,7 +2,7 @@
 
 use std::net::TcpListener;
 
-use crate::error::StartError;
+use super::error::StartError;
 
 /// Checks that `port` is free on 127.0.0.1 now, and returns it; for 0, asks the kernel for a free
 /// one. Nothing is held: the listener closes at once, and the server binds the port itself (a

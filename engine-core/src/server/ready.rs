@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::client::{Client, Health};
-use crate::error::StartError;
+use super::error::StartError;
 use crate::process::{ChildExit, SupervisedChild};
 use crate::util::truncate;
 use crate::wait::Wait;

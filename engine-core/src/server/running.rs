@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::client::Client;
+use super::command::{ServerSpec, check_model_files};
+use super::error::{ServerDeath, StartError};
 use super::log::open_log;
 use super::media::offers_media_path;
 use super::port::free_port;
 use super::ready::{StartFailure, Starting};
-use crate::config::{EngineConfig, ImageTransport};
-use crate::error::{RequestError, ServerDeath, StartError};
 use crate::process::{Scope, Stopped, SupervisedChild};
 use crate::util::{hex128, unpoisoned};
 use crate::wait::Wait;
@@ -59,36 +59,33 @@ impl Server {
     /// as `wait` allows). On any failure the child's tree is stopped and reaped before the error,
     /// complete with the server's last output lines, is returned.
     pub(crate) fn start(
-        config: &EngineConfig,
+        spec: &ServerSpec,
         visible_gpu: &str,
         lock_fd: Option<RawFd>,
         wait: Wait,
     ) -> Result<Server, StartError> {
-        config.check_model_files()?;
-        let port = free_port(config.port())?;
-        let program = config.server_bin();
+        check_model_files(&spec.model, spec.mmproj.as_deref())?;
+        let port = free_port(spec.port)?;
+        let program = spec.program.clone();
         let api_key = hex128().map_err(|source| StartError::Spawn {
             program: program.clone(),
             source,
         })?;
-        let log = if config.debug() {
-            Some(open_log(&config.debug_log_path())?)
-        } else {
-            None
+        let log = match &spec.debug_log {
+            Some(path) => Some(open_log(path)?),
+            None => None,
         };
         // A vision server that offers --media-path reads local frames itself: no encode, no copy
         // through HTTP. The folder is the root: the server runs as us and can read our files
         // anyway, and only a holder of this engine's API key can ask it to.
-        let reads_files = config.mmproj().is_some()
-            && config.image_transport() == ImageTransport::Auto
-            && offers_media_path(&program);
+        let reads_files = spec.mmproj.is_some() && spec.offer_files && offers_media_path(&program);
         let mut command = Command::new(&program);
-        command.args(config.server_args(port));
+        command.args(spec.args(port));
         if reads_files {
             command.args(["--media-path", "/"]);
         }
         command
-            .envs(config.env().iter().map(|(k, v)| (k, v)))
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
             // The server sees only the GPU we locked (llama-server spreads over every GPU it sees).
             .env("CUDA_VISIBLE_DEVICES", visible_gpu)
             // The key goes through the environment, never argv (argv is world-readable in /proc).
@@ -112,7 +109,7 @@ impl Server {
         tracing::info!(pid = child.command_pid(), keeper = child.pid(), port, program = %program.display(), "llama-server spawned");
         let server = Server {
             child,
-            client: Client::new(port, &api_key, config.slots()),
+            client: Client::new(port, &api_key, spec.slots),
             port,
             api_key,
             died: Mutex::new(None),
@@ -123,18 +120,14 @@ impl Server {
             child: &server.child,
             client: &server.client,
             port,
-            model: config.model(),
+            model: &spec.model,
         };
-        let ready = starting.wait_ready(
-            config.health_poll_interval(),
-            config.startup_timeout(),
-            wait,
-        );
+        let ready = starting.wait_ready(spec.health_poll_interval, spec.startup_timeout, wait);
         let failure = match ready {
             Ok(()) => return Ok(server),
             Err(failure) => failure,
         };
-        let stopped = server.child.stop(config.stop_grace());
+        let stopped = server.child.stop(spec.stop_grace);
         server
             .child
             .output()
@@ -177,9 +170,9 @@ impl Server {
         self.child.command_pid()
     }
 
-    /// If the child has exited (waiting up to `wait` for an exit under way), the error that says so;
+    /// If the child has exited (waiting up to `wait` for an exit under way), how it died;
     /// remembered, so that every later call fails the same way at once.
-    pub(crate) fn death(&self, wait: Duration) -> Option<RequestError> {
+    pub(crate) fn death(&self, wait: Duration) -> Option<ServerDeath> {
         let mut died = unpoisoned(&self.died);
         if died.is_none() {
             let status = self.child.wait_timeout(wait)?;
@@ -188,10 +181,7 @@ impl Server {
             tracing::error!(pid = self.child.pid(), %status, "llama-server died");
             *died = Some(ServerDeath::new(status, output_tail));
         }
-        died.as_ref().map(|death| RequestError::ServerDied {
-            during: None,
-            death: death.clone(),
-        })
+        died.clone()
     }
 
     /// Starts killing the server's tree and returns at once: requests in flight end with it. The

@@ -12,7 +12,6 @@ supervised ``llama-server`` child and its requests. Long calls release the GIL, 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import threading
 import weakref
@@ -20,6 +19,14 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, TypeVar, Union
 
 from . import _engine
+from ._types import (
+    CineCutEngineError,
+    InferenceError,
+    RequestError,
+    SceneDescription,
+    StartError,
+    VramError,
+)
 
 __all__ = [
     "GPU_LOCK",
@@ -48,52 +55,11 @@ log = logging.getLogger("cinecut_engine")
 #: Minimum free VRAM in MiB for LLaVA 1.5 7B Q4 and its context (CineCut's 6 GB).
 VRAM_MINIMUM_MIB: int = _engine.VRAM_MINIMUM_MIB
 
-#: The base of the engine's errors; ``.detail`` says what failed, with the value and the fix.
-CineCutEngineError = _engine.EngineFailure
-#: Free VRAM could not be read, or is below the minimum: ``gpu``, ``free_mib`` and
-#: ``required_mib`` where known (else None).
-VramError = _engine.VramError
-#: Starting, using or stopping llama-server failed, or an answer was unusable: the base of
-#: StartError and RequestError.
-InferenceError = _engine.InferenceError
-#: llama-server did not start (whatever was started was stopped, the lock released):
-#: ``exit_code`` or ``signal`` and ``output_tail`` where the server exited.
-StartError = _engine.StartError
-#: A request was not answered: ``kind`` (server_died, bad_image, invalid_prompt, http, timeout,
-#: transport, invalid_output, context_exhausted, not_attempted, cancelled), ``subject`` (the frame
-#: or request), ``status`` (HTTP), and ``exit_code`` or ``signal`` for a server that died.
-RequestError = _engine.RequestError
-
-
-def _detail(self: BaseException) -> str:
-    return str(self.args[0]) if self.args else ""
-
-
-setattr(CineCutEngineError, "detail", property(_detail, doc="What failed, with the value and the fix."))
-# The attributes every instance has, None until the engine sets them (an exception made by hand
-# has them too).
-for _name in ("gpu", "free_mib", "required_mib"):
-    setattr(VramError, _name, None)
-for _name in ("exit_code", "signal", "output_tail"):
-    setattr(StartError, _name, None)
-for _name in ("kind", "subject", "status", "exit_code", "signal"):
-    setattr(RequestError, _name, None)
-
 PathLike = Union[str, Path]
 
 
-@dataclasses.dataclass(frozen=True)
-class SceneDescription:
-    """A keyframe's description, as the vision model gives it."""
-
-    visual_content: str
-    mood: str
-    action: str
-    setting: str
-
-
 #: The JSON schema of SceneDescription, exactly as CineCut's plan gives it (sent to llama-server).
-SCENE_DESCRIPTION_SCHEMA: Dict[str, Any] = json.loads(_engine.scene_schema_json())
+SCENE_DESCRIPTION_SCHEMA: Dict[str, Any] = _engine.scene_schema()
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(SceneDescription))
 
@@ -116,16 +82,11 @@ def validate_scene_description(data: Dict[str, Any]) -> SceneDescription:
     if early:
         raise SceneValidationError("not a SceneDescription: " + "; ".join(early))
     try:
-        violations = _engine.scene_violations(json.dumps(data, allow_nan=False))
-    except (TypeError, ValueError) as e:
-        raise SceneValidationError(f"not a SceneDescription: not JSON ({e})") from None
+        violations = _engine.scene_violations(data)
+    except ValueError as e:
+        raise SceneValidationError(f"not a SceneDescription: {e}") from None
     if violations:
         raise SceneValidationError("not a SceneDescription: " + "; ".join(violations))
-    return SceneDescription(**{name: data[name] for name in _FIELDS})
-
-
-def _scene(text: str) -> SceneDescription:
-    data = json.loads(text)
     return SceneDescription(**{name: data[name] for name in _FIELDS})
 
 
@@ -239,16 +200,25 @@ class _Server:
     """What LlavaEngine and TextEngine share: the engine's lifecycle as a context manager, on one
     GPU or (``gpus=[0, 1]`` or ``gpus="all"``) one server per GPU used as one."""
 
-    def __init__(self, engine: Any, port: int) -> None:
+    def __init__(self, engine: Any, port: Any) -> None:
         self._engine = engine
         self._port = port
+        #: Inside a ``with`` block of this engine (the block owns the servers; a second one would
+        #: stop them when it ends, under the first).
+        self._entered = False
 
     def __enter__(self: _S) -> _S:
+        if self._entered:
+            raise RuntimeError(
+                "this engine is already in a `with` block: use the engine it gave, not a second "
+                "`with` (whose end would stop the servers under the first)"
+            )
         # Already running: the engine a swap started (``with vision.swap(TextEngine(...)) as text:``).
         if not self._engine.running:
             self._engine.start(_held_here())
             for gpu, why in self._engine.left_out:
                 log.warning("%s left out: %s", gpu, why)
+        self._entered = True
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -256,6 +226,8 @@ class _Server:
             self._engine.stop()
         except InferenceError as e:
             log.warning("llama-server had died before the stop: %s", e.detail)
+        finally:
+            self._entered = self._engine.running
 
     def swap(self, next: _S) -> _S:
         """Stops this engine's server, waits for its VRAM and starts ``next``'s on the same GPU,
@@ -264,6 +236,7 @@ class _Server:
         ...)) as text:``); this engine is then stopped. A failed swap leaves nothing running and the
         lock released, and raises."""
         self._engine.swap(next._engine)
+        self._entered = False
         return next
 
     @property
@@ -274,7 +247,7 @@ class _Server:
     @property
     def port(self) -> int:
         """The port the (first) server listens on (the one chosen, for port 0)."""
-        return int(self._engine.port) if self._engine.running else self._port
+        return int(self._engine.port) if self._engine.running else int(self._port)
 
     @property
     def base_url(self) -> str:
@@ -288,13 +261,19 @@ class _Server:
 
     @property
     def pids(self) -> List[int]:
-        """Every server's pid, one per GPU (while running)."""
+        """Every server's pid (while running): one per GPU, or several per GPU with
+        ``servers_per_gpu``."""
         return list(self._engine.pids)
 
     @property
     def gpus(self) -> List[int]:
-        """The GPUs (nvidia-smi indices) the servers run on (while running)."""
+        """The GPU (nvidia-smi index) of each server, in the order of ``pids`` (while running)."""
         return list(self._engine.gpus)
+
+    @property
+    def slots(self) -> int:
+        """Requests the servers serve at once, over all of them (``slots="auto"`` resolved)."""
+        return int(self._engine.slots)
 
     @property
     def api_key(self) -> str:
@@ -307,27 +286,33 @@ class LlavaEngine(_Server):
     and starts llama-server; ``__exit__`` stops it, waits for VRAM and releases the lock, also when
     the block raises.
 
-    ``options``: slots, ctx_size, gpu, gpus (a list of GPUs, or "all": one server per GPU, the
-    frames going to whichever has a free slot), gpu_layers, min_vram_mib, startup_timeout_s,
-    request_timeout_s, retries, prompt, max_tokens, temperature, server_bin, nvidia_smi,
-    server_args, vram_recovery_timeout_s, stop_grace_s.
+    ``options`` (every one the CLI has a flag for):
+
+    - ``slots``: requests in flight on each GPU, split over its servers (a number, or ``"auto"``:
+      as many as its free VRAM holds, from the model's own numbers);
+    - ``servers_per_gpu``: llama-servers on each GPU, started as one unit under its lock (a number,
+      or ``"auto"``: as many as the host's cores, the free VRAM and the slots make worthwhile);
+    - ``gpu`` (one GPU: an index or a UUID) or ``gpus`` (a list, or ``"all"``: the frames go to
+      whichever server has a free slot), not both;
+    - ``ctx_size``, ``gpu_layers``, ``threads``, ``server_args``: the server's ``-c`` per slot,
+      ``-ngl``, ``-t`` and further arguments;
+    - ``min_vram_mib``, ``vram_probe`` (``"auto"``, ``"nvml"``, ``"nvidia-smi"``), ``nvidia_smi``;
+    - ``startup_timeout_s``, ``request_timeout_s``, ``vram_recovery_timeout_s``, ``stop_grace_s``;
+    - ``retries``, ``prompt``, ``max_tokens``, ``temperature``;
+    - ``server_bin``, ``image_transport`` (``"auto"`` or ``"base64"``).
     """
 
     def __init__(
         self,
         model_path: PathLike,
         mmproj_path: PathLike,
-        port: int = 8089,
+        port: Any = 8089,
         debug: bool = False,
         **options: Any,
     ) -> None:
         self.model_path = Path(model_path)
         self.mmproj_path = Path(mmproj_path)
         self.debug = debug
-        slots = options.get("slots", 1)
-        if not isinstance(slots, int) or isinstance(slots, bool):
-            raise ValueError(f"slots= takes a whole number of slots (1 or more), not {slots!r}")
-        self._slots = slots
         self.last_summary: Optional[Dict[str, Any]] = None
         """What the last ``describe_frames`` did, as the CLI's ``--summary`` writes it: items,
         answered, failed, not_attempted, retries, wall_s, items_per_s, latency_ms {p50, p95, max},
@@ -338,8 +323,11 @@ class LlavaEngine(_Server):
         )
 
     def describe(self, record: KeyframeLike, timeout_s: float = 60.0) -> SceneDescription:
-        """Describes one keyframe; raises RequestError (with ``.detail``) when it cannot."""
-        return _scene(self._engine.describe(str(record.frame_path), timeout_s))
+        """Describes one keyframe; raises RequestError (with ``.detail``) when it cannot, also when
+        no answer came within ``timeout_s`` (every attempt included: the request is then abandoned,
+        and the server stops generating for it)."""
+        scene: SceneDescription = self._engine.describe(str(record.frame_path), timeout_s)
+        return scene
 
     def describe_frame(self, record: KeyframeLike, timeout_s: float = 60.0) -> Optional[SceneDescription]:
         """Describes one keyframe; None when it cannot (the reason goes to ``logging``). Use outside
@@ -356,15 +344,17 @@ class LlavaEngine(_Server):
         concurrency: Optional[int] = None,
         progress_callback: Optional[Callable[[int, int], Any]] = None,
     ) -> List[Optional[SceneDescription]]:
-        """Describes every record with the slots busy (``concurrency`` at once on one GPU, default
-        the slots; every server's slots with ``gpus``), in input order; None where a frame failed
-        (logged). ``progress_callback(done, total)`` after each frame. A server that dies hands its
-        frames in flight to the others (logged). ``last_summary`` then says what the batch did."""
+        """Describes every record with the slots busy (``concurrency`` at once on one server,
+        default its slots; every server's slots with several), in input order; None where a frame
+        failed (logged). ``progress_callback(done, total)`` after each frame (an exception it raises
+        stops the batch and is raised here; stopping the engine from inside it is refused). A server
+        that dies hands its frames in flight to the others (logged). ``last_summary`` then says what
+        the batch did."""
         records = list(records)
-        pairs, deaths, summary = self._engine.describe_many(
-            [str(r.frame_path) for r in records], concurrency or self._slots, progress_callback
+        outcomes, deaths, summary = self._engine.describe_many(
+            [str(r.frame_path) for r in records], concurrency, progress_callback
         )
-        self.last_summary = json.loads(summary)
+        self.last_summary = summary
         for gpu, status, handed_over in deaths:
             log.warning(
                 "GPU %d's server died (%s); %s", gpu, status,
@@ -372,12 +362,12 @@ class LlavaEngine(_Server):
                 else "its frames' results say what became of them",
             )
         results: List[Optional[SceneDescription]] = []
-        for record, (scene, error) in zip(records, pairs):
-            if scene is None:
-                log.warning("frame %s not described: %s", record.frame_path, error)
+        for record, outcome in zip(records, outcomes):
+            if isinstance(outcome, RequestError):
+                log.warning("frame %s not described: %s", record.frame_path, outcome.detail)
                 results.append(None)
             else:
-                results.append(_scene(scene))
+                results.append(outcome)
         return results
 
 
@@ -385,7 +375,7 @@ class TextEngine(_Server):
     """A text-only model's server (no mmproj), such as CineCut's subtitle stage, as a context
     manager; ``complete`` answers any JSON schema. ``options`` as for LlavaEngine."""
 
-    def __init__(self, model_path: PathLike, port: int = 8090, debug: bool = False, **options: Any) -> None:
+    def __init__(self, model_path: PathLike, port: Any = 8090, debug: bool = False, **options: Any) -> None:
         self.model_path = Path(model_path)
         self.debug = debug
         super().__init__(_engine.Engine(str(model_path), None, port, debug, options), port)
@@ -403,13 +393,10 @@ class TextEngine(_Server):
         None when there is none (the reason goes to ``logging``). Bad arguments raise ValueError;
         use outside the ``with`` block raises RuntimeError."""
         try:
-            answer = self._engine.complete(
-                json.dumps(schema), text, system, max_tokens, temperature, [], timeout_s
-            )
+            return self._engine.complete(schema, text, system, max_tokens, temperature, [], timeout_s)
         except InferenceError as e:
             log.warning("no answer: %s", e.detail)
             return None
-        return json.loads(answer)
 
 
 def run_inference_stage(
@@ -422,8 +409,9 @@ def run_inference_stage(
 ) -> List[Tuple[_R, Optional[SceneDescription]]]:
     """CineCut's stage 4: every record with its description (None where a frame is missing or
     bad), in input order; ``progress_callback(done, total)`` after each frame. ``gpus=[0, 1]`` (or
-    ``"all"``) runs one server per GPU, the frames going to whichever has a free slot, a dying
-    server's frames handed to the others."""
+    ``"all"``) runs a server per GPU, the frames going to whichever has a free slot, a dying
+    server's frames handed to the others; ``servers_per_gpu=4`` (or ``"auto"``) and
+    ``slots="auto"`` fill each GPU. Every option of LlavaEngine is taken."""
     records = list(records)
     if gpus is not None:
         options["gpus"] = gpus

@@ -1,36 +1,16 @@
 """Type stubs of the extension module (see the package's docstrings for behaviour)."""
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+from ._types import RequestError, SceneDescription
 
 VRAM_MINIMUM_MIB: int
 DEFAULT_PORT: int
 
-class EngineFailure(Exception):
-    detail: str
-
-class VramError(EngineFailure):
-    gpu: Optional[int]
-    free_mib: Optional[int]
-    required_mib: Optional[int]
-
-class InferenceError(EngineFailure): ...
-
-class StartError(InferenceError):
-    exit_code: Optional[int]
-    signal: Optional[int]
-    output_tail: Optional[str]
-
-class RequestError(InferenceError):
-    kind: Optional[str]
-    subject: Optional[str]
-    status: Optional[int]
-    exit_code: Optional[int]
-    signal: Optional[int]
-
 def vram_free_mib(gpu: int = 0, min_mib: int = 0) -> int: ...
 def wait_for_vram(min_free_mib: int, poll_interval_s: float, timeout_s: float, gpu: int = 0) -> int: ...
-def scene_violations(value_json: str) -> List[str]: ...
-def scene_schema_json() -> str: ...
+def scene_violations(value: Any) -> List[str]: ...
+def scene_schema() -> Dict[str, Any]: ...
 
 class GpuLock:
     def __init__(self, gpu: int) -> None: ...
@@ -45,7 +25,7 @@ class Engine:
         self,
         model: str,
         mmproj: Optional[str] = None,
-        port: int = 8089,
+        port: Optional[int] = None,
         debug: bool = False,
         options: Optional[Dict[str, Any]] = None,
     ) -> None: ...
@@ -65,24 +45,28 @@ class Engine:
     @property
     def gpus(self) -> List[int]: ...
     @property
+    def slots(self) -> int: ...
+    @property
     def api_key(self) -> str: ...
     @property
     def left_out(self) -> List[Tuple[str, str]]: ...
-    def describe(self, frame_path: str, timeout_s: float = 60.0) -> str: ...
+    def describe(self, frame_path: str, timeout_s: float = 60.0) -> SceneDescription: ...
     def describe_many(
         self,
         frame_paths: List[str],
-        concurrency: int = 1,
+        concurrency: Optional[int] = None,
         progress: Optional[Callable[[int, int], Any]] = None,
-    ) -> Tuple[List[Tuple[Optional[str], Optional[str]]], List[Tuple[int, str, int]], str]: ...
+    ) -> Tuple[
+        List[Union[SceneDescription, RequestError]], List[Tuple[int, str, int]], Dict[str, Any]
+    ]: ...
     def complete(
         self,
-        schema_json: str,
+        schema: Dict[str, Any],
         text: str,
         system: Optional[str] = None,
         max_tokens: int = 128,
         temperature: float = 0.1,
         images: List[str] = ...,
         timeout_s: float = 60.0,
-    ) -> str: ...
+    ) -> Any: ...
     def time_describe(self, frame_path: str, n: int) -> float: ...

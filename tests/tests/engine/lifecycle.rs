@@ -370,7 +370,7 @@ fn a_missing_server_binary_says_how_to_fix_it() {
     let h = Harness::new();
     let err = start(h.config().server_bin(h.dir.path().join("no-llama-server"))).unwrap_err();
     assert!(matches!(err, StartError::ServerNotFound { .. }));
-    assert!(err.to_string().contains("LLAMA_SERVER"));
+    assert!(err.to_string().contains("`server_bin`"), "{err}");
     h.assert_clean();
 }
 

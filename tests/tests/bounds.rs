@@ -1,5 +1,9 @@
-//! `report` streams: 20,000 lines, each with a frame to decode and embed, never hold more than one
-//! decoded frame (its peak memory, read by wait4, says so).
+//! Resource bounds: `report` streams — 20,000 lines, each with a frame to decode and embed, never
+//! hold more than one decoded frame (its peak memory, read by wait4, says so).
+//!
+//! A test binary of its own: a child's peak memory as wait4 reads it includes what the forked test
+//! process held before the exec, so the parent must be this small binary, not a suite whose other
+//! tests fill its memory.
 
 #[test]
 #[expect(

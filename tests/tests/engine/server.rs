@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use engine_core::config::ImageTransport;
-use engine_core::pool::WhenLocked;
-use engine_core::{Engine, EnginePool, KeyframeRecord, Wait};
+use engine_core::launch::Gpus;
+use engine_core::{CancellationToken, Engine, KeyframeRecord, Launch};
 use serde_json::Value;
 use tests::Harness;
 
@@ -65,25 +65,25 @@ fn frames_go_as_files_where_the_server_offers_media_path_and_inline_otherwise() 
 #[test]
 fn a_pool_gives_each_server_its_share_of_the_cores() {
     let (h, other) = (Harness::new(), Harness::new());
-    let configs = |threads: Option<u32>| {
-        [h.gpu, other.gpu]
-            .map(|gpu| {
-                let builder = h.config().gpu(gpu);
-                match threads {
-                    Some(n) => builder.threads(n),
-                    None => builder,
-                }
-                .build()
-                .unwrap()
-            })
-            .to_vec()
+    let start = |threads: Option<u32>| {
+        let builder = match threads {
+            Some(n) => h.config().threads(n),
+            None => h.config(),
+        };
+        let gpus = Gpus::List(vec![h.gpu.into(), other.gpu.into()]);
+        let never = CancellationToken::new();
+        Launch::new(builder.build().unwrap())
+            .gpus(gpus)
+            .plan(&never)
+            .unwrap()
+            .start(&never, &|_| {})
+            .unwrap()
     };
     let threads_of = |args: &[String]| {
         let at = args.iter().position(|a| a == "-t").expect("-t is passed");
         args[at + 1].parse::<usize>().unwrap()
     };
-    let pool = EnginePool::launch(configs(None), WhenLocked::Wait, Wait::Forever).unwrap();
-    drop(pool);
+    drop(start(None));
     let cores = std::thread::available_parallelism().unwrap().get();
     let spawned = h.spawned_args();
     assert_eq!(spawned.len(), 2);
@@ -92,8 +92,7 @@ fn a_pool_gives_each_server_its_share_of_the_cores() {
     }
     // The user's own count stands.
     std::fs::remove_file(&h.events).unwrap();
-    let pool = EnginePool::launch(configs(Some(3)), WhenLocked::Wait, Wait::Forever).unwrap();
-    drop(pool);
+    drop(start(Some(3)));
     assert!(h.spawned_args().iter().all(|args| threads_of(args) == 3));
     // One engine alone keeps the server's default.
     std::fs::remove_file(&h.events).unwrap();

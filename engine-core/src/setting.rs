@@ -31,12 +31,16 @@ pub enum Setting {
     MinVramMib,
     /// Which GPU.
     Gpu,
+    /// Which GPUs, for a launch over several.
+    Gpus,
     /// Context per slot.
     CtxSize,
     /// Layers on the GPU.
     GpuLayers,
-    /// Parallel slots.
+    /// Parallel slots (on each GPU).
     Slots,
+    /// Servers on each GPU.
+    ServersPerGpu,
     /// How long the server may take to become ready.
     StartupTimeout,
     /// SIGTERM to SIGKILL.
@@ -51,6 +55,8 @@ pub enum Setting {
     Args,
     /// CPU threads of the server.
     Threads,
+    /// The server's whole log in a file.
+    Debug,
     /// How images reach the server.
     ImageTransport,
     /// The instruction sent with every frame.
@@ -69,7 +75,7 @@ pub enum Setting {
 
 impl Setting {
     /// Every setting, in the builder's order.
-    pub const ALL: [Setting; 25] = [
+    pub const ALL: [Setting; 28] = [
         Setting::Model,
         Setting::Mmproj,
         Setting::Port,
@@ -78,9 +84,11 @@ impl Setting {
         Setting::VramProbe,
         Setting::MinVramMib,
         Setting::Gpu,
+        Setting::Gpus,
         Setting::CtxSize,
         Setting::GpuLayers,
         Setting::Slots,
+        Setting::ServersPerGpu,
         Setting::StartupTimeout,
         Setting::StopGrace,
         Setting::VramQueryTimeout,
@@ -88,6 +96,7 @@ impl Setting {
         Setting::VramRecoveryTimeout,
         Setting::Args,
         Setting::Threads,
+        Setting::Debug,
         Setting::ImageTransport,
         Setting::Prompt,
         Setting::Temperature,
@@ -108,9 +117,11 @@ impl Setting {
             Setting::VramProbe => "vram_probe",
             Setting::MinVramMib => "min_vram_mib",
             Setting::Gpu => "gpu",
+            Setting::Gpus => "gpus",
             Setting::CtxSize => "ctx_size",
             Setting::GpuLayers => "gpu_layers",
             Setting::Slots => "slots",
+            Setting::ServersPerGpu => "servers_per_gpu",
             Setting::StartupTimeout => "startup_timeout",
             Setting::StopGrace => "stop_grace",
             Setting::VramQueryTimeout => "vram_query_timeout",
@@ -118,6 +129,7 @@ impl Setting {
             Setting::VramRecoveryTimeout => "vram_recovery_timeout",
             Setting::Args => "arg",
             Setting::Threads => "threads",
+            Setting::Debug => "debug",
             Setting::ImageTransport => "image_transport",
             Setting::Prompt => "prompt",
             Setting::Temperature => "temperature",
@@ -131,7 +143,7 @@ impl Setting {
     /// `message` with every setting it names (`` `min_vram_mib` ``) in a front end's own words.
     ///
     /// ```
-    /// use engine_core::config::Setting;
+    /// use engine_core::setting::Setting;
     /// let cli = |s: Setting| match s {
     ///     Setting::MinVramMib => "--min-vram".to_string(),
     ///     other => format!("--{}", other.name().replace('_', "-")),
@@ -195,12 +207,18 @@ pub enum Zero {
 /// most [`MAX_DURATION`], above zero unless `zero` allows it.
 ///
 /// ```
-/// use engine_core::config::{Setting, Zero, seconds};
+/// use engine_core::setting::{Setting, Zero, seconds};
 /// assert_eq!(seconds(Setting::RequestTimeout, 1.5, Zero::Refused).unwrap().as_millis(), 1500);
 /// assert!(seconds(Setting::RequestTimeout, f64::NAN, Zero::Refused).is_err());
 /// assert!(seconds(Setting::StopGrace, 0.0, Zero::Allowed).is_ok());
 /// ```
 pub fn seconds(setting: Setting, value: f64, zero: Zero) -> Result<Duration, ConfigError> {
+    duration_of(value, zero).map_err(|reason| ConfigError::new(setting, reason))
+}
+
+/// The rule behind [`seconds`], for a value that is no setting (a call's own `timeout_s`): the
+/// duration, or why not, worded to follow the value's name (`is nan s: it must be ...`).
+pub fn duration_of(value: f64, zero: Zero) -> Result<Duration, String> {
     let max = MAX_DURATION.as_secs_f64();
     let ok = value.is_finite()
         && value <= max
@@ -210,11 +228,8 @@ pub fn seconds(setting: Setting, value: f64, zero: Zero) -> Result<Duration, Con
             Zero::Allowed => "zero or more",
             Zero::Refused => "more than zero",
         };
-        return Err(ConfigError::new(
-            setting,
-            format!(
-                "is {value} s: it must be a number of seconds, {least} and at most {max} (a year)"
-            ),
+        return Err(format!(
+            "is {value} s: it must be a number of seconds, {least} and at most {max} (a year)"
         ));
     }
     Ok(Duration::from_secs_f64(value))

@@ -75,7 +75,7 @@ fn not_installed() {
     let h = Harness::new();
     let err = check_vram_free_mib(&probe(h.dir.path().join("no-nvidia-smi")), 0).unwrap_err();
     assert!(matches!(err, VramError::NotInstalled { .. }));
-    assert!(err.to_string().contains("NVIDIA_SMI"));
+    assert!(err.to_string().contains("`nvidia_smi`"), "{err}");
 }
 
 #[test]

@@ -148,9 +148,9 @@ fn slots_auto_fills_the_free_vram_and_says_why() {
     let err = stderr(&out);
     assert!(
         err.contains(&format!(
-            "--slots auto: GPU {}: 10 slots — 12000 MiB free",
+            "--slots auto: GPU {}: 10 slots — 12000 MiB free: 1 server × (",
             h.gpu
-        )) && err.contains("1024 MiB per slot")
+        )) && err.contains("10 slots × 1024 MiB of KV cache")
             && err.contains("32 layers × 32 KV heads × (128 + 128) × f16/f16"),
         "{err}"
     );
@@ -267,6 +267,7 @@ fn a_full_disk_leaves_whole_lines_and_the_summary_counts_only_them() {
         .arg(&output)
         .arg("--summary")
         .arg(&summary)
+        .arg("--timings")
         .arg(&dir);
     // Files this process writes may not grow past 2,000 bytes (a disk that fills up): writes beyond
     // fail with EFBIG, as with ENOSPC, instead of killing it.
@@ -286,7 +287,7 @@ fn a_full_disk_leaves_whole_lines_and_the_summary_counts_only_them() {
         });
     }
     let out = command.output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     let text = std::fs::read_to_string(&output).unwrap();
     assert!(text.ends_with('\n'), "a line was cut: {text:?}");
     let lines = tests::json_lines(&text);
@@ -298,11 +299,21 @@ fn a_full_disk_leaves_whole_lines_and_the_summary_counts_only_them() {
     let s = read_json(&summary);
     assert_eq!(s["answered"], lines.len(), "{s}");
     assert_eq!(s["items"], 20);
+    // The answer whose line the full disk cut is not written; the items never sent after it are
+    // not attempted; the counts add up.
+    let count = |key: &str| s[key].as_u64().unwrap() as usize;
+    assert!(count("not_written") >= 1, "{s}");
     assert_eq!(
-        s["not_written"].as_u64().unwrap() as usize,
-        20 - lines.len(),
+        count("answered") + count("failed") + count("not_attempted") + count("not_written"),
+        20,
         "{s}"
     );
+    // The tokens are the written lines' own, the cut line's left out.
+    let generated: u64 = lines
+        .iter()
+        .map(|l| l["timings"]["generated_tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(s["tokens"]["generated"], generated, "{s}");
     h.assert_clean();
 }
 

@@ -294,17 +294,17 @@ fn check_prints_every_gpu_and_decides_for_the_chosen_one() {
         )),
         "{stdout}"
     );
-    // The verdict is the engine's own, message and all.
+    // The verdict is the engine's own, message and all; exit 3 says the GPU cannot take it.
     let out = check("1");
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3));
     assert!(
         String::from_utf8_lossy(&out.stderr)
             .contains("Only 1000 MiB free VRAM, need at least 6144 MiB (GPU 1)")
     );
     check(&uuid(0)).assert().code(0);
-    check("2").assert().code(1);
+    check("2").assert().code(3);
     let out = check("3");
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("GPU 3 not found"));
 
     let broken = h.shim(&[("NVSMI_EXIT", "9")]);
@@ -313,7 +313,7 @@ fn check_prints_every_gpu_and_decides_for_the_chosen_one() {
         .env("NVIDIA_SMI", broken)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3));
     assert!(
         String::from_utf8_lossy(&out.stderr)
             .contains("couldn't communicate with the NVIDIA driver")

@@ -151,9 +151,8 @@ fn gpus_all_leaves_out_a_locked_gpu_and_a_dying_server_hands_over_its_frames() {
     let err = stderr(&out);
     assert!(
         err.contains(&format!(
-            "{} left out: GPU {} is locked by",
-            tests::shim_uuid(other.gpu),
-            other.gpu
+            "GPU {} left out: GPU {} is locked by",
+            other.gpu, other.gpu
         )),
         "{err}"
     );

@@ -295,18 +295,36 @@ fn a_failed_swap_leaves_nothing_running_and_the_gpu_free() {
     assert!(!tests::alive(first));
     h.assert_clean();
 
-    // The next configuration names another GPU: refused, and everything still released.
+    // What a swap checks before it stops anything — another GPU, a missing server program, a
+    // missing model — is refused with the engine handed back, still serving; dropping it then
+    // releases everything.
     let engine = Engine::launch(h.config().build().unwrap()).unwrap();
-    let err = engine
-        .swap(
-            text_config(&h).gpu(h.gpu + 1).build().unwrap(),
-            Wait::Forever,
-        )
-        .unwrap_err();
-    assert!(
-        matches!(err, EngineError::Config(_)) && err.to_string().contains("keeps the GPU"),
-        "{err}"
-    );
+    let frame = h.jpeg("still.jpg", 8, 8, [1, 2, 3]);
+    let refusals = [
+        (text_config(&h).gpu(h.gpu + 1), "keeps the GPU"),
+        (
+            text_config(&h).server_bin("/nonexistent/llama-server"),
+            "llama-server not found",
+        ),
+        (
+            text_config(&h).model(h.dir.path().join("gone.gguf")),
+            "model file not found",
+        ),
+    ];
+    let mut engine = engine;
+    for (next, says) in refusals {
+        let pid = engine.pid();
+        let err = engine
+            .swap(next.build().unwrap(), Wait::Forever)
+            .unwrap_err();
+        assert!(err.error.to_string().contains(says), "{err}");
+        engine = *err.still_running.expect("nothing was stopped");
+        assert_eq!(engine.pid(), pid);
+        engine
+            .describe(&KeyframeRecord::new(&frame, 0.0, "still"))
+            .unwrap();
+    }
+    drop(engine);
     h.assert_clean();
 
     // VRAM never comes back for the next model: the bounded wait ends, the lock is released.
@@ -322,9 +340,9 @@ fn a_failed_swap_leaves_nothing_running_and_the_gpu_free() {
     let err = engine.swap(next, Wait::Forever).unwrap_err();
     assert!(
         matches!(
-            err,
+            err.error,
             EngineError::Vram(VramError::NotFreed { free_mib: 7000, .. })
-        ),
+        ) && err.still_running.is_none(),
         "{err:?}"
     );
     assert_eq!(

@@ -161,7 +161,7 @@ fn the_report_never_writes_over_a_frame_or_the_summary_and_skips_special_files()
     let out = report(&results, &frame, &[]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("is the frame of line"),
+        stderr(&out).contains("an image of line 1"),
         "{}",
         stderr(&out)
     );

@@ -231,10 +231,10 @@ fn a_full_output_device_is_an_error_and_nothing_is_claimed_described() {
         .arg(&dir)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     let text = stderr(&out);
     assert!(text.contains("0 described"), "{text}");
-    assert!(text.contains("1 finished but not written"), "{text}");
+    assert!(text.contains("1 answered but not written"), "{text}");
     assert!(text.contains("writing the output failed"), "{text}");
     h.assert_clean();
 }
