@@ -125,6 +125,16 @@ pub struct AskArgs {
     /// Further tries after an invalid answer (not JSON, off-schema, cut off).
     #[arg(long, default_value_t = 2)]
     pub retries: u32,
+    /// How each answer is held to the schema: gbnf (the engine's own grammar of the schema: the
+    /// server returns the text as generated, with no output parse that can fail it), llguidance (a
+    /// server built with LLGuidance), response-format (the server converts the schema and parses
+    /// the output), off (nothing; the answers are still validated).
+    #[arg(
+        long,
+        default_value = "gbnf",
+        value_name = "gbnf|llguidance|response-format|off"
+    )]
+    pub grammar: engine_core::request::Constraint,
 }
 
 /// How the server runs.

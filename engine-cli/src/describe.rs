@@ -22,6 +22,7 @@ pub fn describe(args: DescribeArgs) -> Outcome {
         let mut options = DescribeOptions::default()
             .temperature(temperature)
             .retries(args.ask.retries)
+            .constraint(args.ask.grammar)
             .max_tokens(max_tokens);
         if let Some(prompt) = instruction(&args.ask)? {
             options = options.prompt(prompt);

@@ -19,7 +19,9 @@ pub fn run(args: RunArgs) -> Outcome {
         let schema = Schema::from_file(&args.schema).map_err(|e| e.to_string())?;
         // The sampling flags are checked here, before anything starts, as `describe` checks them.
         let (temperature, max_tokens) = sampling(&args.ask, 128)?;
-        let options = DescribeOptions::default().retries(args.ask.retries);
+        let options = DescribeOptions::default()
+            .retries(args.ask.retries)
+            .constraint(args.ask.grammar);
         let config = config(&args.model, args.mmproj.as_deref(), &args.server, options)?;
         let ask = |record: &records::Record| {
             let text = match &record.text {

@@ -37,6 +37,7 @@ pub fn flag(setting: Setting) -> String {
         Setting::Temperature => "--temperature",
         Setting::MaxTokens => "--max-tokens",
         Setting::Retries => "--retries",
+        Setting::Grammar => "--grammar",
         // Settings this CLI leaves at the library's defaults.
         Setting::StopGrace => "the stop grace period",
         Setting::VramQueryTimeout => "the nvidia-smi timeout",

@@ -67,6 +67,8 @@ pub enum Setting {
     MaxTokens,
     /// Further tries after an invalid answer.
     Retries,
+    /// How a request holds the answer to its schema.
+    Grammar,
     /// The time limit of one request.
     RequestTimeout,
     /// The largest image sent.
@@ -75,7 +77,7 @@ pub enum Setting {
 
 impl Setting {
     /// Every setting, in the builder's order.
-    pub const ALL: [Setting; 28] = [
+    pub const ALL: [Setting; 29] = [
         Setting::Model,
         Setting::Mmproj,
         Setting::Port,
@@ -102,6 +104,7 @@ impl Setting {
         Setting::Temperature,
         Setting::MaxTokens,
         Setting::Retries,
+        Setting::Grammar,
         Setting::RequestTimeout,
         Setting::MaxFrameBytes,
     ];
@@ -135,6 +138,7 @@ impl Setting {
             Setting::Temperature => "temperature",
             Setting::MaxTokens => "max_tokens",
             Setting::Retries => "retries",
+            Setting::Grammar => "grammar",
             Setting::RequestTimeout => "request_timeout",
             Setting::MaxFrameBytes => "max_frame_bytes",
         }

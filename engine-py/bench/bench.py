@@ -3,7 +3,7 @@ Markdown section to the file named by its first argument).
 
 1. Per-frame overhead of `LlavaEngine.describe_frame` over the same call made in Rust, on the same
    server and frame, interleaved.
-2. `run_inference_stage` against a plain-Python engine written the way the seed plan describes it
+2. `run_inference_stage` against a plain-Python engine written the way CineCut's plan describes it
    (subprocess.Popen, `requests`, a 1 s health poll, one frame after another), side by side: time
    from start to ready, and frames/s.
 """
@@ -34,8 +34,8 @@ class KeyframeRecord:
     source: str
 
 
-class SeedEngine:
-    """The seed plan's LlavaEngine: Popen, DEVNULL, a 1 s health poll, requests, sequential."""
+class PlanEngine:
+    """CineCut's plan's LlavaEngine: Popen, DEVNULL, a 1 s health poll, requests, sequential."""
 
     def __init__(self, model, mmproj, port):
         self.model, self.mmproj, self.port = model, mmproj, port
@@ -104,7 +104,7 @@ def main(out):
     r50, p50 = statistics.median(rust), statistics.median(python)
     overhead_ms = (p50 - r50) * 1000
 
-    # 2. The stage against the seed's engine, 300 ms load, 100 frames.
+    # 2. The stage against the plan's engine, 300 ms load, 100 frames.
     os.environ["FAKE_LLAMA_LOAD_MS"] = "300"
     records = [scene.frame(f"s{i}.png", 746, 420, (i, 90, 200)) for i in range(100)]
     started = time.perf_counter()
@@ -114,11 +114,11 @@ def main(out):
         ours = engine.describe_frames(records)
         ours_rate = len(records) / (time.perf_counter() - t)
     started = time.perf_counter()
-    with SeedEngine(scene.model, scene.mmproj, free_port()) as seed:
-        seed_ready = time.perf_counter() - started
+    with PlanEngine(scene.model, scene.mmproj, free_port()) as plan:
+        plan_ready = time.perf_counter() - started
         t = time.perf_counter()
-        theirs = [seed.describe_frame(r) for r in records]
-        seed_rate = len(records) / (time.perf_counter() - t)
+        theirs = [plan.describe_frame(r) for r in records]
+        plan_rate = len(records) / (time.perf_counter() - t)
     stage_started = time.perf_counter()
     stage = cinecut_engine.run_inference_stage(records, scene.model, scene.mmproj, port=0)
     stage_s = time.perf_counter() - stage_started
@@ -138,7 +138,7 @@ The stage on 100 frames, load time 300 ms, side by side in this run:
 | engine | start to ready | frames/s |
 | --- | --- | --- |
 | `cinecut_engine.LlavaEngine` (5 ms health poll, ownership proven) | {ours_ready * 1000:.0f} ms | {ours_rate:.1f} |
-| the seed plan's engine (`requests`, 1 s health poll, sequential) | {seed_ready * 1000:.0f} ms | {seed_rate:.1f} |
+| the plan's engine (`requests`, 1 s health poll, sequential) | {plan_ready * 1000:.0f} ms | {plan_rate:.1f} |
 
 `run_inference_stage` over the same 100 frames, start to stop: {stage_s * 1000:.0f} ms.
 """

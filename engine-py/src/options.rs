@@ -8,6 +8,7 @@ use std::time::Duration;
 use engine_core::config::{Count, EngineConfigBuilder, ImageTransport};
 use engine_core::gpu::ProbeChoice;
 use engine_core::launch::Gpus;
+use engine_core::request::Constraint;
 use engine_core::setting::{Setting, Zero, seconds};
 use engine_core::{DescribeOptions, EngineConfig, GpuId, Launch};
 use pyo3::exceptions::PyValueError;
@@ -18,7 +19,7 @@ use crate::errors;
 
 /// The options an engine takes, besides its model, port and debug (the engines' docstrings list
 /// them from here: `options()`).
-pub const OPTIONS: [&str; 21] = [
+pub const OPTIONS: [&str; 22] = [
     "slots",
     "servers_per_gpu",
     "ctx_size",
@@ -40,6 +41,7 @@ pub const OPTIONS: [&str; 21] = [
     "threads",
     "image_transport",
     "vram_probe",
+    "grammar",
 ];
 
 /// A `**options` value read as `$type`, or a `ValueError` naming the option.
@@ -265,6 +267,12 @@ pub fn configure(
     }
     if let Some(v) = option!(options, "temperature", f32) {
         describe = describe.temperature(v);
+    }
+    if let Some(v) = option!(options, "grammar", String) {
+        let constraint: Constraint = v
+            .parse()
+            .map_err(|e| PyValueError::new_err(format!("option grammar: {e}")))?;
+        describe = describe.constraint(constraint);
     }
     let config = builder
         .describe_options(describe)

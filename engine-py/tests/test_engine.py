@@ -1,4 +1,4 @@
-"""The Python package against the fake llama-server and the nvidia-smi shim: the seed's names and
+"""The Python package against the fake llama-server and the nvidia-smi shim: CineCut's plan's names and
 behaviour, the machine-wide lock shared with `cinecut-infer`, threads, the stage, and Ctrl-C."""
 
 import json

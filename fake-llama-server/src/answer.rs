@@ -100,6 +100,13 @@ pub fn describe(facts: &ImageFacts) -> Value {
 }
 
 /// Whether `schema` is the engine's SceneDescription schema (answered with [`describe`]).
+/// The scene schema's shape (four strings), for an answer no schema constrains.
+pub fn scene_schema() -> Value {
+    let string = serde_json::json!({"type": "string"});
+    serde_json::json!({"type": "object", "properties": {"visual_content": string,
+        "mood": string, "action": string, "setting": string}})
+}
+
 pub fn is_scene_schema(schema: &Value) -> bool {
     ["visual_content", "mood", "action", "setting"]
         .iter()

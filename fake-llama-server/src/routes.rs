@@ -203,14 +203,63 @@ fn raw_image(fake: &Fake, body: &Value) -> Result<Vec<u8>, Reply> {
         .map_err(|_| bad_request("Failed to load image or audio file"))
 }
 
-/// The request's JSON schema: `response_format.json_schema.schema`, or a top-level `json_schema`.
-fn schema(body: &Value) -> Option<&Value> {
+/// How a request constrains its answer, as the fake reads it: the schema and its name, and which
+/// way it came (`response_format`, a top-level `json_schema`, a GBNF `grammar` that names its
+/// schema in its first line, an `%llguidance` grammar) — or no constraint at all.
+struct Constraint {
+    schema: Option<Value>,
+    name: Value,
+    how: &'static str,
+}
+
+fn constraint(body: &Value) -> Result<Constraint, Reply> {
     let in_format = &body["response_format"]["json_schema"]["schema"];
     if body["response_format"]["type"] == "json_schema" && in_format.is_object() {
-        Some(in_format)
-    } else {
-        Some(&body["json_schema"]).filter(|s| s.is_object())
+        return Ok(Constraint {
+            schema: Some(in_format.clone()),
+            name: body["response_format"]["json_schema"]["name"].clone(),
+            how: "response_format",
+        });
     }
+    if body["json_schema"].is_object() {
+        return Ok(Constraint {
+            schema: Some(body["json_schema"].clone()),
+            name: Value::Null,
+            how: "json_schema",
+        });
+    }
+    let Some(grammar) = body["grammar"].as_str() else {
+        return Ok(Constraint {
+            schema: None,
+            name: Value::Null,
+            how: "none",
+        });
+    };
+    // The real server takes any grammar; the fake answers only those that say their schema.
+    let unread = || {
+        bad_request(
+            "fake-llama-server: a grammar that names no JSON schema (the engine's first line is \
+             `# json_schema NAME: {...}`)",
+        )
+    };
+    if let Some(rest) = grammar.strip_prefix("%llguidance {}\nstart: %json ") {
+        let schema = serde_json::from_str(rest).map_err(|_| unread())?;
+        return Ok(Constraint {
+            schema: Some(schema),
+            name: Value::Null,
+            how: "llguidance",
+        });
+    }
+    let first = grammar.lines().next().unwrap_or_default();
+    let (name, schema) = first
+        .strip_prefix("# json_schema ")
+        .and_then(|named| named.split_once(": "))
+        .ok_or_else(unread)?;
+    Ok(Constraint {
+        schema: Some(serde_json::from_str(schema).map_err(|_| unread())?),
+        name: json!(name),
+        how: "grammar",
+    })
 }
 
 /// Tokens a request with an image takes (the instruction and the image's embeddings).
@@ -269,11 +318,17 @@ fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
         Some(Some(facts)) => Some(facts),
         None => None,
     };
-    let Some(schema) = schema(&body) else {
-        return bad_request(
-            "fake-llama-server: the request has no JSON schema (response_format json_schema)",
-        );
+    let constraint = match constraint(&body) {
+        Ok(constraint) => constraint,
+        Err(reply) => return reply,
     };
+    // With no constraint a model writes what it likes: the fake writes what it would under the
+    // scene schema (with an image), else an empty object.
+    let schema = constraint.schema.clone().unwrap_or_else(|| match facts {
+        Some(_) => answer::scene_schema(),
+        None => json!({"type": "object"}),
+    });
+    let schema = &schema;
     let text = chat_text(&body);
     // Four characters a token, as for the answer; an image adds its embeddings.
     let prompt_tokens = match facts {
@@ -286,7 +341,8 @@ fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
         fake,
         "request_start",
         json!({"n": number, "text": text, "max_tokens": body["max_tokens"],
-               "temperature": body["temperature"], "schema_name": body["response_format"]["json_schema"]["name"],
+               "temperature": body["temperature"], "schema_name": constraint.name,
+               "constraint": constraint.how,
                "image_sources": image_sources(&body)}),
     );
     if let Some(ms) = fake.knobs.latency_ms {

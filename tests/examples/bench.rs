@@ -1,5 +1,5 @@
 //! Process-level benchmarks against the fake server, written as a report: readiness lag (with the
-//! seed's 1 s poller side by side), stop latency, model swap, pool dispatch and shard balance,
+//! plan's 1 s poller side by side), stop latency, model swap, pool dispatch and shard balance,
 //! per-frame client overhead (with a bare ureq loop side
 //! by side), slot scaling, and the VRAM probe. Server-side times come from the fake's events file.
 //! Run through `cargo xtask bench`, which also adds the criterion numbers.
@@ -133,9 +133,9 @@ fn readiness(r: &mut Report, runs: usize) {
     let (mut poll_lags, poll_cpu) = start_lags(runs, load, "none");
     let mut cli = cli_lags(runs, load);
 
-    // The seed's design: poll /health, sleep 1 s between polls.
-    let seed = Harness::new();
-    let mut seed_lags = Vec::new();
+    // CineCut's plan's design: poll /health, sleep 1 s between polls.
+    let plan = Harness::new();
+    let mut plan_lags = Vec::new();
     for _ in 0..runs {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -145,13 +145,13 @@ fn readiness(r: &mut Report, runs: usize) {
         let mut child = Command::new(tests::fake_server())
             .args([
                 "-m",
-                seed.model.to_str().unwrap(),
+                plan.model.to_str().unwrap(),
                 "--mmproj",
-                seed.mmproj.to_str().unwrap(),
+                plan.mmproj.to_str().unwrap(),
             ])
             .args(["--port", &port.to_string(), "--log-disable"])
             .env("FAKE_LLAMA_LOAD_MS", load)
-            .env("FAKE_LLAMA_EVENTS", &seed.events)
+            .env("FAKE_LLAMA_EVENTS", &plan.events)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -163,7 +163,7 @@ fn readiness(r: &mut Report, runs: usize) {
             std::thread::sleep(Duration::from_secs(1));
         }
         let returned = unix_ns();
-        seed_lags.push(returned.saturating_sub(last_event(&seed, "ready")) as f64);
+        plan_lags.push(returned.saturating_sub(last_event(&plan, "ready")) as f64);
         let pid = rustix::process::Pid::from_child(&child);
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
         child.wait().unwrap();
@@ -202,9 +202,9 @@ fn readiness(r: &mut Report, runs: usize) {
         ms(c99)
     ));
     r.line(format!(
-        "| seed design (1 s sleep between polls) | {} | {} |",
-        ms(pct(&mut seed_lags, 50)),
-        ms(pct(&mut seed_lags, 99))
+        "| the plan's design (1 s sleep between polls) | {} | {} |",
+        ms(pct(&mut plan_lags, 50)),
+        ms(pct(&mut plan_lags, 99))
     ));
     r.line("");
     r.line(format!(

@@ -422,8 +422,7 @@ fn the_engine_reports_a_taken_port_and_a_missing_model() {
     let port = taken.local_addr().unwrap().port();
     let err = Engine::launch(engine_config(&h, &t).port(port).build().unwrap()).unwrap_err();
     assert!(
-        err.to_string()
-            .contains(&format!("port {port} is served by another process")),
+        err.to_string().contains(&format!("port {port} is taken")),
         "{err}"
     );
     let mut config = engine_config(&h, &t);
@@ -624,5 +623,48 @@ fn a_swap_between_the_vision_and_the_text_model_keeps_working() {
         .unwrap();
     vision.describe(&frame).unwrap();
     drop(vision);
+    tests::assert_lock_free(h.gpu);
+}
+
+/// Every way of holding an answer to its schema works on the server: the engine's own GBNF grammar
+/// (the default: no output parse on the server), `response_format` (the server converts the
+/// schema), none at all (still validated); `%llguidance` only where the server was built with it
+/// (`CONTRACT_LLGUIDANCE=1`), and elsewhere an HTTP error that names the grammar, never a crash.
+#[test]
+fn every_constraint_answers_or_is_refused_by_name() {
+    use engine_core::request::Constraint;
+    let h = Harness::new();
+    let t = target(&h);
+    let llguidance_built = std::env::var_os("CONTRACT_LLGUIDANCE").is_some();
+    let frame = KeyframeRecord::new(jpeg(&h, "c.jpg", [120, 40, 200]), 1.0, "contract");
+    for constraint in [
+        Constraint::Gbnf,
+        Constraint::ResponseFormat,
+        Constraint::Off,
+        Constraint::Llguidance,
+    ] {
+        let options = engine_core::DescribeOptions::default()
+            .constraint(constraint)
+            .max_tokens(64)
+            .retries(4);
+        let config = engine_config(&h, &t).describe_options(options);
+        let engine = Engine::launch(config.build().unwrap()).unwrap();
+        let outcome = engine.describe(&frame);
+        match (constraint, outcome) {
+            (Constraint::Llguidance, Err(RequestError::Http { status, body, .. }))
+                if t.real && !llguidance_built =>
+            {
+                assert!((400..600).contains(&status), "{status} {body}");
+            }
+            // Unconstrained, random weights rarely write a scene: any answer must be one.
+            (Constraint::Off, Err(RequestError::InvalidOutput { .. })) if t.real => {}
+            (_, Ok(scene)) => {
+                let value = serde_json::to_value(&scene).unwrap();
+                assert!(engine_core::validate_scene_description(&value).is_ok());
+            }
+            (constraint, Err(e)) => panic!("{constraint:?}: {e}"),
+        }
+        engine.shutdown().unwrap();
+    }
     tests::assert_lock_free(h.gpu);
 }

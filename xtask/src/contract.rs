@@ -41,7 +41,11 @@ pub fn real_server_and_model(
     source: Option<PathBuf>,
     version: &str,
 ) -> Option<(PathBuf, PathBuf)> {
-    let binary = real_server::ensure(steps, sh, cuda, source, version)?;
+    let flavour = real_server::Flavour {
+        cuda,
+        llguidance: None,
+    };
+    let binary = real_server::ensure(steps, sh, &flavour, source, version)?;
     let models = target_dir().join("tiny-model");
     if let Err(e) = tiny_model::write(&models, 42) {
         eprintln!(

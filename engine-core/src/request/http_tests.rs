@@ -9,7 +9,7 @@ use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
 use super::error::RequestError;
 use super::options::DescribeOptions;
-use super::scene::{KeyframeRecord, SCENE_DESCRIPTION_SCHEMA, SceneDescription};
+use super::scene::{KeyframeRecord, SceneDescription};
 use super::send::{Modality, Transport, complete};
 use crate::server::Client;
 use crate::server::ServerDeath;
@@ -89,8 +89,10 @@ async fn request_has_the_shape_the_real_server_needs() {
                     .is_some_and(|t| t.contains("trailer"))
                 && parts[1]["type"] == "image_url"
                 && parts[1]["image_url"]["url"] == "data:image/jpeg;base64,/9j/4AECAw=="
-                && body["response_format"]["type"] == "json_schema"
-                && body["response_format"]["json_schema"]["schema"] == *SCENE_DESCRIPTION_SCHEMA
+                && body["grammar"]
+                    .as_str()
+                    .is_some_and(|g| g.contains("\"\\\"visual_content\\\"\""))
+                && body.get("response_format").is_none()
                 && body["max_tokens"] == 512
                 && body["stream"] == false
                 && body["temperature"].as_f64().is_some_and(|t| t < 0.5)

@@ -5,6 +5,7 @@
 mod answer;
 mod body;
 mod error;
+mod grammar;
 mod image;
 mod options;
 mod prompt;
@@ -17,6 +18,7 @@ mod http_tests;
 
 pub use answer::{Answer, Usage, parse_chat_response, strip_code_fence};
 pub use error::RequestError;
+pub use grammar::Constraint;
 pub use options::{DEFAULT_PROMPT, DescribeOptions};
 pub use prompt::{Prompt, Subject, check_sampling};
 pub use scene::{

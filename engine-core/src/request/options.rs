@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use super::grammar::Constraint;
 use super::prompt::{Prompt, check_sampling};
 use super::scene::scene_schema;
 use crate::setting::{ConfigError, Setting, Zero, check_duration};
@@ -40,6 +41,8 @@ pub struct DescribeOptions {
     pub(crate) request_timeout: Duration,
     /// Frames larger than this are refused before anything is sent.
     pub(crate) max_frame_bytes: u64,
+    /// How each request holds the answer to its schema.
+    pub(crate) constraint: Constraint,
 }
 
 impl Default for DescribeOptions {
@@ -51,6 +54,7 @@ impl Default for DescribeOptions {
             retries: 2,
             request_timeout: Duration::from_secs(120),
             max_frame_bytes: 20 * 1024 * 1024,
+            constraint: Constraint::Gbnf,
         }
     }
 }
@@ -85,6 +89,16 @@ impl DescribeOptions {
     pub fn max_frame_bytes(mut self, bytes: u64) -> Self {
         self.max_frame_bytes = bytes;
         self
+    }
+    /// Sets how each request holds the answer to its schema (the engine's GBNF grammar by
+    /// default: no output parse on the server; see [`Constraint`]).
+    pub fn constraint(mut self, constraint: Constraint) -> Self {
+        self.constraint = constraint;
+        self
+    }
+    /// How each request holds the answer to its schema.
+    pub fn constraint_of(&self) -> Constraint {
+        self.constraint
     }
 
     /// The [`Prompt`] `describe` sends for `frame_path`: the scene schema, this prompt and sampling,

@@ -32,6 +32,8 @@ pub struct Schema {
     name: Arc<str>,
     value: Arc<Value>,
     validator: Arc<jsonschema::Validator>,
+    /// Its GBNF grammar, where the engine's converter covers it.
+    gbnf: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Schema {
@@ -97,6 +99,7 @@ impl Schema {
         };
         Ok(Schema {
             name: name.into(),
+            gbnf: super::grammar::gbnf(&schema).map(Arc::from),
             value: Arc::new(schema),
             validator: Arc::new(validator),
         })
@@ -138,6 +141,13 @@ impl Schema {
     /// The name sent with the schema.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The schema as given.
+    /// Its GBNF grammar (the engine's own conversion), where the converter covers it: what a
+    /// request sends as `grammar` (see [`crate::request::Constraint`]).
+    pub fn gbnf(&self) -> Option<&str> {
+        self.gbnf.as_deref()
     }
 
     /// The schema as given.

@@ -66,7 +66,7 @@ pub(crate) fn prepare(
         .iter()
         .map(part)
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(chat_request(prompt, &images))
+    Ok(chat_request(prompt, &images, options.constraint))
 }
 
 /// Sends `prompt` through `client` and returns its validated answer as `T`, with what it cost;
@@ -204,10 +204,14 @@ mod tests {
             .as_str()
             .unwrap();
         assert_eq!(url, "data:image/jpeg;base64,/9j/4A==");
-        assert_eq!(
-            body["response_format"]["json_schema"]["schema"],
+        // The scene schema's own grammar, naming the schema: no output parse on the server.
+        let grammar = body["grammar"].as_str().unwrap();
+        let first = format!(
+            "# json_schema SceneDescription: {}\n",
             *SCENE_DESCRIPTION_SCHEMA
         );
+        assert!(grammar.starts_with(&first), "{grammar}");
+        assert!(grammar.contains("\"\\\"visual_content\\\"\""), "{grammar}");
         assert_eq!(body["max_tokens"], 512);
     }
     #[test]

@@ -80,9 +80,10 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    /// The port is taken, or the server answering on it is not our child.
+    /// The port is taken, or the server answering on it is not this engine's child (another
+    /// program's, or another engine's, perhaps of this very program).
     #[error(
-        "port {port} is served by another process ({detail}) — stop it or choose another `port` (0 picks a free one)"
+        "port {port} is taken: {detail} — stop what holds it, or choose another `port` (0 picks a free one)"
     )]
     PortInUse {
         /// The port.

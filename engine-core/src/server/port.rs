@@ -15,7 +15,7 @@ pub(crate) fn free_port(port: u16) -> Result<u16, StartError> {
             .map_err(|source| StartError::Listen { port, source }),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(StartError::PortInUse {
             port,
-            detail: "another program is listening on it".into(),
+            detail: "something already listens on it (another program, or another engine)".into(),
         }),
         Err(source) => Err(StartError::Listen { port, source }),
     }

@@ -1,5 +1,6 @@
 //! Readiness: when a starting server is ready *and ours*. The server's log says so first: it writes
-//! `main: model loaded` right after it turns ready, and the output drain wakes the wait on that line,
+//! a line ending in `: model loaded` right after it turns ready (11434's `srv  llama_server: model
+//! loaded`, 9093's `main: model loaded`), and the output drain wakes the wait on that line,
 //! which is then confirmed by one `/health` and the `/props` ownership check. For builds or logs that
 //! say nothing (`--log-disable`), `/health` is polled every `health_poll_interval` (5 ms by default)
 //! until it is 200 `{"status":"ok"}`. Either way the answer must be proven to come from our child,
@@ -120,7 +121,13 @@ impl Starting<'_> {
         };
         match reply.status {
             200 => {}
-            401 | 403 => return Err(stranger("it refused this engine's API key".into())),
+            401 | 403 => {
+                return Err(stranger(
+                    "the server answering there refused this engine's API key: it is another \
+                     server, another program's or another engine's"
+                        .into(),
+                ));
+            }
             status => {
                 return Ok(Ownership::NotYet(format!(
                     "/props answered HTTP {status} {}",

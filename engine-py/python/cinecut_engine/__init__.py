@@ -298,7 +298,9 @@ class LlavaEngine(_Server):
       ``-ngl``, ``-t`` and further arguments;
     - ``min_vram_mib``, ``vram_probe`` (``"auto"``, ``"nvml"``, ``"nvidia-smi"``), ``nvidia_smi``;
     - ``startup_timeout_s``, ``request_timeout_s``, ``vram_recovery_timeout_s``, ``stop_grace_s``;
-    - ``retries``, ``prompt``, ``max_tokens``, ``temperature``;
+    - ``retries``, ``prompt``, ``max_tokens``, ``temperature``, ``grammar`` (how answers are held
+      to the schema: ``"gbnf"``, the engine's own grammar, by default; ``"llguidance"``;
+      ``"response-format"``; ``"off"``);
     - ``server_bin``, ``image_transport`` (``"auto"`` or ``"base64"``).
     """
 

@@ -359,11 +359,19 @@ fn slow_shim(h: &Harness, knob: (&str, &str)) -> PathBuf {
 fn ctrl_c_while_nvidia_smi_hangs_exits_130_at_once_and_queries_no_more() {
     let h = Harness::new();
     let dir = h.frames(1);
-    for knob in [("NVSMI_HANG", "1"), ("NVSMI_DELAY_MS", "1500")] {
+    // The one VRAM reading of the plan, whatever asked for it: the GPU's check, `auto` servers or
+    // slots.
+    let flags: [&[&str]; 3] = [&[], &["--servers-per-gpu", "auto"], &["--slots", "auto"]];
+    let knobs = [("NVSMI_HANG", "1"), ("NVSMI_DELAY_MS", "1500")];
+    for (knob, extra) in knobs
+        .iter()
+        .flat_map(|k| flags.iter().map(move |f| (*k, *f)))
+    {
         let _ = std::fs::remove_file(h.shim_log());
         let child = h
             .describe_command(&[])
             .env("NVIDIA_SMI", slow_shim(&h, knob))
+            .args(extra)
             .arg(&dir)
             .stderr(Stdio::piped())
             .spawn()
@@ -377,7 +385,12 @@ fn ctrl_c_while_nvidia_smi_hangs_exits_130_at_once_and_queries_no_more() {
         let started = Instant::now();
         rustix::process::kill_process(Pid::from_child(&child), Signal::INT).unwrap();
         let out = child.wait_with_output().unwrap();
-        assert_eq!(out.status.code(), Some(130), "{knob:?}: {}", stderr(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(130),
+            "{knob:?} {extra:?}: {}",
+            stderr(&out)
+        );
         assert!(
             started.elapsed() < Duration::from_secs(1),
             "{knob:?}: took {:?}",

@@ -5,6 +5,7 @@
 mod describe;
 mod every_line;
 mod gpus;
+mod hostile_inputs;
 mod report;
 mod run;
 mod scale_out_recipes;

@@ -284,10 +284,7 @@ fn a_taken_port_is_reported_fast_and_nothing_is_spawned() {
         StartError::PortInUse { port: p, .. } => assert_eq!(*p, port),
         other => panic!("unexpected {other:?}"),
     }
-    assert!(
-        err.to_string()
-            .contains(&format!("port {port} is served by another process"))
-    );
+    assert!(err.to_string().contains(&format!("port {port} is taken")));
     assert!(h.spawned_pids().is_empty());
     h.assert_clean();
 }

@@ -346,7 +346,7 @@ fn a_healthy_answer_for_another_model_is_not_our_server() {
     )
     .unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("is served by another process"), "{text}");
+    assert!(text.contains("is taken"), "{text}");
     assert!(text.contains("someone-elses.gguf"), "{text}");
     h.assert_clean();
 }
@@ -394,8 +394,7 @@ fn a_stale_server_on_the_port_is_reported_and_left_alone() {
     }
     let err = Engine::launch(h.config().port(port).build().unwrap()).unwrap_err();
     assert!(
-        err.to_string()
-            .contains(&format!("port {port} is served by another process")),
+        err.to_string().contains(&format!("port {port} is taken")),
         "{err}"
     );
     assert!(h.spawned_pids().is_empty(), "nothing of ours was spawned");
