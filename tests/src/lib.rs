@@ -98,6 +98,19 @@ pub fn write_gguf(path: &Path, keys: &[(&str, &str)]) {
         .unwrap();
 }
 
+/// Writes the header of a LLaVA-1.5-7B-shaped model (32 layers, 32 KV heads of 128) with no
+/// tensors: 1 GiB of f16 KV cache per slot of 2048 tokens, what `--slots auto` and `--servers-per-gpu auto` read to size the KV cache.
+pub fn write_llava_7b_header(path: &Path) {
+    let mut file = Gguf::default();
+    file.kv("general.architecture", Value::Str("llama".into()))
+        .kv("llama.block_count", Value::U32(32))
+        .kv("llama.embedding_length", Value::U32(4096))
+        .kv("llama.attention.head_count", Value::U32(32))
+        .kv("llama.attention.head_count_kv", Value::U32(32));
+    file.write(&mut std::fs::File::create(path).unwrap())
+        .unwrap();
+}
+
 /// A scratch folder with a model, an mmproj, and helpers to make frames and shims.
 #[derive(Debug)]
 pub struct Harness {

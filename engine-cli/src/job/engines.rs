@@ -115,11 +115,18 @@ fn say_who_holds(gpu: u32) {
     eprintln!("cinecut-infer: waiting for GPU {gpu}: its lock ({file}) is held by {holder}");
 }
 
-/// A GPU's servers and slots in words: `4 slots`, or `4 servers × 4 slots` (the slots are the
-/// GPU's, split over its servers).
+/// A GPU's servers and slots in words: `4 slots`, `4 servers × 4 slots (16 in all)`, or
+/// `2 servers sharing 5 slots` where the split is uneven (the slots are the GPU's, split over its
+/// servers).
 fn servers_and_slots(servers: u32, slots: u32) -> String {
     if servers == 1 {
         counted(slots, "slot")
+    } else if slots % servers != 0 {
+        format!(
+            "{} sharing {}",
+            counted(servers, "server"),
+            counted(slots, "slot")
+        )
     } else {
         format!(
             "{} × {} ({} in all)",
@@ -367,5 +374,17 @@ impl<'a> Writer<'a> {
                 .unwrap_or_else(|p| p.into_inner()),
             interrupted: self.stop.is_cancelled(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::servers_and_slots;
+
+    #[test]
+    fn an_uneven_split_is_not_shown_as_an_even_one() {
+        assert_eq!(servers_and_slots(1, 5), "5 slots");
+        assert_eq!(servers_and_slots(4, 16), "4 servers × 4 slots (16 in all)");
+        assert_eq!(servers_and_slots(2, 5), "2 servers sharing 5 slots");
     }
 }

@@ -321,3 +321,139 @@ fn nvml_is_named_when_missing_and_nvidia_smi_is_the_fallback() {
         );
     }
 }
+
+/// `--servers-per-gpu N`: each GPU runs N servers under its one lock, the GPU's slots split over
+/// them; lines stay in input order; the summary's row of each GPU says how many servers ran and
+/// what each did.
+#[test]
+fn several_servers_per_gpu_share_each_gpus_slots_and_say_what_each_did() {
+    let (h, other) = two_gpus();
+    let dir = h.frames(20);
+    let summary = h.dir.path().join("summary.json");
+    let gpus = format!("{},{}", h.gpu, other.gpu);
+    let out = pool_command(&h, &gpus)
+        .args(["--servers-per-gpu", "2", "--summary"])
+        .arg(&summary)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let written = lines(&String::from_utf8_lossy(&out.stdout));
+    let mut sorted = frame_paths(&written);
+    sorted.sort();
+    assert_eq!(frame_paths(&written), sorted, "input order");
+    let err = stderr(&out);
+    for gpu in [h.gpu, other.gpu] {
+        let ready = format!("GPU {gpu} ready (2 servers × 1 slot (2 in all)); serving");
+        assert!(err.contains(&ready), "{err}");
+    }
+    // Four servers, each told `-np 1`: pool_command's two slots per GPU, split.
+    let spawned = h.events_named("spawned");
+    assert_eq!(spawned.len(), 4);
+    for event in &spawned {
+        let args: Vec<&str> = event["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let np = args.iter().position(|a| *a == "-np").unwrap();
+        assert_eq!(args[np + 1], "1", "{args:?}");
+    }
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!(s["answered"], 20);
+    for row in s["gpus"].as_array().unwrap() {
+        assert_eq!(row["servers"], 2, "{row}");
+        let each = row["each"].as_array().unwrap();
+        assert_eq!(each.len(), 2);
+        let answered: u64 = each.iter().map(|e| e["answered"].as_u64().unwrap()).sum();
+        assert_eq!(row["answered"], answered);
+    }
+    h.assert_clean();
+    tests::assert_lock_free(other.gpu);
+}
+
+/// A SIGKILLed CLI leaves none of a GPU's several servers behind: each server's keeper takes its
+/// tree down, and the GPU's lock is free only once they are all gone.
+#[test]
+fn a_sigkilled_run_leaves_none_of_a_gpus_servers_behind() {
+    let h = Harness::new();
+    let dir = h.frames(40);
+    let mut child = h
+        .describe_command(&[("FAKE_LLAMA_LATENCY_MS", "200")])
+        .args(["--servers-per-gpu", "3", "--slots", "3"])
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Every server serving: three answers under way.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while h.events_named("request_start").len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the servers never served"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let servers = h.spawned_pids();
+    assert_eq!(servers.len(), 3);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    tests::wait_lock_free(h.gpu);
+    for pid in servers {
+        assert!(
+            !tests::running(pid),
+            "server {pid} outlived the SIGKILLed run and its lock"
+        );
+    }
+}
+
+/// `--servers-per-gpu auto`: the count from the host's cores, the slots and the free VRAM, said
+/// with the numbers; a GPU whose memory cannot hold one copy is refused with them.
+#[test]
+fn servers_per_gpu_auto_says_its_choice_and_refuses_what_cannot_fit() {
+    let h = Harness::new();
+    tests::write_llava_7b_header(&h.model);
+    let dir = h.frames(4);
+    let cores = std::thread::available_parallelism().unwrap().get() as u32;
+    // 16 slots, enough memory: as many servers as the cores run, four slots each at least.
+    let out = h
+        .describe_command(&[])
+        .args(["--servers-per-gpu", "auto", "--slots", "16"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let servers = (cores / 2).clamp(1, 4);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("--servers-per-gpu auto: GPU {}: ", h.gpu))
+            && err.contains(&format!("{cores} cores run at most")),
+        "{err}"
+    );
+    assert_eq!(h.spawned_pids().len() as u32, servers, "{err}");
+    // 2000 MiB free cannot hold one server's weights, margin and slots: refused before any start.
+    std::fs::remove_file(&h.events).unwrap();
+    let out = h
+        .describe_command(&[("NVSMI_GPUS", "2000")])
+        .args([
+            "--servers-per-gpu",
+            "auto",
+            "--slots",
+            "auto",
+            "--min-vram",
+            "1000",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("its servers need") && stderr(&out).contains("not even this fits"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(h.spawned_pids().is_empty());
+    h.assert_clean();
+}

@@ -118,24 +118,10 @@ fn a_summary_never_takes_the_place_of_the_output_or_an_input() {
     assert!(h.spawned_pids().is_empty(), "no server starts");
 }
 
-/// A model header with LLaVA-1.5-7B's KV numbers (32 layers, 32 KV heads of 128): 1 GiB per slot
-/// of 2048 tokens in f16. The fake loads no tensors, so the header is all it needs.
-fn llava_7b_header(path: &std::path::Path) {
-    use engine_core::gguf::{Gguf, Value};
-    let mut gguf = Gguf::default();
-    gguf.kv("general.architecture", Value::Str("llama".into()))
-        .kv("llama.block_count", Value::U32(32))
-        .kv("llama.embedding_length", Value::U32(4096))
-        .kv("llama.attention.head_count", Value::U32(32))
-        .kv("llama.attention.head_count_kv", Value::U32(32));
-    gguf.write(&mut std::fs::File::create(path).unwrap())
-        .unwrap();
-}
-
 #[test]
 fn slots_auto_fills_the_free_vram_and_says_why() {
     let h = Harness::new();
-    llava_7b_header(&h.model);
+    tests::write_llava_7b_header(&h.model);
     let dir = h.frames(2);
     // 12000 MiB free, about 1 MiB of weights, the 1536 MiB margin: 10 slots of 1024 MiB.
     let out = h
@@ -320,7 +306,7 @@ fn a_full_disk_leaves_whole_lines_and_the_summary_counts_only_them() {
 #[test]
 fn slots_auto_leaves_out_a_gpu_whose_memory_cannot_be_read() {
     let (h, other) = (Harness::new(), Harness::new());
-    llava_7b_header(&h.model);
+    tests::write_llava_7b_header(&h.model);
     let dir = h.frames(3);
     // 200 GPUs (the harness's count): the other GPU's memory reads [N/A].
     let free: Vec<String> = (0..200)
