@@ -130,6 +130,17 @@ fn a_person_sees_every_card_the_failures_and_a_working_filter() {
     );
     assert!(shown.iter().all(|c| c.contains(&word)), "{word}");
 
+    // A link whose search is not valid percent-encoding (`100%`) is searched as written: the
+    // script runs to the end (the count is set, nothing is thrown) and no card holds "100%".
+    let odd = browse(
+        &format!("{url}#failed&q=100%"),
+        &["--enable-logging=stderr", "--v=0", "--dump-dom"],
+    );
+    let console = String::from_utf8_lossy(&odd.stderr);
+    assert!(!console.contains("Uncaught"), "{console}");
+    let dom = String::from_utf8_lossy(&odd.stdout);
+    assert!(dom.contains(&format!("0 of {lines} shown")), "{dom}");
+
     // Scripts off: the page as written shows every card (none hidden; the controls that need the
     // script are).
     let page = std::fs::read_to_string(&html).unwrap();

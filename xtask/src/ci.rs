@@ -61,6 +61,14 @@ pub fn run() -> ExitCode {
             .env("CARGO_TARGET_DIR", &package_check),
         ),
         ("test", cmd!(sh, "{cargo} test --workspace")),
+        // The tests that need root (CI runs as root: see prereq), ignored in a plain test run.
+        (
+            "as-root",
+            cmd!(
+                sh,
+                "{cargo} test -p tests --test engine -- --ignored as_root_"
+            ),
+        ),
         (
             "soak",
             cmd!(

@@ -310,7 +310,10 @@ fn server_args_that_undo_the_engines_guarantees_are_refused_by_name() {
         (&["--server-arg=--port", "--server-arg=9"], "use --port"),
         (&["--server-arg=-np", "--server-arg=4"], "use --slots"),
         (&["--server-arg=--ctx-size=99"], "use --ctx-size"),
-        (&["--server-arg=--log-disable"], "reads the server's log"),
+        (
+            &["--server-arg=--log-disable"],
+            "reads the server's log: use --debug for a file",
+        ),
     ] {
         let out = h
             .describe_command(&[])
@@ -323,6 +326,27 @@ fn server_args_that_undo_the_engines_guarantees_are_refused_by_name() {
         assert!(stderr(&out).contains("--server-arg"), "{}", stderr(&out));
     }
     assert!(h.spawned_pids().is_empty());
+    h.assert_clean();
+}
+
+/// A missing nvidia-smi is named with the CLI's own fix: the variable that points at it.
+#[test]
+fn a_missing_nvidia_smi_names_the_variable_that_points_at_it() {
+    let h = Harness::new();
+    let missing = h.dir.path().join("no-such-nvidia-smi");
+    let out = std::process::Command::new(tests::cinecut_infer())
+        .args(["check", "--gpu", "0"])
+        .env("NVIDIA_SMI", &missing)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains(&format!("nvidia-smi not found at {}", missing.display()))
+            && err.contains("or set NVIDIA_SMI to its path")
+            && !err.contains("(NVIDIA_SMI)"),
+        "{err}"
+    );
     h.assert_clean();
 }
 

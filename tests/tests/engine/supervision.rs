@@ -253,28 +253,38 @@ fn unsafe_shared_or_foreign_lock_folders_are_refused_with_the_fix() {
         std::fs::read_to_string(h.dir.path().join("precious")).unwrap(),
         "keep"
     );
-    // Folders of other users (needs root to build).
-    if rustix::process::geteuid().is_root() {
-        let foreign = h.dir.path().join("foreign");
-        std::fs::create_dir(&foreign).unwrap();
-        std::os::unix::fs::chown(&foreign, Some(4242), None).unwrap();
-        let line = lock_line(&foreign);
-        assert!(line.contains("private to uid 4242"), "{line}");
-        // A shared sticky folder owned by another user: its owner could remove our lock files.
-        std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o1777)).unwrap();
-        let line = lock_line(&foreign);
-        assert!(line.contains("shared but owned by uid 4242"), "{line}");
-    }
 }
 
+/// Lock folders of another user are refused with that user named: one private to them, and one
+/// shared (sticky) but owned by them, whose owner could remove our lock files.
 #[test]
-fn another_user_meets_on_the_same_lock_file() {
-    // Needs root (to run a holder as `nobody`) and setpriv (util-linux).
+#[ignore = "needs root to make folders of another user: cargo xtask ci runs it as root"]
+fn as_root_lock_folders_of_another_user_are_refused_by_name() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "run as root: it makes folders owned by another user"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let h = Harness::new();
+    let foreign = h.dir.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::os::unix::fs::chown(&foreign, Some(4242), None).unwrap();
+    let line = lock_line(&foreign);
+    assert!(line.contains("private to uid 4242"), "{line}");
+    std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let line = lock_line(&foreign);
+    assert!(line.contains("shared but owned by uid 4242"), "{line}");
+}
+
+/// A holder running as another user (`nobody`) meets ours on the same lock file in a shared folder.
+#[test]
+#[ignore = "needs root (to run a holder as nobody) and setpriv: cargo xtask ci runs it as root"]
+fn as_root_another_user_meets_on_the_same_lock_file() {
     let setpriv = std::path::Path::new("/usr/bin/setpriv");
-    if !rustix::process::geteuid().is_root() || !setpriv.exists() {
-        eprintln!("skipped: needs root and /usr/bin/setpriv");
-        return;
-    }
+    assert!(
+        rustix::process::geteuid().is_root() && setpriv.exists(),
+        "run as root, with /usr/bin/setpriv (util-linux): it runs a holder as nobody"
+    );
     let h = Harness::new();
     // A shared folder as /run/lock is: root's, sticky, writable by all (and reachable by nobody).
     let shared = tempfile::Builder::new()
