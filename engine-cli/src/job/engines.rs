@@ -121,7 +121,7 @@ fn say_who_holds(gpu: u32) {
 fn servers_and_slots(servers: u32, slots: u32) -> String {
     if servers == 1 {
         counted(slots, "slot")
-    } else if slots % servers != 0 {
+    } else if !slots.is_multiple_of(servers) {
         format!(
             "{} sharing {}",
             counted(servers, "server"),
