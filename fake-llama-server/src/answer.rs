@@ -114,8 +114,8 @@ pub fn is_scene_schema(schema: &Value) -> bool {
 }
 
 /// A value valid under `schema`, derived from `seed`: objects get every property (required or
-/// not), numbers respect `minimum`/`maximum`, strings `minLength`, arrays `minItems`; `enum` and
-/// `const` are honoured; of `anyOf`/`oneOf` the first is taken. What the real server's grammar
+/// not), numbers respect `minimum`/`maximum`, strings `minLength`/`maxLength`, arrays `minItems`;
+/// `enum` and `const` are honoured; of `anyOf`/`oneOf` the first is taken. What the real server's grammar
 /// would allow, without a model.
 pub fn from_schema(schema: &Value, seed: u64) -> Value {
     from_schema_at(schema, seed, 0)
@@ -181,7 +181,10 @@ fn from_schema_at(schema: &Value, seed: u64, depth: u32) -> Value {
         _ => {
             let word = SETTINGS[(seed % SETTINGS.len() as u64) as usize];
             let min = schema["minLength"].as_u64().unwrap_or(0) as usize;
-            let mut text = word.to_string();
+            let max = schema["maxLength"]
+                .as_u64()
+                .map_or(usize::MAX, |m| m as usize);
+            let mut text: String = word.chars().take(max).collect();
             while text.chars().count() < min {
                 text.push('.');
             }

@@ -171,7 +171,7 @@ fn image_sources(body: &Value) -> Vec<&'static str> {
 
 /// The text of a chat request's messages, joined: what a text-only answer is derived from.
 fn chat_text(body: &Value) -> String {
-    let mut text = String::new();
+    let mut text = body["prompt"].as_str().unwrap_or_default().to_string();
     for message in body["messages"].as_array().into_iter().flatten() {
         match &message["content"] {
             Value::String(s) => text.push_str(s),
@@ -185,9 +185,13 @@ fn chat_text(body: &Value) -> String {
     text
 }
 
-/// The image bytes of a raw `/completion` request (`prompt.multimodal_data`), checking the marker.
-fn raw_image(fake: &Fake, body: &Value) -> Result<Vec<u8>, Reply> {
+/// The image bytes of a raw `/completion` request (`prompt.multimodal_data`), checking the marker;
+/// none for a plain text prompt.
+fn raw_image(fake: &Fake, body: &Value) -> Result<Option<Vec<u8>>, Reply> {
     let prompt = &body["prompt"];
+    if prompt.is_string() {
+        return Ok(None);
+    }
     let text = prompt["prompt_string"].as_str().unwrap_or("");
     let data: Vec<&str> = prompt["multimodal_data"]
         .as_array()
@@ -200,6 +204,7 @@ fn raw_image(fake: &Fake, body: &Value) -> Result<Vec<u8>, Reply> {
     }
     base64::engine::general_purpose::STANDARD
         .decode(data[0])
+        .map(Some)
         .map_err(|_| bad_request("Failed to load image or audio file"))
 }
 
@@ -307,7 +312,7 @@ fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
     };
     let image = match kind {
         Kind::Chat => chat_image(fake, &body),
-        Kind::Raw => raw_image(fake, &body).map(Some),
+        Kind::Raw => raw_image(fake, &body),
     };
     let image = match image {
         Ok(image) => image,
@@ -425,12 +430,19 @@ fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
                     "id": format!("chatcmpl-fake{number}"),
                     "timings": timings,
                 }),
-                Kind::Raw => json!({
-                    "content": text, "stop": true,
-                    "stop_type": if cut { "limit" } else { "eos" },
-                    "tokens_predicted": generated, "timings": timings,
-                    "model": fake.args.model,
-                }),
+                Kind::Raw => {
+                    let mut raw = json!({
+                        "content": text, "stop": true,
+                        "stop_type": if cut { "limit" } else { "eos" },
+                        "tokens_predicted": generated, "timings": timings,
+                        "model": fake.args.model,
+                    });
+                    if body["return_tokens"] == true {
+                        // The ids a byte-level vocabulary (the project's tiny model) gives them.
+                        raw["tokens"] = json!(text.bytes().collect::<Vec<u8>>());
+                    }
+                    raw
+                }
             };
             json_reply(200, body.to_string())
         }

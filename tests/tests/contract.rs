@@ -643,9 +643,11 @@ fn every_constraint_answers_or_is_refused_by_name() {
         Constraint::Off,
         Constraint::Llguidance,
     ] {
+        // Room for the whitespace the server's own grammar (response_format) lets the tiny model
+        // write between the fields: 64 tokens were sometimes cut off.
         let options = engine_core::DescribeOptions::default()
             .constraint(constraint)
-            .max_tokens(64)
+            .max_tokens(256)
             .retries(4);
         let config = engine_config(&h, &t).describe_options(options);
         let engine = Engine::launch(config.build().unwrap()).unwrap();
@@ -667,4 +669,64 @@ fn every_constraint_answers_or_is_refused_by_name() {
         engine.shutdown().unwrap();
     }
     tests::assert_lock_free(h.gpu);
+}
+
+/// The engine's grammar never lets the model write a byte no UTF-8 text holds: llama.cpp's grammar
+/// decodes a byte token 0xF5–0xFF as a code point above U+10FFFF, which a negated character class
+/// lets through, and the server returns the bytes as runs of U+FFFD (12 of them for a string of 3,
+/// past its `maxLength`). The bias pushes exactly those tokens; on the tiny model's byte-level
+/// vocabulary a byte's token id is the byte, which `return_tokens` shows (the fake gives the
+/// bytes of its answer). Overlong sequences (0xE0 0x80–0x9F …) decode to ordinary code points, so
+/// no grammar of code points can keep them out: the engine's validation and retry do.
+#[test]
+fn the_engines_grammar_never_takes_a_byte_no_utf8_text_holds() {
+    let h = Harness::new();
+    let t = target(&h);
+    let port = free_port();
+    let mut child = spawn_text(&t, port);
+    wait_healthy(port, &mut child);
+    let schema = engine_core::Schema::new(
+        "three",
+        json!({"type": "object", "properties": {"s": {"type": "string", "minLength": 3, "maxLength": 3}},
+               "required": ["s"], "additionalProperties": false}),
+    )
+    .unwrap();
+    let grammar = format!(
+        "# json_schema three: {}\n{}",
+        schema.value(),
+        schema.gbnf().expect("the converter covers it")
+    );
+    let bias: Vec<Value> = (0xF5..=0xFF).map(|b: u32| json!([b, 30.0])).collect();
+    for attempt in 0..4 {
+        let body = json!({
+            "prompt": format!("Three characters, please ({attempt}):"),
+            "grammar": grammar,
+            "logit_bias": bias,
+            "n_predict": 48,
+            "temperature": 0.1,
+            "return_tokens": true,
+        });
+        let (status, answer) =
+            request(port, "POST", "/completion", Some(KEY), Some(&body)).unwrap();
+        assert_eq!(status, 200, "{answer}");
+        let tokens: Vec<u64> = answer["tokens"]
+            .as_array()
+            .expect("return_tokens gives the ids")
+            .iter()
+            .map(|id| id.as_u64().unwrap())
+            .collect();
+        assert!(
+            !tokens.iter().any(|id| (0xF5..=0xFF).contains(id)),
+            "a byte no UTF-8 text holds was sampled: {tokens:x?} ({})",
+            answer["content"]
+        );
+        let content = answer["content"].as_str().unwrap();
+        let value: Value = serde_json::from_str(content).unwrap();
+        assert_eq!(
+            value["s"].as_str().map(|s| s.chars().count() >= 3),
+            Some(true),
+            "{content:?}"
+        );
+    }
+    assert_stopped_by_sigterm(stop(child));
 }

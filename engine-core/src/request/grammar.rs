@@ -2,12 +2,14 @@
 //!
 //! Why the engine writes the grammar: sent as `response_format`, a schema makes llama-server (11434)
 //! parse the generated text with its chat-output parser ("peg-native"), strict JSON to the end.
-//! The grammar that constrains sampling accepts bytes that parser refuses (a lead byte 0xF8–0xFF
-//! decodes as a code point in `llama-grammar.cpp`, and `common_parse_utf8_codepoint` calls it
-//! invalid), so an answer the grammar allowed fails with HTTP 500 "The model produced output that
+//! The grammar that constrains sampling accepts bytes that parser refuses (a byte token 0xF5–0xFF
+//! decodes as a code point above U+10FFFF in `llama-grammar.cpp`, which a negated character class
+//! lets through, and `common_parse_utf8_codepoint` calls it invalid), so an answer the grammar
+//! allowed fails with HTTP 500 "The model produced output that
 //! does not match the expected peg-native format" — a quarter of the answers of a random-weight
 //! 7B model. Sent as `grammar`, the same constraint comes with no output parse: the server returns
-//! the text as generated, and the engine validates it as it always does. The converter covers the
+//! the text as generated, and the engine validates it as it always does; the engine's grammar
+//! also leaves those code points out (`COMMON`). The converter covers the
 //! schemas CineCut sends (objects of strings, numbers, enums, arrays); a schema beyond it goes as
 //! `response_format`, where the server converts it.
 

@@ -143,7 +143,6 @@ impl Schema {
         &self.name
     }
 
-    /// The schema as given.
     /// Its GBNF grammar (the engine's own conversion), where the converter covers it: what a
     /// request sends as `grammar` (see [`crate::request::Constraint`]).
     pub fn gbnf(&self) -> Option<&str> {
