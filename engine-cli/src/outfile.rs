@@ -105,21 +105,24 @@ pub fn write_streamed(
     let shown = out.display();
     let cannot = |e: std::io::Error| Failure::write(format!("cannot write {shown}: {e}"));
     match target(out).map_err(Failure::refused)? {
-        Target::Stdout => {
-            let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
-            write(&mut stdout)
-                .and_then(|()| stdout.flush())
-                .map_err(cannot)
-        }
+        Target::Stdout => in_place(std::io::stdout().lock(), write).map_err(cannot),
         Target::Stream => {
-            let mut special = OpenOptions::new().append(true).open(out).map_err(cannot)?;
-            let mut buffered = std::io::BufWriter::new(&mut special);
-            write(&mut buffered)
-                .and_then(|()| buffered.flush())
-                .map_err(cannot)
+            let special = OpenOptions::new().append(true).open(out).map_err(cannot)?;
+            in_place(special, write).map_err(cannot)
         }
         Target::File => replace(out, stop, write),
     }
+}
+
+/// [`write_streamed`] for what is written in place (our stdout, a device, a pipe): buffered, then
+/// flushed.
+fn in_place(
+    sink: impl Write,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut buffered = std::io::BufWriter::new(sink);
+    write(&mut buffered)?;
+    buffered.flush()
 }
 
 /// [`write_streamed`] for a regular file: a temporary file beside it, renamed over it.

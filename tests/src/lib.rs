@@ -111,6 +111,27 @@ pub fn write_llava_7b_header(path: &Path) {
         .unwrap();
 }
 
+/// Makes `command`'s child unable to grow a file past `bytes` (a disk that fills up): its writes
+/// beyond fail with EFBIG, as with ENOSPC, instead of SIGXFSZ killing it.
+pub fn limit_file_size(command: &mut std::process::Command, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only setrlimit and signal, both async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0
+                || libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A scratch folder with a model, an mmproj, and helpers to make frames and shims.
 #[derive(Debug)]
 pub struct Harness {

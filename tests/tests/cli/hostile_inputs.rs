@@ -242,28 +242,13 @@ fn report_never_writes_over_a_records_image_and_shows_what_a_torn_line_left() {
 
 #[test]
 fn a_summary_the_disk_cannot_take_leaves_no_file() {
-    use std::os::unix::process::CommandExt;
     let h = Harness::new();
     let dir = h.frames(1);
     let summary = h.dir.path().join("summary.json");
     let mut command = h.describe_command(&[]);
     command.arg("--summary").arg(&summary).arg(&dir);
     // Files it writes may not grow past 100 bytes: the summary (several hundred) cannot be written.
-    // SAFETY: between fork and exec only setrlimit and signal, both async-signal-safe.
-    unsafe {
-        command.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 100,
-                rlim_max: 100,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0
-                || libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    tests::limit_file_size(&mut command, 100);
     let out = command.output().unwrap();
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     assert!(stderr(&out).contains("--summary"), "{}", stderr(&out));

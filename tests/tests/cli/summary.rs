@@ -242,7 +242,6 @@ fn a_summary_that_cannot_be_written_is_refused_before_anything_starts() {
 
 #[test]
 fn a_full_disk_leaves_whole_lines_and_the_summary_counts_only_them() {
-    use std::os::unix::process::CommandExt;
     let h = Harness::new();
     let dir = h.frames(20);
     let output = h.dir.path().join("scenes.jsonl");
@@ -255,23 +254,8 @@ fn a_full_disk_leaves_whole_lines_and_the_summary_counts_only_them() {
         .arg(&summary)
         .arg("--timings")
         .arg(&dir);
-    // Files this process writes may not grow past 2,000 bytes (a disk that fills up): writes beyond
-    // fail with EFBIG, as with ENOSPC, instead of killing it.
-    // SAFETY: between fork and exec only setrlimit and signal, both async-signal-safe.
-    unsafe {
-        command.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 2000,
-                rlim_max: 2000,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0
-                || libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // Files it writes may not grow past 2,000 bytes: a disk that fills up mid-run.
+    tests::limit_file_size(&mut command, 2000);
     let out = command.output().unwrap();
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     let text = std::fs::read_to_string(&output).unwrap();
