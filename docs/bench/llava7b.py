@@ -18,7 +18,8 @@ WORK/results.jsonl and prints them:
   slots      frames/s, VRAM and tokens per answer at 1, 2, 4, 8, 16 slots on one server
   auto       --slots auto: its choice and its frames/s
   shared     two servers on one GPU (8 slots each)
-  pool       the pool on 1 vs 2 GPUs, 512 frames, steady state and wall time (7B and tiny)
+  pool       the pool on 1 vs 2 GPUs with --servers-per-gpu auto --slots auto: the 7B-shaped
+             model on 256 frames, the tiny model on 512; steady state and wall time
   transport  base64 data URIs vs file:// references, at 746x420 and 1920x1080
   bare       the engine against a bare client sending the same requests at the same concurrency
 
@@ -404,12 +405,19 @@ def infer_in(model, recs, slots, env, i):
 
 
 def pool():
-    for name, n_slots in [("7b", 16), ("tiny", 8)]:
+    """The pool on 1 against 2 GPUs, each filled by `--servers-per-gpu auto --slots auto`: the
+    7B-shaped model on 256 frames, the tiny model on 512; steady state and wall time (start
+    included), and what auto chose on each GPU."""
+    for name, frames in [("7b", 256), ("tiny", 512)]:
+        if name not in A.models:
+            continue
         m = models()[name]
-        recs = records(A.work / "f746", 512, "f746")
+        recs = records(A.work / "f746", frames, "f746")
         for gpus in ["0", "0,1"]:
-            s, vram, _, _ = infer(m, recs, n_slots, gpus=gpus, label=f"pool {name} {gpus}")
-            row("pool", s, vram, model=name, gpus=gpus, slots=n_slots)
+            s, vram, _, said = infer(m, recs, "auto", gpus=gpus, extra=["--servers-per-gpu", "auto"],
+                                     label=f"pool {name} {gpus}")
+            row("pool", s, vram, model=name, gpus=gpus, slots="auto", servers_per_gpu="auto",
+                choice=[line for line in said if "auto:" in line])
 
 
 def transport():
@@ -555,10 +563,12 @@ if __name__ == "__main__":
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--sdist", type=Path)
     p.add_argument("--llguidance", type=Path, help="the folder of libllguidance.a and llguidance.h")
+    p.add_argument("--models", default="7b,tiny", help="the models `pool` measures")
     p.add_argument("--grammars", default="gbnf,off,llguidance,response-format",
                    help="the ways of holding answers to the schema that `split` measures")
     A = p.parse_args()
     A.grammars = A.grammars.split(",")
+    A.models = A.models.split(",")
     A.work = A.work.resolve()
     A.bin = A.bin.resolve()
     A.work.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 //! [`EngineConfig`]: everything the engine needs to know, with CineCut's defaults, built and
-//! checked once by [`EngineConfigBuilder`]; `--slots auto`'s choice from the model's own numbers
-//! ([`EngineConfig::auto_slots`]).
+//! checked once by [`EngineConfigBuilder`]; what one GPU offers and one server costs, from the
+//! model's own numbers ([`EngineConfig::budget`]), and the servers and slots `auto` chooses from it
+//! ([`choose_layout`]).
 
 mod layout;
 mod slots;
