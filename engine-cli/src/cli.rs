@@ -126,8 +126,9 @@ pub struct AskArgs {
     #[arg(long, default_value_t = 2)]
     pub retries: u32,
     /// How each answer is held to the schema: gbnf (the engine's own grammar of the schema: the
-    /// server returns the text as generated, with no output parse that can fail it), llguidance (a
-    /// server built with LLGuidance), response-format (the server converts the schema and parses
+    /// server returns the text as generated, with no output parse that can fail it), llguidance (only
+    /// a server built with LLGuidance: one without refuses the request, or aborts, as 9093 does),
+    /// response-format (the server converts the schema and parses
     /// the output), off (nothing; the answers are still validated).
     #[arg(
         long,

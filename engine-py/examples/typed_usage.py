@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import cinecut_engine
 from cinecut_engine import (
     GPU_LOCK,
+    OPTIONS,
     SCENE_DESCRIPTION_SCHEMA,
     VRAM_MINIMUM_MIB,
     CineCutEngineError,
@@ -53,6 +54,8 @@ def describe_stage(models: Path, records: List[KeyframeRecord]) -> List[Tuple[Ke
     free: int = check_vram_free_mib(0)
     assert_vram_available(0)
     print(f"{free} MiB free, {VRAM_MINIMUM_MIB} needed; the schema needs {SCENE_DESCRIPTION_SCHEMA['required']}")
+    options: List[str] = OPTIONS
+    print("options:", ", ".join(options))
     done: List[Tuple[int, int]] = []
     return run_inference_stage(
         records,

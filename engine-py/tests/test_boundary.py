@@ -115,7 +115,8 @@ def test_bad_options_are_refused_naming_the_option(scene, options, says):
 
 def test_the_options_docstring_lists_every_option_the_engine_takes():
     documented = LlavaEngine.__doc__ or ""
-    for option in _engine.OPTIONS:
+    assert cinecut_engine.OPTIONS == list(_engine.OPTIONS)
+    for option in cinecut_engine.OPTIONS:
         assert f"``{option}``" in documented, option
 
 

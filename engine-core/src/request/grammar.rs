@@ -25,7 +25,8 @@ pub enum Constraint {
     #[default]
     Gbnf,
     /// `%llguidance` with the schema, sent as `grammar`: the server samples through llguidance
-    /// (only a server built with `LLAMA_LLGUIDANCE`; others refuse the request).
+    /// (only a server built with `LLAMA_LLGUIDANCE`; others refuse the request, or abort: 9093
+    /// does, and the request ends as [`crate::RequestError::ServerDied`] with its words).
     Llguidance,
     /// `response_format: json_schema`: the server converts the schema, and parses the output.
     ResponseFormat,

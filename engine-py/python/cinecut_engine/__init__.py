@@ -48,12 +48,16 @@ __all__ = [
     "StartError",
     "RequestError",
     "run_inference_stage",
+    "OPTIONS",
 ]
 
 log = logging.getLogger("cinecut_engine")
 
 #: Minimum free VRAM in MiB for LLaVA 1.5 7B Q4 and its context (CineCut's 6 GB).
 VRAM_MINIMUM_MIB: int = _engine.VRAM_MINIMUM_MIB
+
+#: The names the engines take as ``**options`` (the CLI's flags, as keywords).
+OPTIONS: List[str] = list(_engine.OPTIONS)
 
 PathLike = Union[str, Path]
 
@@ -317,9 +321,10 @@ class LlavaEngine(_Server):
         self.debug = debug
         self.last_summary: Optional[Dict[str, Any]] = None
         """What the last ``describe_frames`` did, as the CLI's ``--summary`` writes it: items,
-        answered, failed, not_attempted, retries, wall_s, items_per_s, latency_ms {p50, p95, max},
-        tokens {prompt, generated, prompt_per_s, generated_per_s}, gpus [{gpu, uuid, answered,
-        failed, died}] and its moments (``started_at``, ... as RFC 3339 and Unix seconds)."""
+        answered, failed, not_attempted, not_written, retries, wall_s, serving_s, items_per_s,
+        latency_ms {p50, p95, max}, tokens {prompt, generated, prompt_per_s, generated_per_s}, gpus
+        [{gpu, uuid, servers, answered, failed, died, each: [{answered, failed, died, handed_over}]}]
+        and its moments (``started_at``, ... as RFC 3339 and Unix seconds)."""
         super().__init__(
             _engine.Engine(str(model_path), str(mmproj_path), port, debug, options), port
         )

@@ -6,6 +6,7 @@ from ._types import RequestError, SceneDescription
 
 VRAM_MINIMUM_MIB: int
 DEFAULT_PORT: int
+OPTIONS: List[str]
 
 def vram_free_mib(gpu: int = 0, min_mib: int = 0) -> int: ...
 def wait_for_vram(min_free_mib: int, poll_interval_s: float, timeout_s: float, gpu: int = 0) -> int: ...
