@@ -93,6 +93,9 @@ Knobs (environment variables):
                                    for FAKE_LLAMA_LATENCY_MS and FAKE_LLAMA_LOAD_MS)
   FAKE_LLAMA_CRASH_CLAIM=PATH      of the servers sharing FAKE_LLAMA_CRASH_AFTER, only the first
                                    to create PATH crashes (one of a GPU's several servers)
+  FAKE_LLAMA_HOLD_UNTIL_CRASH_MS=N hold each completion request, in its slot, until
+                                   FAKE_LLAMA_CRASH_CLAIM's file exists (another server crashed),
+                                   at most N ms: the crash happens before this server answers
   FAKE_LLAMA_RESPONSE=M[,M...]     what completion requests answer, in turn (the last repeats):
                                    valid, fence, not-json, bad-schema, length, peg-500, http-500
   FAKE_LLAMA_LATENCY_MS=N          time per completion request, holding a slot

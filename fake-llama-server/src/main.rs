@@ -32,6 +32,9 @@ pub struct Knobs {
     /// Where servers that share the crash knob claim the one crash: only the first to create it
     /// crashes.
     pub crash_claim: Option<String>,
+    /// How long a completion request waits, holding its slot, for the crash claim to appear:
+    /// a server that answers only once another has crashed.
+    pub hold_until_crash_ms: Option<u64>,
     modes: Vec<Mode>,
     pub latency_ms: Option<u64>,
     slots: Option<u32>,
@@ -93,6 +96,13 @@ impl Knobs {
                 })
                 .collect::<Result<_, _>>()?,
         };
+        let hold_until_crash_ms = env_num_for_gpu("FAKE_LLAMA_HOLD_UNTIL_CRASH_MS")?;
+        if hold_until_crash_ms.is_some() && env("FAKE_LLAMA_CRASH_CLAIM").is_none() {
+            return Err(
+                "error: FAKE_LLAMA_HOLD_UNTIL_CRASH_MS waits for FAKE_LLAMA_CRASH_CLAIM's file; set both"
+                    .into(),
+            );
+        }
         Ok(Knobs {
             load_ms: env_num_for_gpu("FAKE_LLAMA_LOAD_MS")?.unwrap_or(30),
             never_ready: env("FAKE_LLAMA_NEVER_READY").is_some_and(|v| v == "1"),
@@ -106,6 +116,7 @@ impl Knobs {
             flood_bytes: env_num("FAKE_LLAMA_FLOOD_BYTES")?.unwrap_or(0),
             crash_after: env_num_for_gpu("FAKE_LLAMA_CRASH_AFTER")?,
             crash_claim: env("FAKE_LLAMA_CRASH_CLAIM"),
+            hold_until_crash_ms,
             modes,
             latency_ms: env_num_for_gpu("FAKE_LLAMA_LATENCY_MS")?,
             slots: env_num("FAKE_LLAMA_SLOTS")?,

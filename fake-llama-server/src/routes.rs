@@ -275,6 +275,31 @@ fn slot_context(fake: &Fake) -> u32 {
     fake.args.ctx_size / fake.args.parallel.max(1)
 }
 
+/// Holds a request's slot for up to `ms`, or until `done` says so, polling (this is the fake's own
+/// wait, not a test's): a client that gives up first is answered 499, as the real server drops it.
+fn hold(
+    fake: &Fake,
+    request: &Request,
+    number: usize,
+    ms: u64,
+    done: impl Fn() -> bool,
+) -> Result<(), Reply> {
+    let until = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < until && !done() {
+        if request.client_gone() {
+            event(fake, "request_cancelled", json!({"n": number}));
+            fake.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(json_reply(499, "{}".into()));
+        }
+        std::thread::sleep(
+            until
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(5)),
+        );
+    }
+    Ok(())
+}
+
 fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
     let started = Instant::now();
     let number = fake.completions.fetch_add(1, Ordering::AcqRel);
@@ -350,21 +375,17 @@ fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
                "constraint": constraint.how,
                "image_sources": image_sources(&body)}),
     );
-    if let Some(ms) = fake.knobs.latency_ms {
-        // The slot is held for the latency, unless the client gives up first.
-        let until = Instant::now() + Duration::from_millis(ms);
-        while Instant::now() < until {
-            if request.client_gone() {
-                event(fake, "request_cancelled", json!({"n": number}));
-                fake.in_flight.fetch_sub(1, Ordering::AcqRel);
-                return json_reply(499, "{}".into());
-            }
-            std::thread::sleep(
-                until
-                    .saturating_duration_since(Instant::now())
-                    .min(Duration::from_millis(5)),
-            );
+    // A test that needs one server's crash to come first holds the others' answers until it has.
+    if let (Some(ms), Some(claim)) = (fake.knobs.hold_until_crash_ms, &fake.knobs.crash_claim) {
+        let crashed = || std::path::Path::new(claim).exists();
+        if let Err(reply) = hold(fake, request, number, ms, crashed) {
+            return reply;
         }
+    }
+    if let Some(ms) = fake.knobs.latency_ms
+        && let Err(reply) = hold(fake, request, number, ms, || false)
+    {
+        return reply;
     }
     let mode = fake.knobs.mode(number);
     let description = match facts {

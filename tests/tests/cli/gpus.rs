@@ -159,11 +159,15 @@ fn gpus_all_leaves_out_a_locked_gpu_and_a_dying_server_hands_over_its_frames() {
     assert_eq!(lines(&String::from_utf8_lossy(&out.stdout)).len(), 12);
     drop(holder);
 
-    // Both GPUs, and the first one's server crashes on its third request.
+    // Both GPUs, and the first one's server crashes on its third request; the other's answers
+    // wait for that crash, so it cannot take every frame first.
     let crash = format!("2@{}", tests::shim_uuid(h.gpu));
+    let hold = format!("60000@{}", tests::shim_uuid(other.gpu));
     let out = pool_command(&h, "all")
         .env("CUDA_VISIBLE_DEVICES", &visible)
         .env("FAKE_LLAMA_CRASH_AFTER", &crash)
+        .env("FAKE_LLAMA_CRASH_CLAIM", h.dir.path().join("crash-claim"))
+        .env("FAKE_LLAMA_HOLD_UNTIL_CRASH_MS", &hold)
         .arg(&dir)
         .output()
         .unwrap();
@@ -173,7 +177,8 @@ fn gpus_all_leaves_out_a_locked_gpu_and_a_dying_server_hands_over_its_frames() {
     let err = stderr(&out);
     assert!(
         err.contains(&format!("GPU {}'s server died", h.gpu))
-            && err.contains("the other GPUs took"),
+            && err.contains("the other GPUs took")
+            && err.contains(&format!("GPU {}: 2,", h.gpu)),
         "{err}"
     );
     h.assert_clean();

@@ -129,14 +129,21 @@ fn the_faster_gpu_takes_more_of_the_work() {
 #[test]
 fn a_server_that_dies_hands_its_items_to_the_others() {
     let two = TwoGpus::new();
-    let [dying, _] = two.gpus();
+    let [dying, healthy] = two.gpus();
     let crash = format!("3@{}", tests::shim_uuid(dying));
+    // The healthy server's answers wait for the crash, so it cannot take every item first.
+    let hold = format!("60000@{}", tests::shim_uuid(healthy));
     let pool = start(
         two.launch(
             two.h
                 .config()
                 .slots(2)
-                .env("FAKE_LLAMA_CRASH_AFTER", &crash),
+                .env("FAKE_LLAMA_CRASH_AFTER", &crash)
+                .env(
+                    "FAKE_LLAMA_CRASH_CLAIM",
+                    two.h.dir.path().join("crash-claim"),
+                )
+                .env("FAKE_LLAMA_HOLD_UNTIL_CRASH_MS", &hold),
         ),
     )
     .unwrap();
