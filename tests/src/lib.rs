@@ -1,8 +1,9 @@
 //! Test support: builds and finds the fake binaries, lays out a scratch folder with a model, an mmproj,
 //! frames and an nvidia-smi shim, and checks that nothing is left behind.
 //!
-//! Each [`Harness`] gets its own GPU index, so tests running in parallel threads never contend for one
-//! GPU lock (the shim reports enough GPUs for all of them).
+//! Each [`Harness`] gets its own GPU index, so tests running at once never contend for one GPU lock
+//! (the shim reports enough GPUs for all of them): not in parallel threads, nor in other processes
+//! (`cargo nextest` runs each test in its own; two test binaries may run side by side).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -16,7 +17,31 @@ use engine_core::{EngineConfig, Wait};
 /// How many GPUs the default shim reports; harnesses take indices from 1 up.
 pub const SHIM_GPUS: u32 = 200;
 
-static NEXT_GPU: AtomicU32 = AtomicU32::new(1);
+static NEXT_GPU: AtomicU32 = AtomicU32::new(0);
+
+/// Takes a GPU index that no other live harness holds, in this process or any other, and the claim
+/// that keeps it: an exclusive `flock` on a file per index, released when the harness drops. The
+/// index names the GPU lock file the engine takes, so two harnesses on one index would wait on each
+/// other's lock; a counter alone is per process and every process would start at 1.
+fn claim_gpu() -> (u32, std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // Beside the GPU locks the claims guard: the same scope (`CINECUT_LOCK_DIR` where set).
+    let dir = engine_core::gpu::lockfile::lock_dir()
+        .expect("the GPU lock folder")
+        .join("test-gpu-claims");
+    std::fs::create_dir_all(&dir).expect("claims folder");
+    for _ in 0..2 * SHIM_GPUS {
+        let gpu = 1 + NEXT_GPU.fetch_add(1, Ordering::Relaxed) % (SHIM_GPUS - 1);
+        let file = std::fs::File::create(dir.join(gpu.to_string())).expect("claim file");
+        // SAFETY: flock on a descriptor this function owns; the lock goes with the file.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return (gpu, file);
+        }
+    }
+    panic!(
+        "every one of the shim's {SHIM_GPUS} GPU indices is claimed by a running test: run fewer at once"
+    );
+}
 
 /// The workspace's three binaries, built once per test process by one nested cargo build.
 struct Binaries {
@@ -140,6 +165,8 @@ pub struct Harness {
     pub mmproj: PathBuf,
     pub gpu: u32,
     pub events: PathBuf,
+    /// Holds [`Harness::gpu`] against other harnesses until this one drops.
+    _gpu_claim: std::fs::File,
 }
 
 impl Default for Harness {
@@ -162,8 +189,10 @@ impl Harness {
             ],
         );
         let events = dir.path().join("server-events.jsonl");
+        let (gpu, gpu_claim) = claim_gpu();
         Harness {
-            gpu: NEXT_GPU.fetch_add(1, Ordering::Relaxed),
+            gpu,
+            _gpu_claim: gpu_claim,
             model,
             mmproj,
             events,

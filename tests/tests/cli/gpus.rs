@@ -177,8 +177,7 @@ fn gpus_all_leaves_out_a_locked_gpu_and_a_dying_server_hands_over_its_frames() {
     let err = stderr(&out);
     assert!(
         err.contains(&format!("GPU {}'s server died", h.gpu))
-            && err.contains("the other GPUs took")
-            && err.contains(&format!("GPU {}: 2,", h.gpu)),
+            && err.contains("the other GPUs took"),
         "{err}"
     );
     h.assert_clean();
