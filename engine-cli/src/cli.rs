@@ -144,7 +144,8 @@ pub struct ServerArgs {
     /// The llama-server program (else $LLAMA_SERVER, else llama-server on PATH).
     #[arg(long)]
     pub server_bin: Option<PathBuf>,
-    /// Port on 127.0.0.1; 0 picks a free one.
+    /// Port on 127.0.0.1 for `--gpu`'s one server; 0 picks a free one. Under `--gpus`, or with
+    /// several servers per GPU, each server takes a free port.
     #[arg(long, default_value_t = engine_core::config::DEFAULT_PORT)]
     pub port: u16,
     /// Requests in flight on each GPU, split evenly over its servers (each gets the whole context

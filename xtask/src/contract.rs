@@ -25,7 +25,7 @@ pub fn run(version: Option<&str>) -> ExitCode {
             let cargo = cargo();
             steps.cmd(
                 "contract",
-                cmd!(sh, "{cargo} test -p tests --test contract"),
+                cmd!(sh, "{cargo} test --workspace --test contract"),
             );
         }
     }
@@ -65,7 +65,7 @@ pub fn real(steps: &mut Steps, sh: &Shell, version: &str) -> bool {
     let cargo = cargo();
     steps.cmd(
         &format!("contract-real-{version}"),
-        cmd!(sh, "{cargo} test -p tests --test contract")
+        cmd!(sh, "{cargo} test --workspace --test contract")
             .env("CONTRACT_SERVER", &binary)
             .env("CONTRACT_MODEL", models.join("tiny-llava.gguf"))
             .env("CONTRACT_MMPROJ", models.join("tiny-mmproj.gguf")),

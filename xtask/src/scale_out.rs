@@ -84,13 +84,9 @@ pub fn check() -> Result<(), String> {
 
 /// The three cases, each its own step; `python` is an environment with the wheel installed.
 pub fn all(steps: &mut Steps, sh: &Shell, python: &Path, keep: Option<&Path>) -> bool {
-    let scratch;
     let work = match keep {
         Some(dir) => dir.to_path_buf(),
-        None => {
-            scratch = target_dir().join("scale-out");
-            scratch.clone()
-        }
+        None => target_dir().join("scale-out"),
     };
     let _ = std::fs::remove_dir_all(&work);
     let setup = match Setup::new(&work) {
@@ -109,7 +105,8 @@ pub fn all(steps: &mut Steps, sh: &Shell, python: &Path, keep: Option<&Path>) ->
         && steps.run("kubernetes", || kubernetes(sh, bin))
         && steps.run("slurm", || slurm(&setup))
         && steps.run("ray", || ray(&setup, python));
-    if keep.is_none() {
+    // A failure's message points at the logs in `work`: they stay for it to be read.
+    if keep.is_none() && ok {
         let _ = std::fs::remove_dir_all(&work);
     }
     ok

@@ -140,7 +140,8 @@ impl Launch {
     /// and slots (`auto` resolved from that GPU's free VRAM, the model's numbers and the host's
     /// cores). The VRAM a GPU needs counts every copy of the weights and every slot's cache where
     /// several servers run or `auto` chose; a GPU without it is refused with the numbers (left out
-    /// under [`Gpus::All`]). Several GPUs or several servers take free ports; the host's cores are
+    /// under [`Gpus::All`]). Servers take free ports under a GPU list or several servers per GPU (the
+    /// configured port is for the configured GPU's one server); the host's cores are
     /// shared among all servers that set no `threads`. `cancel` ends a slow reading.
     pub fn plan(self, cancel: &CancellationToken) -> Result<Plan, EngineError> {
         let began = self.began.unwrap_or_else(SystemTime::now);
@@ -258,7 +259,9 @@ impl Launch {
             // The GPU by its UUID, whatever numbering the list used.
             config = config.gpu(GpuId::Uuid(reading.uuid.clone()));
         }
-        if several_gpus {
+        if !matches!(self.gpus, Gpus::Configured) {
+            // A pool takes free ports, however many GPUs it found: a scheduler runs several jobs of
+            // `--gpus all` on one node (a GPU each), and one fixed port would refuse all but one.
             config = config.port(0);
         }
         Ok(GpuPlan {

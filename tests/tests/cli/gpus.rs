@@ -184,6 +184,43 @@ fn gpus_all_leaves_out_a_locked_gpu_and_a_dying_server_hands_over_its_frames() {
     tests::assert_lock_free(other.gpu);
 }
 
+#[test]
+fn a_pool_of_one_gpu_takes_a_free_port_so_jobs_on_one_node_do_not_collide() {
+    // A Slurm node runs several `--gpus all` tasks at once, each shown one GPU: the port they were
+    // all given (here held by someone else) must not be the one they all try.
+    let h = Harness::new();
+    let dir = h.frames(4);
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port().to_string();
+    let out = pool_command(&h, "all")
+        .env("CUDA_VISIBLE_DEVICES", tests::shim_uuid(h.gpu))
+        .args(["--port", &port])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(lines(&String::from_utf8_lossy(&out.stdout)).len(), 4);
+    let events = std::fs::read_to_string(&h.events).unwrap();
+    let spawned: Vec<Value> = lines(&events)
+        .into_iter()
+        .filter(|e| e["event"] == "spawned")
+        .collect();
+    assert_eq!(spawned.len(), 1, "{events}");
+    let args: Vec<&str> = spawned[0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let given = args
+        .iter()
+        .position(|a| *a == "--port")
+        .map(|i| args[i + 1]);
+    assert!(given.is_some_and(|p| p != port && p != "0"), "{args:?}");
+    drop(held);
+    h.assert_clean();
+}
+
 fn run_shard(h: &Harness, dir: &Path, shard: &str, output: &Path) -> Output {
     h.describe_command(&[])
         .args(["--shard", shard, "--output"])
