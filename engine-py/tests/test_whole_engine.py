@@ -1,6 +1,7 @@
 """The whole engine from Python: the pool over several GPUs, the swap that keeps the GPU, errors a
 caller can act on, and the misuses that used to hang or raise the wrong thing."""
 
+import json
 import logging
 import os
 import threading
@@ -210,3 +211,27 @@ def test_options_the_engine_cannot_take_are_named(scene):
     # One engine per Ray actor, on the GPU Ray gives it: a pool inside an actor is refused.
     with pytest.raises(ValueError, match="leave out gpus="):
         Describer(scene.model, scene.mmproj, gpus=[0, 1])
+
+
+def test_the_ray_describer_turns_a_batch_into_rows_of_scenes_and_errors(scene):
+    from cinecut_engine import SceneDescription
+    from cinecut_engine.ray import Describer, scene_of
+
+    # Ray is not needed to call it: a batch is a dict of columns, as map_batches hands it.
+    good = scene.frame("a.png").frame_path
+    missing = str(scene.root / "missing.png")
+    describer = Describer(scene.model, scene.mmproj, slots=2)
+    try:
+        rows = describer({"frame_path": [good, missing], "id": [1, 2]})
+    finally:
+        describer.stop()
+    assert rows["id"] == [1, 2]
+    assert rows["gpu"] == [0, 0]
+    assert set(rows["scene"][0]) == {"visual_content", "mood", "action", "setting"}
+    assert rows["error"][0] is None
+    assert rows["scene"][1] is None and "missing.png" in rows["error"][1]
+    # A row as Ray Data hands it back, and one read from a JSON file.
+    first = {"scene": rows["scene"][0]}
+    assert isinstance(scene_of(first), SceneDescription)
+    assert scene_of({"scene": json.dumps(rows["scene"][0])}) == scene_of(first)
+    assert scene_of({"scene": None}) is None

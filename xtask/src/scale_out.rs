@@ -730,7 +730,7 @@ fn ray(setup: &Setup, python: &Path) -> Result<(), String> {
         .collect();
     let described = rows
         .iter()
-        .filter(|r| r["scene"].is_string() && r["error"].is_null())
+        .filter(|r| r["scene"]["visual_content"].is_string() && r["error"].is_null())
         .count();
     let gpus: BTreeSet<u64> = rows.iter().filter_map(|r| r["gpu"].as_u64()).collect();
     if rows.len() != FRAMES || frames.len() != FRAMES || described != FRAMES {

@@ -20,14 +20,17 @@ Each actor starts its engine (VRAM check, GPU lock, llama-server) in its constru
 when the actor ends; the server is the engine's child, so an actor killed outright takes its server
 with it. A batch is described with the actor's slots busy. A frame that cannot be described becomes
 a row with ``error`` set and ``scene`` empty, never an exception that would fail the whole job.
-Output rows: every input column, plus ``scene`` (the SceneDescription as JSON text, or None),
-``error`` (None, or why) and ``gpu`` (the nvidia-smi index of the GPU that answered).
+Output rows: every input column, plus ``scene`` (the SceneDescription's four fields as a dict, or
+None), ``error`` (None, or why, with the fix) and ``gpu`` (the nvidia-smi index of the GPU that
+answered).
 """
 
+import dataclasses
 import json
 from typing import Any, Dict, List, Optional
 
 from . import LlavaEngine, PathLike
+from ._types import SceneDescription
 
 __all__ = ["Describer"]
 
@@ -65,9 +68,12 @@ class Describer:
             raise RuntimeError("this Describer was stopped")
         rows = {name: list(values) for name, values in batch.items()}
         paths = [str(p) for p in rows[self._column]]
-        pairs, _, _ = engine._engine.describe_many(paths, self._slots, None)
-        rows["scene"] = [scene for scene, _ in pairs]
-        rows["error"] = [error for _, error in pairs]
+        results, _, _ = engine._engine.describe_many(paths, self._slots, None)
+        # Plain dicts and strings: Arrow stores them as columns, and Ray's writers write them.
+        rows["scene"] = [
+            dataclasses.asdict(r) if isinstance(r, SceneDescription) else None for r in results
+        ]
+        rows["error"] = [None if isinstance(r, SceneDescription) else str(r) for r in results]
         rows["gpu"] = [self._gpu] * len(paths)
         return rows
 
@@ -83,7 +89,11 @@ class Describer:
             self.stop()
 
 
-def scene_of(row: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """A row's SceneDescription as a dict (None for an error row)."""
+def scene_of(row: Dict[str, Any]) -> Optional[SceneDescription]:
+    """A row's SceneDescription (None for an error row); ``scene`` may also be JSON text, as rows
+    read back from a file can hold it."""
     scene = row.get("scene")
-    return json.loads(scene) if scene else None
+    if not scene:
+        return None
+    fields = json.loads(scene) if isinstance(scene, str) else scene
+    return SceneDescription(**{f.name: fields[f.name] for f in dataclasses.fields(SceneDescription)})
