@@ -90,12 +90,14 @@ Knobs (environment variables):
   FAKE_LLAMA_FLOOD_BYTES=N         write N bytes to stdout and N to stderr while loading
   FAKE_LLAMA_CRASH_AFTER=N         abort (SIGABRT) in the middle of completion request N+1
                                    (N@UUID[,N@UUID]: only the server shown that GPU; likewise
-                                   for FAKE_LLAMA_LATENCY_MS and FAKE_LLAMA_LOAD_MS)
+                                   for FAKE_LLAMA_LATENCY_MS, FAKE_LLAMA_LOAD_MS and
+                                   FAKE_LLAMA_HOLD_UNTIL_CRASH_MS)
   FAKE_LLAMA_CRASH_CLAIM=PATH      of the servers sharing FAKE_LLAMA_CRASH_AFTER, only the first
                                    to create PATH crashes (one of a GPU's several servers)
   FAKE_LLAMA_HOLD_UNTIL_CRASH_MS=N hold each completion request, in its slot, until
                                    FAKE_LLAMA_CRASH_CLAIM's file exists (another server crashed),
-                                   at most N ms: the crash happens before this server answers
+                                   at most N ms a request: the crash comes before this server
+                                   answers (not on the server that crashes)
   FAKE_LLAMA_RESPONSE=M[,M...]     what completion requests answer, in turn (the last repeats):
                                    valid, fence, not-json, bad-schema, length, peg-500, http-500
   FAKE_LLAMA_LATENCY_MS=N          time per completion request, holding a slot

@@ -103,6 +103,15 @@ impl Knobs {
                     .into(),
             );
         }
+        let crash_after = env_num_for_gpu("FAKE_LLAMA_CRASH_AFTER")?;
+        if hold_until_crash_ms.is_some() && crash_after.is_some() {
+            // It would hold its own answers until a crash only it can cause.
+            return Err(
+                "error: FAKE_LLAMA_HOLD_UNTIL_CRASH_MS and FAKE_LLAMA_CRASH_AFTER name the same \
+                 server: hold the others (V@UUID)"
+                    .into(),
+            );
+        }
         Ok(Knobs {
             load_ms: env_num_for_gpu("FAKE_LLAMA_LOAD_MS")?.unwrap_or(30),
             never_ready: env("FAKE_LLAMA_NEVER_READY").is_some_and(|v| v == "1"),
@@ -114,7 +123,7 @@ impl Knobs {
             health_body: env("FAKE_LLAMA_HEALTH_BODY"),
             sigterm: env("FAKE_LLAMA_SIGTERM").unwrap_or_else(|| "exit".into()),
             flood_bytes: env_num("FAKE_LLAMA_FLOOD_BYTES")?.unwrap_or(0),
-            crash_after: env_num_for_gpu("FAKE_LLAMA_CRASH_AFTER")?,
+            crash_after,
             crash_claim: env("FAKE_LLAMA_CRASH_CLAIM"),
             hold_until_crash_ms,
             modes,

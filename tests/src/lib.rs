@@ -14,7 +14,7 @@ use engine_core::config::EngineConfigBuilder;
 use engine_core::gguf::{Gguf, Value};
 use engine_core::{EngineConfig, Wait};
 
-/// How many GPUs the default shim reports; harnesses take indices from 1 up.
+/// How many GPUs the default shim reports; harnesses take indices 1 to `SHIM_GPUS - 1`.
 pub const SHIM_GPUS: u32 = 200;
 
 static NEXT_GPU: AtomicU32 = AtomicU32::new(0);
@@ -22,24 +22,41 @@ static NEXT_GPU: AtomicU32 = AtomicU32::new(0);
 /// Takes a GPU index that no other live harness holds, in this process or any other, and the claim
 /// that keeps it: an exclusive `flock` on a file per index, released when the harness drops. The
 /// index names the GPU lock file the engine takes, so two harnesses on one index would wait on each
-/// other's lock; a counter alone is per process and every process would start at 1.
+/// other's lock; a counter alone is per process and every process would start at the same index.
+/// Indices run from 1, wrapping: 0 is left to what uses the default GPU (`--gpu 0`, the pytests).
 fn claim_gpu() -> (u32, std::fs::File) {
-    use std::os::fd::AsRawFd;
-    // Beside the GPU locks the claims guard: the same scope (`CINECUT_LOCK_DIR` where set).
+    use rustix::fs::{FlockOperation, flock};
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    // Beside the GPU locks the claims guard: the same scope (`CINECUT_LOCK_DIR` where set). Open to
+    // every user, as the machine-wide lock folder is: whoever runs the tests first creates it.
     let dir = engine_core::gpu::lockfile::lock_dir()
         .expect("the GPU lock folder")
-        .join("test-gpu-claims");
-    std::fs::create_dir_all(&dir).expect("claims folder");
+        .join("cinecut-test-gpu-claims");
+    if std::fs::create_dir(&dir).is_ok() {
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777));
+    }
     for _ in 0..2 * SHIM_GPUS {
         let gpu = 1 + NEXT_GPU.fetch_add(1, Ordering::Relaxed) % (SHIM_GPUS - 1);
-        let file = std::fs::File::create(dir.join(gpu.to_string())).expect("claim file");
-        // SAFETY: flock on a descriptor this function owns; the lock goes with the file.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        let path = dir.join(gpu.to_string());
+        // Another user's claim file opens for reading only, which is all `flock` needs.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o666)
+            .open(&path)
+            .inspect(|_| {
+                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666));
+            })
+            .or_else(|_| std::fs::File::open(&path))
+            .unwrap_or_else(|e| panic!("cannot open the claim file {}: {e}", path.display()));
+        if flock(&file, FlockOperation::NonBlockingLockExclusive).is_ok() {
             return (gpu, file);
         }
     }
     panic!(
-        "every one of the shim's {SHIM_GPUS} GPU indices is claimed by a running test: run fewer at once"
+        "every one of the shim's {} usable GPU indices is claimed by a running test: run fewer at once",
+        SHIM_GPUS - 1
     );
 }
 
@@ -163,6 +180,7 @@ pub struct Harness {
     pub dir: tempfile::TempDir,
     pub model: PathBuf,
     pub mmproj: PathBuf,
+    /// This harness's GPU index, claimed against every other live harness (see `claim_gpu`).
     pub gpu: u32,
     pub events: PathBuf,
     /// Holds [`Harness::gpu`] against other harnesses until this one drops.

@@ -13,7 +13,8 @@
 //!   claim (1.29), with `kubernetes-validate`.
 //!
 //! Each case ends with no server left running and both GPU locks free. `--keep DIR` leaves the
-//! shards and the merged file in `DIR/slurm/`, the Ray output in `DIR/ray/scenes.jsonl`.
+//! shards and the merged file in `DIR/slurm/`, the Ray output in `DIR/ray/scenes.jsonl`; without it,
+//! a failed case keeps its files and logs in `target/scale-out`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

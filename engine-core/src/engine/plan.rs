@@ -140,9 +140,10 @@ impl Launch {
     /// and slots (`auto` resolved from that GPU's free VRAM, the model's numbers and the host's
     /// cores). The VRAM a GPU needs counts every copy of the weights and every slot's cache where
     /// several servers run or `auto` chose; a GPU without it is refused with the numbers (left out
-    /// under [`Gpus::All`]). Servers take free ports under a GPU list or several servers per GPU (the
-    /// configured port is for the configured GPU's one server); the host's cores are
-    /// shared among all servers that set no `threads`. `cancel` ends a slow reading.
+    /// under [`Gpus::All`]). Servers take free ports under [`Gpus::List`] or [`Gpus::All`], and
+    /// where a GPU has several (the configured port is for the configured GPU's one server); the
+    /// host's cores are shared among all servers that set no `threads`. `cancel` ends a slow
+    /// reading.
     pub fn plan(self, cancel: &CancellationToken) -> Result<Plan, EngineError> {
         let began = self.began.unwrap_or_else(SystemTime::now);
         let probe = self.config.vram_probe()?;

@@ -19,7 +19,7 @@
 Each actor starts its engine (VRAM check, GPU lock, llama-server) in its constructor and stops it
 when the actor ends; the server is the engine's child, so an actor killed outright takes its server
 with it. A batch is described with the actor's slots busy. A frame that cannot be described becomes
-a row with ``error`` set and ``scene`` empty, never an exception that would fail the whole job.
+a row with ``error`` set and ``scene`` None, never an exception that would fail the whole job.
 Output rows: every input column, plus ``scene`` (the SceneDescription's four fields as a dict, or
 None), ``error`` (None, or why, with the fix) and ``gpu`` (the nvidia-smi index of the GPU that
 answered).
@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional
 from . import LlavaEngine, PathLike
 from ._types import SceneDescription
 
-__all__ = ["Describer"]
+__all__ = ["Describer", "scene_of"]
 
 
 class Describer:
@@ -90,8 +90,8 @@ class Describer:
 
 
 def scene_of(row: Dict[str, Any]) -> Optional[SceneDescription]:
-    """A row's SceneDescription (None for an error row); ``scene`` may also be JSON text, as rows
-    read back from a file can hold it."""
+    """A row's SceneDescription (None for an error row); ``scene`` may also be JSON text, as in
+    rows this class wrote before it gave objects."""
     scene = row.get("scene")
     if not scene:
         return None

@@ -81,7 +81,7 @@ fn the_pool_serves_on_the_first_gpu_ready_and_gives_up_a_start_it_no_longer_need
     let summary = h.dir.path().join("summary.json");
     // The second GPU's server would take a minute to load: the first does all the work meanwhile,
     // and the second's start is given up (its server stopped, its lock released) once it is done.
-    let slow = format!("60000@{}", tests::shim_uuid(other.gpu));
+    let slow = format!("20000@{}", tests::shim_uuid(other.gpu));
     let out = pool_command(&h, &format!("{},{}", h.gpu, other.gpu))
         .env("FAKE_LLAMA_LOAD_MS", &slow)
         .arg("--summary")
@@ -162,7 +162,7 @@ fn gpus_all_leaves_out_a_locked_gpu_and_a_dying_server_hands_over_its_frames() {
     // Both GPUs, and the first one's server crashes on its third request; the other's answers
     // wait for that crash, so it cannot take every frame first.
     let crash = format!("2@{}", tests::shim_uuid(h.gpu));
-    let hold = format!("60000@{}", tests::shim_uuid(other.gpu));
+    let hold = format!("20000@{}", tests::shim_uuid(other.gpu));
     let out = pool_command(&h, "all")
         .env("CUDA_VISIBLE_DEVICES", &visible)
         .env("FAKE_LLAMA_CRASH_AFTER", &crash)

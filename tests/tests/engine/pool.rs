@@ -132,7 +132,7 @@ fn a_server_that_dies_hands_its_items_to_the_others() {
     let [dying, healthy] = two.gpus();
     let crash = format!("3@{}", tests::shim_uuid(dying));
     // The healthy server's answers wait for the crash, so it cannot take every item first.
-    let hold = format!("60000@{}", tests::shim_uuid(healthy));
+    let hold = format!("20000@{}", tests::shim_uuid(healthy));
     let pool = start(
         two.launch(
             two.h
