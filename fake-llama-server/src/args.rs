@@ -86,7 +86,8 @@ Knobs (environment variables):
   FAKE_LLAMA_HEALTH_BODY=JSON      once loaded, /health answers 200 with this body instead
   FAKE_LLAMA_SIGTERM=MODE          exit (default: finish in-flight requests, exit 0; a second
                                    SIGTERM exits 1 at once), ignore (never exit on SIGTERM),
-                                   swallow-first (ignore the first SIGTERM only)
+                                   swallow-first (lose the first SIGTERM, as the real
+                                   server may right after it turns ready; the second exits 1)
   FAKE_LLAMA_FLOOD_BYTES=N         write N bytes to stdout and N to stderr while loading
   FAKE_LLAMA_CRASH_AFTER=N         abort (SIGABRT) in the middle of completion request N+1
                                    (N@UUID[,N@UUID]: only the server shown that GPU; likewise

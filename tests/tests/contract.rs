@@ -91,15 +91,21 @@ impl Drop for Spawned {
 /// The server run by hand (not by the engine), with our key, on `port`.
 fn spawn(t: &Target, port: u16, extra: &[&str]) -> Spawned {
     let mmproj = ["--mmproj".as_ref(), t.mmproj.as_os_str()];
-    spawn_with(t, port, &mmproj, extra)
+    spawn_with(t, port, &mmproj, extra, &[])
 }
 
 /// As [`spawn`], text-only: the model without its projector.
 fn spawn_text(t: &Target, port: u16) -> Spawned {
-    spawn_with(t, port, &[], &[])
+    spawn_with(t, port, &[], &[], &[])
 }
 
-fn spawn_with(t: &Target, port: u16, mmproj: &[&std::ffi::OsStr], extra: &[&str]) -> Spawned {
+fn spawn_with(
+    t: &Target,
+    port: u16,
+    mmproj: &[&std::ffi::OsStr],
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> Spawned {
     let mut cmd = Command::new(&t.server);
     cmd.arg("-m")
         .arg(&t.model)
@@ -117,6 +123,7 @@ fn spawn_with(t: &Target, port: u16, mmproj: &[&std::ffi::OsStr], extra: &[&str]
         .args(extra)
         .env("LLAMA_API_KEY", KEY)
         .env("FAKE_LLAMA_LOAD_MS", "300")
+        .envs(envs.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     Spawned(cmd.spawn().unwrap())
@@ -135,24 +142,67 @@ fn wait_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
-fn stop(mut child: Spawned) -> ExitStatus {
-    let pid = rustix::process::Pid::from_child(&child);
-    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-    wait_exit(&mut child, Duration::from_secs(10)).unwrap_or_else(|| {
-        child.kill().unwrap();
-        child.wait().unwrap()
-    })
+/// How a server run by hand ended under [`stop`].
+#[derive(Debug)]
+enum Stopped {
+    /// The first SIGTERM ended it.
+    ByFirstTerm(ExitStatus),
+    /// It outlived the first SIGTERM by 10 s; the second ended it.
+    BySecondTerm(ExitStatus),
+    /// It outlived both and was SIGKILLed.
+    Killed,
 }
 
-/// A healthy server stops on SIGTERM: exit code 0, or death by the SIGTERM itself. The real server
-/// installs its signal handler a moment after `/health` turns ok, so a SIGTERM sent right after the
-/// first 200 kills it outright (4 of 40 runs here); never anything else, and never a hang.
-fn assert_stopped_by_sigterm(status: ExitStatus) {
-    use std::os::unix::process::ExitStatusExt;
+/// Stops a server the way the engine does: SIGTERM, then a second SIGTERM, then SIGKILL.
+fn stop(mut child: Spawned) -> Stopped {
+    let pid = rustix::process::Pid::from_child(&child);
+    let term = || rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    let _ = term();
+    if let Some(status) = wait_exit(&mut child, Duration::from_secs(10)) {
+        return Stopped::ByFirstTerm(status);
+    }
+    let _ = term();
+    if let Some(status) = wait_exit(&mut child, Duration::from_secs(10)) {
+        return Stopped::BySecondTerm(status);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    Stopped::Killed
+}
+
+/// A server whose task loop has run (it answered a completion) stops on one SIGTERM with exit code
+/// 0; never anything else, and never a hang.
+fn assert_stopped_by_sigterm(stopped: Stopped) {
     assert!(
-        status.code() == Some(0) || status.signal() == Some(15),
-        "a SIGTERM should end the server with exit code 0 or by the signal, not {status}"
+        matches!(&stopped, Stopped::ByFirstTerm(status) if status.code() == Some(0)),
+        "a SIGTERM should end a serving server with exit code 0, not {stopped:?}"
     );
+}
+
+/// A server that has only just turned healthy stops on SIGTERM too, but not always on the first.
+/// The real server installs its handler after `/health` turns ok, so an early SIGTERM kills it
+/// outright (status 143). The handler ends the task loop by clearing its `running` flag, and the
+/// loop sets that flag when it starts; so a SIGTERM between the two is swallowed (seen once in
+/// CI on 11434.0.0). The handler is then spent: a second SIGTERM exits at once with code 1. The
+/// engine's stop sends that second SIGTERM.
+fn assert_stopped_soon_after_ready(stopped: Stopped) {
+    use std::os::unix::process::ExitStatusExt;
+    let ok = match &stopped {
+        Stopped::ByFirstTerm(status) => status.code() == Some(0) || status.signal() == Some(15),
+        Stopped::BySecondTerm(status) => status.code() == Some(1),
+        Stopped::Killed => false,
+    };
+    assert!(
+        ok,
+        "SIGTERM should end a just-ready server with 0 or by the signal, or a second SIGTERM with 1; got {stopped:?}"
+    );
+}
+
+/// Proves the server's task loop runs: a one-token completion goes through it.
+fn complete_one_token(port: u16) {
+    let body = json!({"prompt": "Hello", "n_predict": 1, "temperature": 0.0});
+    let (status, answer) = request(port, "POST", "/completion", Some(KEY), Some(&body)).unwrap();
+    assert_eq!(status, 200, "{answer}");
 }
 
 /// One HTTP/1.1 request; (status, parsed JSON body or Null).
@@ -217,7 +267,7 @@ fn health_is_503_loading_then_200_ok_and_every_path_answers_503_while_loading() 
         // The fake loads for 300 ms here, so the loading answer is certainly seen.
         assert!(!loading.is_empty());
     }
-    stop(child);
+    assert_stopped_soon_after_ready(stop(child));
 }
 
 #[test]
@@ -228,10 +278,11 @@ fn the_log_says_model_loaded_once_ready_and_before_it_listens() {
     let t = target(&h);
     let port = free_port();
     let mut child = spawn(&t, port, &[]);
-    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    // Kept open until the server has stopped: its stop lines would meet a closed pipe.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut health_at_the_line = None;
     let mut order = Vec::new();
-    for line in stderr.lines() {
+    for line in (&mut stderr).lines() {
         let line = line.unwrap();
         // engine-core's READY_LINE: 11434 writes `srv  llama_server: model loaded`, 9093 `main:
         // model loaded`.
@@ -250,7 +301,8 @@ fn the_log_says_model_loaded_once_ready_and_before_it_listens() {
         Some(200),
         "the line came before the server was ready"
     );
-    stop(child);
+    assert_stopped_soon_after_ready(stop(child));
+    drop(stderr);
 }
 
 #[test]
@@ -302,7 +354,9 @@ fn props_models_and_the_api_key_rules() {
     }
     // /health is public.
     assert_eq!(request(port, "GET", "/health", None, None).unwrap().0, 200);
-    assert_stopped_by_sigterm(stop(child));
+    // /props, /v1/models and /health are answered by the HTTP threads: the task loop may not have
+    // started yet.
+    assert_stopped_soon_after_ready(stop(child));
 }
 
 #[test]
@@ -389,7 +443,36 @@ fn sigterm_on_an_idle_server_exits_0() {
     let port = free_port();
     let mut child = spawn(&t, port, &[]);
     wait_healthy(port, &mut child);
+    complete_one_token(port);
     assert_stopped_by_sigterm(stop(child));
+}
+
+#[test]
+fn a_sigterm_right_after_ready_ends_the_server_or_a_second_one_does() {
+    let h = Harness::new();
+    let t = target(&h);
+    // The fake swallows its first SIGTERM on request, so the second-SIGTERM branch is certainly
+    // taken once; the real server takes whichever its timing gives.
+    let modes: &[&[(&str, &str)]] = if t.real {
+        &[&[]]
+    } else {
+        &[&[], &[("FAKE_LLAMA_SIGTERM", "swallow-first")]]
+    };
+    for envs in modes {
+        let port = free_port();
+        let mmproj = ["--mmproj".as_ref(), t.mmproj.as_os_str()];
+        let mut child = spawn_with(&t, port, &mmproj, &[], envs);
+        wait_healthy(port, &mut child);
+        let stopped = stop(child);
+        if !t.real {
+            assert_eq!(
+                matches!(stopped, Stopped::BySecondTerm(_)),
+                !envs.is_empty(),
+                "{stopped:?}"
+            );
+        }
+        assert_stopped_soon_after_ready(stopped);
+    }
 }
 
 #[test]
