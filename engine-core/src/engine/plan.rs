@@ -150,12 +150,11 @@ impl Launch {
         let rows = probe.query(Wait::Until(cancel))?;
         let visible = Visible::from_env();
         let (named, when_locked) = self.named_gpus(&rows, &visible)?;
-        let several_gpus = named.len() > 1;
         let cores = host_cores() / u32::try_from(named.len().max(1)).unwrap_or(u32::MAX);
         let mut gpus = Vec::new();
         let mut left_out = Vec::new();
         for (gpu, reading) in named {
-            match reading.and_then(|reading| self.gpu_plan(reading, cores.max(1), several_gpus)) {
+            match reading.and_then(|reading| self.gpu_plan(reading, cores.max(1))) {
                 Ok(plan) => gpus.push(plan),
                 Err(error) if self.gpus == Gpus::All => left_out.push(LeftOut { gpu, error }),
                 Err(error) => return Err(error),
@@ -226,12 +225,7 @@ impl Launch {
     }
 
     /// One GPU's plan from its reading: its layout, checked against its free VRAM.
-    fn gpu_plan(
-        &self,
-        reading: VramReading,
-        cores: u32,
-        several_gpus: bool,
-    ) -> Result<GpuPlan, EngineError> {
+    fn gpu_plan(&self, reading: VramReading, cores: u32) -> Result<GpuPlan, EngineError> {
         let min = self.config.min_vram_mib();
         if reading.free_mib < min {
             return Err(VramError::Insufficient {
@@ -256,14 +250,11 @@ impl Launch {
             .into());
         }
         let mut config = self.config.to_builder().slots(layout.slots);
-        if several_gpus || !matches!(self.gpus, Gpus::Configured) {
-            // The GPU by its UUID, whatever numbering the list used.
-            config = config.gpu(GpuId::Uuid(reading.uuid.clone()));
-        }
         if !matches!(self.gpus, Gpus::Configured) {
-            // A pool takes free ports, however many GPUs it found: a scheduler runs several jobs of
-            // `--gpus all` on one node (a GPU each), and one fixed port would refuse all but one.
-            config = config.port(0);
+            // A pool names the GPU by its UUID, whatever numbering the list used. It takes free
+            // ports, however many GPUs it found: a scheduler runs several jobs of `--gpus all` on
+            // one node (a GPU each), and one fixed port would refuse all but one.
+            config = config.gpu(GpuId::Uuid(reading.uuid.clone())).port(0);
         }
         Ok(GpuPlan {
             gpu: reading.gpu,
