@@ -586,3 +586,43 @@ pub fn anchors_schema() -> engine_core::Schema {
     )
     .expect("a valid schema")
 }
+
+#[cfg(test)]
+mod claims {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    /// Another process (util-linux `flock`) holds index `held`'s claim; this process's counter is
+    /// then set to offer `held` next, as a second test binary's counter would. The claim must skip
+    /// it: without the claim files both processes would take the same index, and so the same GPU
+    /// lock.
+    #[test]
+    fn an_index_another_process_holds_is_never_taken() {
+        let held = 1 + std::process::id() % (SHIM_GPUS - 1);
+        let dir = engine_core::gpu::lockfile::lock_dir()
+            .unwrap()
+            .join("cinecut-test-gpu-claims");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut holder = Command::new("flock")
+            .arg(dir.join(held.to_string()))
+            .args(["-c", "echo held; cat >/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("util-linux flock runs");
+        let mut line = String::new();
+        BufReader::new(holder.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "held\n");
+
+        NEXT_GPU.store(held - 1, Ordering::Relaxed);
+        let (gpu, _claim) = claim_gpu();
+
+        drop(holder.stdin.take());
+        let status = holder.wait().unwrap();
+        assert!(status.success(), "{status}");
+        assert_ne!(gpu, held, "took the index another process holds");
+    }
+}
