@@ -27,14 +27,7 @@ static NEXT_GPU: AtomicU32 = AtomicU32::new(0);
 fn claim_gpu() -> (u32, std::fs::File) {
     use rustix::fs::{FlockOperation, flock};
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    // Beside the GPU locks the claims guard: the same scope (`CINECUT_LOCK_DIR` where set). Open to
-    // every user, as the machine-wide lock folder is: whoever runs the tests first creates it.
-    let dir = engine_core::gpu::lockfile::lock_dir()
-        .expect("the GPU lock folder")
-        .join("cinecut-test-gpu-claims");
-    if std::fs::create_dir(&dir).is_ok() {
-        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777));
-    }
+    let dir = claims_dir();
     for _ in 0..2 * SHIM_GPUS {
         let gpu = 1 + NEXT_GPU.fetch_add(1, Ordering::Relaxed) % (SHIM_GPUS - 1);
         let path = dir.join(gpu.to_string());
@@ -58,6 +51,20 @@ fn claim_gpu() -> (u32, std::fs::File) {
         "every one of the shim's {} usable GPU indices is claimed by a running test: run fewer at once",
         SHIM_GPUS - 1
     );
+}
+
+/// The folder of the GPU-index claims, created if missing. Beside the GPU locks the claims guard: the
+/// same scope (`CINECUT_LOCK_DIR` where set). Open to every user, as the machine-wide lock folder
+/// is: whoever runs the tests first creates it.
+fn claims_dir() -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = engine_core::gpu::lockfile::lock_dir()
+        .expect("the GPU lock folder")
+        .join("cinecut-test-gpu-claims");
+    if std::fs::create_dir(&dir).is_ok() {
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777));
+    }
+    dir
 }
 
 /// The workspace's three binaries, built once per test process by one nested cargo build.
@@ -599,23 +606,34 @@ mod claims {
     /// lock.
     #[test]
     fn an_index_another_process_holds_is_never_taken() {
-        let held = 1 + std::process::id() % (SHIM_GPUS - 1);
-        let dir = engine_core::gpu::lockfile::lock_dir()
-            .unwrap()
-            .join("cinecut-test-gpu-claims");
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut holder = Command::new("flock")
-            .arg(dir.join(held.to_string()))
-            .args(["-c", "echo held; cat >/dev/null"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("util-linux flock runs");
-        let mut line = String::new();
-        BufReader::new(holder.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line, "held\n");
+        let dir = claims_dir();
+        // The first index from this process's id that no other process holds now (`-n`: a claim
+        // held by another test run is skipped, not waited for).
+        let first = std::process::id() % (SHIM_GPUS - 1);
+        let (held, mut holder) = (0..SHIM_GPUS - 1)
+            .map(|step| 1 + (first + step) % (SHIM_GPUS - 1))
+            .find_map(|index| {
+                let mut holder = Command::new("flock")
+                    .arg("-n")
+                    .arg(dir.join(index.to_string()))
+                    .args(["-c", "echo held; cat >/dev/null"])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .expect("util-linux flock runs");
+                let mut line = String::new();
+                BufReader::new(holder.stdout.take().unwrap())
+                    .read_line(&mut line)
+                    .unwrap();
+                if line == "held\n" {
+                    return Some((index, holder));
+                }
+                // `flock -n` found it held and exited without a line.
+                drop(holder.stdin.take());
+                holder.wait().unwrap();
+                None
+            })
+            .expect("some claim index is free");
 
         NEXT_GPU.store(held - 1, Ordering::Relaxed);
         let (gpu, _claim) = claim_gpu();

@@ -17,6 +17,7 @@ const NEEDS: &[Need] = &[
     prereq::CLIPPY,
     prereq::SH,
     prereq::SETPRIV,
+    prereq::FLOCK,
     prereq::CMAKE,
     prereq::CXX,
     prereq::TAR,

@@ -79,6 +79,12 @@ pub const SETPRIV: Need = Need::program(
     &["setpriv"],
     &["util-linux"],
 );
+pub const FLOCK: Need = Need::program(
+    "flock",
+    "a test holds a GPU-index claim from another process",
+    &["flock"],
+    &["util-linux"],
+);
 pub const PYTHON: Need = Need::program(
     "python3",
     "the Python package and the llama.cpp download",
