@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use engine_core::gpu::{GpuRow, NvidiaSmi, ProbeChoice, VramProbe, VramRecovery};
 use engine_core::launch::Gpus;
+use engine_core::process::Escalation;
 use engine_core::{
     CancellationToken, Engine, EngineConfig, KeyframeRecord, Launch, Wait, check_vram_free_mib,
 };
@@ -121,7 +122,12 @@ fn gpu_smoke() {
     let mut recovery = Vec::new();
     for choice in [ProbeChoice::NvidiaSmi, ProbeChoice::Nvml] {
         let engine = Engine::launch(config.clone().vram_probe(choice).build().unwrap()).unwrap();
+        // One frame first: a SIGTERM right after ready can be lost (before the server's task loop
+        // starts), and the second SIGTERM's wait would be timed as the stop.
+        let served = engine.describe_many(&frames[..1], 1, |_, _| ControlFlow::Continue(()));
+        assert!(served.results.iter().all(Result::is_ok), "{choice:?}");
         let stop = engine.shutdown().unwrap();
+        assert_eq!(stop.escalation, Escalation::Term, "{choice:?}");
         match stop.vram {
             VramRecovery::Recovered { waited, .. } => recovery.push((choice, stop.took, waited)),
             other => panic!("{choice:?}: VRAM did not come back: {other:?}"),

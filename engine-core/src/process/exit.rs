@@ -46,7 +46,9 @@ pub enum Escalation {
     AlreadyExited,
     /// It exited after the first SIGTERM.
     Term,
-    /// It needed a second SIGTERM (llama-server exits at once on the second).
+    /// It needed a second SIGTERM (llama-server exits at once on the second, with exit code 1).
+    /// The real server loses a SIGTERM sent after its handler is installed but before its task
+    /// loop starts, so a stop right after ready can land here too.
     SecondTerm,
     /// It ignored both SIGTERMs and was SIGKILLed at the grace deadline.
     Kill,

@@ -367,9 +367,11 @@ impl SupervisedChild {
         if self.wait_tree_until(started + grace / 2) {
             return self.finish(Escalation::Term, true);
         }
+        // Not always a fault: llama-server loses a SIGTERM that arrives after its handler is
+        // installed but before its task loop starts (right after ready); the second then exits 1.
         tracing::warn!(
             pid = self.pid(),
-            "llama-server ignored SIGTERM; sending a second one"
+            "llama-server did not exit on SIGTERM (it loses one sent just before its task loop starts); sending a second one"
         );
         self.signal_tree(Signal::TERM);
         if self.wait_tree_until(started + grace) {
