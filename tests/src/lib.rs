@@ -29,7 +29,7 @@ fn claim_gpu() -> (u32, std::fs::File) {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = claims_dir();
     for _ in 0..2 * SHIM_GPUS {
-        let gpu = 1 + NEXT_GPU.fetch_add(1, Ordering::Relaxed) % (SHIM_GPUS - 1);
+        let gpu = claim_index(NEXT_GPU.fetch_add(1, Ordering::Relaxed));
         let path = dir.join(gpu.to_string());
         // Another user's claim file opens for reading only, which is all `flock` needs.
         let file = std::fs::OpenOptions::new()
@@ -51,6 +51,11 @@ fn claim_gpu() -> (u32, std::fs::File) {
         "every one of the shim's {} usable GPU indices is claimed by a running test: run fewer at once",
         SHIM_GPUS - 1
     );
+}
+
+/// The GPU index a count of claims maps to: 1 to `SHIM_GPUS - 1`, wrapping (0 is left out).
+fn claim_index(count: u32) -> u32 {
+    1 + count % (SHIM_GPUS - 1)
 }
 
 /// The folder of the GPU-index claims, created if missing. Beside the GPU locks the claims guard: the
@@ -609,9 +614,9 @@ mod claims {
         let dir = claims_dir();
         // The first index from this process's id that no other process holds now (`-n`: a claim
         // held by another test run is skipped, not waited for).
-        let first = std::process::id() % (SHIM_GPUS - 1);
+        let first = std::process::id() % SHIM_GPUS;
         let (held, mut holder) = (0..SHIM_GPUS - 1)
-            .map(|step| 1 + (first + step) % (SHIM_GPUS - 1))
+            .map(|step| claim_index(first + step))
             .find_map(|index| {
                 let mut holder = Command::new("flock")
                     .arg("-n")
@@ -635,6 +640,7 @@ mod claims {
             })
             .expect("some claim index is free");
 
+        // The count that `claim_index` maps to `held`.
         NEXT_GPU.store(held - 1, Ordering::Relaxed);
         let (gpu, _claim) = claim_gpu();
 

@@ -461,10 +461,10 @@ fn a_sigterm_right_after_ready_ends_the_server_or_a_second_one_does() {
     assert_stopped_soon_after_ready(&t, stop(child));
     if !t.real {
         // The fake plays the swallowed SIGTERM on request: the second must end it with code 1.
+        // Text-only: the projector plays no part in a stop.
         let port = free_port();
-        let mmproj = ["--mmproj".as_ref(), t.mmproj.as_os_str()];
         let envs = [("FAKE_LLAMA_SIGTERM", "swallow-first")];
-        let mut child = spawn_with(&t, port, &mmproj, &[], &envs);
+        let mut child = spawn_with(&t, port, &[], &[], &envs);
         wait_healthy(port, &mut child);
         let stopped = stop(child);
         assert!(
