@@ -13,6 +13,8 @@ WORK/results.jsonl and prints them:
              each with the engine's GBNF grammar, none, llguidance, or response_format
   small      all but 8 and 12 GiB of the GPU held by another process: auto's choice, 64 frames
   bare4      the engine against a bare client at 4 servers x 4 slots (no grammar)
+  sampling   no grammar, servers started by hand and a bare client: each slot sampled on the CPU
+             (llama-server's default) against on the GPU (`backend_sampling`), at 1x16 and 4x4
   cold       cold start split: spawn -> HTTP up -> "model loaded" -> /health 200 -> "listening";
              and the engine's own start (VRAM check, lock, spawn, ready) from --summary
   slots      frames/s, VRAM and tokens per answer at 1, 2, 4, 8, 16 slots on one server
@@ -132,7 +134,7 @@ def infer(model, recs, slots, gpus="0", extra=(), env=None, label="", server=Non
         "--progress", "off", "--summary", summary, "--output", out, "--timeout", "600",
     ]
     cmd += ["--gpus", gpus] if "," in gpus else ["--gpu", gpus]
-    cmd += list(extra) + [recs]
+    cmd += list(extra) + [f"--server-arg={a}" for a in A.server_args] + [recs]
     started = time.monotonic()
     with VramPeak() as vram:
         done = subprocess.run([str(c) for c in cmd], text=True, capture_output=True, env=env)
@@ -232,9 +234,11 @@ def split():
     m = models()["7b"]
     for grammar in A.grammars:
         server = server_path(llguidance=grammar == "llguidance")
-        rows = SPLITS if grammar == "gbnf" else [(1, 16), (4, 16), ("auto", "auto")]
+        rows = SPLITS if grammar == "gbnf" else [(1, 16), (2, 16), (4, 16), ("auto", "auto")]
+        if A.splits:
+            rows = A.splits
         for servers, n_slots in rows:
-            n = 64 if servers == "auto" else 48
+            n = A.frames or (64 if servers == "auto" else 48)
             recs = records(A.work / "f746", n, "f746")
             extra = ["--servers-per-gpu", servers, "--grammar", grammar]
             tokens = MAX_TOKENS
@@ -252,6 +256,7 @@ def split():
             per = [g["servers"] for g in s["gpus"]]
             row("split", s, vram, servers=servers if servers != "auto" else f"auto: {per}", slots=n_slots,
                 grammar=grammar, requests_per_s=round(s["items"] / s["wall_s"], 2),
+                server_args=A.server_args,
                 choice=[l for l in lines if " auto" in l])
 
 
@@ -429,9 +434,37 @@ def transport():
             row("transport", s, vram, size=size, transport="file://" if way == "auto" else "base64")
 
 
-def start_server(m, slots, port, threads=None):
+def sampling():
+    """No grammar, 128 tokens, 64 frames as the engine sends them, by a bare client to servers
+    started by hand: llama-server's prompt cache on (its default, `--cache-ram 8192`) or off
+    (`--cache-ram 0`, as the engine starts it), and each slot sampled on the CPU by the server's
+    one main loop or on the GPU inside the decode (`backend_sampling: true`, which the engine
+    sends without a grammar). What each costs, apart from the engine."""
+    m = models()["7b"]
+    recs = records(A.work / "f746", 64, "f746")
+    for servers, cache_off, backend in [(1, False, False), (1, True, False), (1, True, True),
+                                        (4, True, False), (4, True, True)]:
+        threads = max(1, (os.cpu_count() or 1) // servers)
+        ports = [18400 + i for i in range(servers)]
+        flags = ["--cache-ram", "0"] if cache_off else []
+        with VramPeak() as vram:
+            children = [start_server(m, 16 // servers, p, threads, flags) for p in ports]
+            try:
+                rate, tokens = client_many(ports, recs, 16 // servers, grammar=False, max_tokens=128,
+                                           backend_sampling=backend)
+            finally:
+                for child in children:
+                    child.terminate()
+                for child in children:
+                    child.wait()
+        log({"phase": "sampling", "servers": servers, "slots": 16, "prompt_cache": not cache_off,
+             "backend_sampling": backend, "items": 64, "requests_per_s": rate,
+             "tokens_per_answer": tokens, "busy_pct": busy_share(vram), "vram_peak_mib": vram.peak})
+
+
+def start_server(m, slots, port, threads=None, flags=()):
     """llama-server on GPU 0 with the engine's arguments, run by hand; returns once /health is 200."""
-    extra = ["-t", str(threads)] if threads else []
+    extra = (["-t", str(threads)] if threads else []) + list(flags)
     child = subprocess.Popen(
         [str(A.server), "-m", str(m["model"]), "--mmproj", str(m["mmproj"]), "--host", "127.0.0.1",
          "--port", str(port), "-c", str(CTX * slots), "-np", str(slots), "-ngl", "99", *extra],
@@ -455,8 +488,9 @@ def client(port, recs, concurrency, grammar=True, max_tokens=MAX_TOKENS):
     return client_many([port], recs, concurrency, grammar, max_tokens)
 
 
-def client_many(ports, recs, concurrency, grammar=True, max_tokens=MAX_TOKENS):
-    """`client` over several servers: `concurrency` connections to each."""
+def client_many(ports, recs, concurrency, grammar=True, max_tokens=MAX_TOKENS, backend_sampling=False):
+    """`client` over several servers: `concurrency` connections to each; `backend_sampling` asks
+    the server to sample on the GPU (only without a grammar)."""
     images = [json.loads(l)["images"][0] for l in open(recs)]
     todo = list(range(len(images)))
     lock = threading.Lock()
@@ -475,6 +509,8 @@ def client_many(ports, recs, concurrency, grammar=True, max_tokens=MAX_TOKENS):
                     {"type": "text", "text": PROMPT},
                     {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{data}"}}]}],
                 "temperature": 0.1, "max_tokens": max_tokens, "stream": False}
+            if backend_sampling:
+                body["backend_sampling"] = True
             if grammar:
                 body["response_format"] = {"type": "json_schema", "json_schema": {"name": "scene", "schema": SCHEMA}}
             c.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -552,7 +588,7 @@ def pool7b():
 
 
 PHASES = {"setup": setup, "ceiling": ceiling, "split": split, "small": small, "bare4": bare4,
-          "cold": cold, "slots": slots, "auto": auto, "shared": shared, "pool": pool,
+          "cold": cold, "slots": slots, "sampling": sampling, "auto": auto, "shared": shared, "pool": pool,
           "transport": transport, "bare": bare, "grammar": grammar, "tinypool": tinypool,
           "tinytransport": tinytransport, "pool7b": pool7b}
 
@@ -566,8 +602,16 @@ if __name__ == "__main__":
     p.add_argument("--models", default="7b,tiny", help="the models `pool` measures")
     p.add_argument("--grammars", default="gbnf,off,llguidance,response-format",
                    help="the ways of holding answers to the schema that `split` measures")
+    p.add_argument("--splits", help="the rows `split` measures, as SERVERSxSLOTS (or auto) "
+                   "separated by commas, e.g. 1x16,4x16,auto; default: each grammar's own")
+    p.add_argument("--server-args", default="", help="arguments the engine adds to each server's "
+                   "command line, separated by commas (e.g. -cram,8192: the prompt cache on)")
+    p.add_argument("--frames", type=int, help="frames per `split` row (default 48, 64 for auto)")
     A = p.parse_args()
     A.grammars = A.grammars.split(",")
+    A.server_args = [a for a in A.server_args.split(",") if a]
+    A.splits = [("auto", "auto") if r == "auto" else tuple(int(x) for x in r.split("x"))
+                for r in A.splits.split(",")] if A.splits else None
     A.models = A.models.split(",")
     A.work = A.work.resolve()
     A.bin = A.bin.resolve()

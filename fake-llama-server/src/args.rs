@@ -45,6 +45,8 @@ const IGNORED_WITH_VALUE: &[&str] = &[
     "--cache-type-k",
     "-ctv",
     "--cache-type-v",
+    "-cram",
+    "--cache-ram",
 ];
 
 /// Flags without a value that are accepted but have no effect on the fake.
@@ -77,6 +79,7 @@ Flags (as llama-server):
                               by the real server; its rules for the file name apply)
   -t, --threads N             accepted, no effect
   -ctk, -ctv, --cache-type-k/v T  accepted, no effect
+  -cram, --cache-ram N        accepted, no effect (the real server's prompt cache in host memory)
 
 Knobs (environment variables):
   FAKE_LLAMA_LOAD_MS=N             model load time (default 30): /health answers 503 meanwhile

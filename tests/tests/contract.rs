@@ -763,6 +763,22 @@ fn every_constraint_answers_or_is_refused_by_name() {
     tests::assert_lock_free(h.gpu);
 }
 
+/// The engine starts every server with the prompt cache off (`--cache-ram 0`) where its `--help`
+/// lists the flag: both versions list it, and answer with the cache off.
+#[test]
+fn the_prompt_cache_can_be_turned_off() {
+    let h = Harness::new();
+    let t = target(&h);
+    let help = Command::new(&t.server).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout) + String::from_utf8_lossy(&help.stderr);
+    assert!(help.contains("--cache-ram"), "{help}");
+    let port = free_port();
+    let mut child = spawn_with(&t, port, &[], &["--cache-ram", "0"], &[]);
+    wait_healthy(port, &mut child);
+    complete_one_token(port);
+    assert_stopped_by_sigterm(stop(child));
+}
+
 /// The engine's grammar never lets the model write a byte no UTF-8 text holds: llama.cpp's grammar
 /// decodes a byte token 0xF5–0xFF as a code point above U+10FFFF, which a negated character class
 /// lets through, and the server returns the bytes as runs of U+FFFD (12 of them for a string of 3,

@@ -1,12 +1,15 @@
 //! How many servers and slots one GPU runs: `--servers-per-gpu` and `--slots`, each a number or
 //! `auto`. The slots are the requests in flight on the GPU, split evenly over its servers.
 //!
-//! Why several servers: llama-server's one main loop samples every slot in turn on one CPU thread,
-//! so one server keeps an H200 busy a quarter of the time; four servers of four slots kept it busy
-//! 82 % of the time and described 2.6× the frames (BENCHMARKS.md, "one H200"). More servers is not
-//! always better: each holds a copy of the weights, its own CUDA context and compute buffers, and
-//! a server with one or two slots decodes batches too small to be efficient (8×2 and 16×1 lost to
-//! 4×4). So `auto` picks the most servers that
+//! Why several servers: llama-server's one main loop applies a request's grammar to every slot in
+//! turn on one CPU thread, so under the schema's grammar one server of 16 slots kept an H200 busy a
+//! third of the time; four servers of four slots kept it busy 88 % of the time and described 1.5×
+//! the frames (BENCHMARKS.md, "one H200"). Without a grammar one loop keeps up (the GPU 70 % busy),
+//! and a split only makes the GPU's batches smaller: one server of 16 slots answered 1.7× the
+//! requests of four of four. More servers is not always better either: each holds a copy of the
+//! weights, its own CUDA context and compute buffers, and a server with one or two slots decodes
+//! batches too small to be efficient (8×2 and 16×1 lost to 4×4). So `auto` picks, where requests
+//! carry a grammar ([`Budget::grammar`]; otherwise one), the most servers that
 //! - the host's cores can run (each server's main loop is a thread; [`CORES_PER_SERVER`] each),
 //! - the slots can feed ([`MIN_SLOTS_PER_SERVER`] each), and
 //! - the free VRAM holds: a copy of the weights and a [`MARGIN_MIB`] margin per server, and one KV
@@ -74,6 +77,9 @@ pub struct Budget {
     pub slot_mib: Option<u64>,
     /// The host's cores this GPU's servers share.
     pub cores: u32,
+    /// Whether requests carry a grammar, which each server's one main loop applies to its slots
+    /// in turn: only then does `auto` run more than one server.
+    pub grammar: bool,
 }
 
 impl Budget {
@@ -94,9 +100,13 @@ impl Budget {
         }
     }
 
-    /// The most servers the cores can run.
-    fn servers_by_cores(&self) -> u32 {
-        (self.cores / CORES_PER_SERVER).max(1)
+    /// The most servers worth running: as many as the cores run under a grammar, else one.
+    fn most_servers(&self) -> u32 {
+        if self.grammar {
+            (self.cores / CORES_PER_SERVER).max(1)
+        } else {
+            1
+        }
     }
 }
 
@@ -121,12 +131,12 @@ pub struct Layout {
 /// floor (one server, or one slot per server), where [`Layout::fits`] says whether the GPU can take
 /// it at all.
 pub fn choose_layout(budget: &Budget, servers: Count, slots: Count) -> Layout {
-    let by_cores = budget.servers_by_cores();
+    let most = budget.most_servers();
     let (servers_n, slots_n) = match (servers, slots) {
         (Count::Fixed(n), Count::Fixed(s)) => (n.max(1), s.max(n).max(1)),
         (Count::Auto, Count::Fixed(s)) => {
             let s = s.max(1);
-            let most = by_cores.min((s / MIN_SLOTS_PER_SERVER).max(1));
+            let most = most.min((s / MIN_SLOTS_PER_SERVER).max(1));
             let n = (1..=most)
                 .rev()
                 .find(|&n| budget.need_mib(n, s) <= budget.free_mib)
@@ -137,7 +147,7 @@ pub fn choose_layout(budget: &Budget, servers: Count, slots: Count) -> Layout {
             let n = n.max(1);
             (n, budget.slots_beside(n).clamp(n, MAX_AUTO_SLOTS.max(n)))
         }
-        (Count::Auto, Count::Auto) => (1..=by_cores)
+        (Count::Auto, Count::Auto) => (1..=most)
             .rev()
             .map(|n| (n, budget.slots_beside(n).min(MAX_AUTO_SLOTS)))
             .find(|&(n, s)| s >= if n == 1 { 1 } else { n * MIN_SLOTS_PER_SERVER })
@@ -147,9 +157,9 @@ pub fn choose_layout(budget: &Budget, servers: Count, slots: Count) -> Layout {
     let fits = need_mib <= budget.free_mib;
     let why = match (servers, slots) {
         (Count::Fixed(_), Count::Fixed(_)) => String::new(),
-        (_, Count::Fixed(_)) => explain(budget, servers_n, slots_n, need_mib, fits, by_cores),
+        (_, Count::Fixed(_)) => explain(budget, servers_n, slots_n, need_mib, fits, most),
         (_, Count::Auto) => {
-            let mut why = explain(budget, servers_n, slots_n, need_mib, fits, by_cores);
+            let mut why = explain(budget, servers_n, slots_n, need_mib, fits, most);
             let room = budget.slots_beside(servers_n);
             if room > MAX_AUTO_SLOTS && room != u32::MAX {
                 why.push_str(&format!(
@@ -168,14 +178,7 @@ pub fn choose_layout(budget: &Budget, servers: Count, slots: Count) -> Layout {
     }
 }
 
-fn explain(
-    budget: &Budget,
-    servers: u32,
-    slots: u32,
-    need: u64,
-    fits: bool,
-    by_cores: u32,
-) -> String {
+fn explain(budget: &Budget, servers: u32, slots: u32, need: u64, fits: bool, most: u32) -> String {
     let cache = budget
         .slot_mib
         .map_or("an unknown KV cache".to_string(), |s| {
@@ -186,16 +189,24 @@ fn explain(
     } else {
         ", more than is free: not even this fits".to_string()
     };
+    let servers_why = if budget.grammar {
+        format!(
+            "{} run at most {} (each keeps at least {MIN_SLOTS_PER_SERVER} slots where it can)",
+            counted(budget.cores, "core"),
+            counted(most, "server"),
+        )
+    } else {
+        "without a grammar one server's loop keeps up, and more would only shrink the GPU's \
+         batches"
+            .to_string()
+    };
     format!(
         "{} MiB free: {} × ({} MiB of weights + a {MARGIN_MIB} MiB margin) + {} × {cache} = \
-         {need} MiB{verdict}; {} run at most {} (each keeps at least {MIN_SLOTS_PER_SERVER} \
-         slots where it can)",
+         {need} MiB{verdict}; {servers_why}",
         budget.free_mib,
         counted(servers, "server"),
         budget.weights_mib,
         counted(slots, "slot"),
-        counted(budget.cores, "core"),
-        counted(by_cores, "server"),
     )
 }
 
@@ -220,6 +231,7 @@ mod tests {
             weights_mib: 4488,
             slot_mib: Some(1024),
             cores,
+            grammar: true,
         }
     }
 
@@ -257,6 +269,22 @@ mod tests {
     }
 
     #[test]
+    fn without_a_grammar_auto_runs_one_server_with_every_slot() {
+        let budget = Budget {
+            grammar: false,
+            ..llava(139_000, 16)
+        };
+        let both = choose_layout(&budget, Count::Auto, Count::Auto);
+        assert_eq!((both.servers, both.slots), (1, 16), "{}", both.why);
+        assert!(both.why.contains("without a grammar"), "{}", both.why);
+        let servers = choose_layout(&budget, Count::Auto, Count::Fixed(32));
+        assert_eq!((servers.servers, servers.slots), (1, 32));
+        // A fixed count stands.
+        let fixed = choose_layout(&budget, Count::Fixed(4), Count::Auto);
+        assert_eq!((fixed.servers, fixed.slots), (4, 16));
+    }
+
+    #[test]
     fn fixed_counts_are_kept_and_say_nothing() {
         let layout = choose_layout(&llava(139_000, 16), Count::Fixed(2), Count::Fixed(8));
         assert_eq!(
@@ -278,8 +306,9 @@ mod tests {
             cores in 1u32..128,
             fixed_slots in proptest::option::of(1u32..64),
             fixed_servers in proptest::option::of(1u32..8),
+            grammar in any::<bool>(),
         ) {
-            let budget = Budget { free_mib, weights_mib, slot_mib: Some(slot_mib), cores };
+            let budget = Budget { free_mib, weights_mib, slot_mib: Some(slot_mib), cores, grammar };
             let servers = fixed_servers.map_or(Count::Auto, Count::Fixed);
             let slots = fixed_slots.map_or(Count::Auto, Count::Fixed);
             let layout = choose_layout(&budget, servers, slots);
@@ -290,6 +319,7 @@ mod tests {
             if servers == Count::Auto {
                 // Within the cores, and more than one server only where each has its share.
                 prop_assert!(layout.servers <= (cores / CORES_PER_SERVER).max(1));
+                prop_assert!(grammar || layout.servers == 1);
                 if layout.servers > 1 {
                     prop_assert!(layout.fits);
                     prop_assert!(layout.slots >= layout.servers * MIN_SLOTS_PER_SERVER);

@@ -15,6 +15,7 @@ use std::path::Path;
 use super::EngineConfig;
 use super::layout::Budget;
 use crate::gguf::read::read_header;
+use crate::request::Constraint;
 use crate::setting::{ConfigError, Setting};
 
 /// The shape of a model's KV cache, per token.
@@ -230,8 +231,15 @@ impl EngineConfig {
             weights_mib: weights.div_ceil(MIB),
             slot_mib,
             cores,
+            grammar: self.sends_grammar(),
         };
         Ok((budget, slot))
+    }
+
+    /// Whether this engine's requests carry a grammar (every constraint but
+    /// [`Constraint::Off`]), which each server's main loop applies on one thread.
+    pub(crate) fn sends_grammar(&self) -> bool {
+        self.describe_options().constraint_of() != Constraint::Off
     }
 }
 

@@ -277,6 +277,7 @@ impl Launch {
                     weights_mib: 0,
                     slot_mib: None,
                     cores,
+                    grammar: self.config.sends_grammar(),
                 },
                 Err(e.to_string()),
             ),

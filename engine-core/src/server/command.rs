@@ -78,6 +78,15 @@ impl ServerSpec {
         args.extend(self.extra_args.iter().cloned());
         args
     }
+
+    /// Whether the extra arguments size the prompt cache themselves (`-cram`, `--cache-ram`).
+    pub(crate) fn sets_cache_ram(&self) -> bool {
+        self.extra_args.iter().any(|arg| {
+            let text = arg.to_string_lossy();
+            let flag = text.split_once('=').map_or(&*text, |(flag, _)| flag);
+            matches!(flag, "-cram" | "--cache-ram")
+        })
+    }
 }
 
 /// The server flags the engine owns, and the setting that sets each: an extra argument that

@@ -5,7 +5,7 @@ mod client;
 mod command;
 mod error;
 mod log;
-mod media;
+mod offers;
 mod port;
 mod ready;
 mod running;

@@ -11,7 +11,7 @@ use super::client::Client;
 use super::command::{ServerSpec, check_model_files};
 use super::error::{ServerDeath, StartError};
 use super::log::open_log;
-use super::media::offers_media_path;
+use super::offers::offers;
 use super::port::free_port;
 use super::ready::{StartFailure, Starting};
 use crate::process::{Scope, Stopped, SupervisedChild};
@@ -78,11 +78,20 @@ impl Server {
         // A vision server that offers --media-path reads local frames itself: no encode, no copy
         // through HTTP. The folder is the root: the server runs as us and can read our files
         // anyway, and only a holder of this engine's API key can ask it to.
-        let reads_files = spec.mmproj.is_some() && spec.offer_files && offers_media_path(&program);
+        let offered = offers(&program);
+        let reads_files = spec.mmproj.is_some() && spec.offer_files && offered.media_path;
         let mut command = Command::new(&program);
         command.args(spec.args(port));
         if reads_files {
             command.args(["--media-path", "/"]);
+        }
+        // The prompt cache keeps an idle slot's KV in host memory for a later prompt that starts
+        // the same way. Every frame is a new image, so nothing is ever taken from it; but the
+        // server copies each slot's KV out of VRAM into it (half a gigabyte for a 7B frame) in its
+        // one main loop whenever a request starts, and evicts to stay under 8 GiB, while every
+        // other slot waits. Off unless the caller's arguments set it.
+        if offered.cache_ram && !spec.sets_cache_ram() {
+            command.args(["--cache-ram", "0"]);
         }
         command
             .envs(spec.env.iter().map(|(k, v)| (k, v)))

@@ -474,6 +474,29 @@ fn servers_per_gpu_auto_says_its_choice_and_refuses_what_cannot_fit() {
         "{err}"
     );
     assert_eq!(h.spawned_pids().len() as u32, servers, "{err}");
+    // Without a grammar one server takes every slot, and says why.
+    std::fs::remove_file(&h.events).unwrap();
+    let out = h
+        .describe_command(&[])
+        .args([
+            "--servers-per-gpu",
+            "auto",
+            "--slots",
+            "16",
+            "--grammar",
+            "off",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.code().is_some_and(|c| c <= 1), "{err}");
+    assert!(
+        err.contains("1 server × (")
+            && err.contains("without a grammar one server's loop keeps up"),
+        "{err}"
+    );
+    assert_eq!(h.spawned_pids().len(), 1, "{err}");
     // 2000 MiB free cannot hold one server's weights, margin and slots: refused before any start.
     std::fs::remove_file(&h.events).unwrap();
     let out = h

@@ -70,8 +70,9 @@ fn the_server_gets_the_seed_flags_and_a_private_api_key() {
     let engine = start(h.config().server_bin(&wrapper).log_disable(true)).unwrap();
     let argv = std::fs::read_to_string(&argv_file).unwrap();
     let expected = format!(
-        // CineCut's flags; and, as the server's --help offers it, --media-path for frames as files.
-        "-m {} --mmproj {} --port {} --host 127.0.0.1 -ngl 99 -c 2048 -np 1 --log-disable --media-path /",
+        // CineCut's flags; and, as the server's --help offers them, --media-path for frames as
+        // files and the prompt cache off.
+        "-m {} --mmproj {} --port {} --host 127.0.0.1 -ngl 99 -c 2048 -np 1 --log-disable --media-path / --cache-ram 0",
         h.model.display(),
         h.mmproj.display(),
         engine.port()

@@ -63,6 +63,52 @@ fn frames_go_as_files_where_the_server_offers_media_path_and_inline_otherwise() 
 }
 
 #[test]
+fn the_prompt_cache_is_off_where_the_server_offers_it_and_the_caller_does_not_size_it() {
+    let cache_ram = |args: &[String]| -> Vec<String> {
+        args.windows(2)
+            .filter(|w| w[0] == "--cache-ram" || w[0] == "-cram")
+            .map(|w| w[1].clone())
+            .collect()
+    };
+    let frame = |h: &Harness| KeyframeRecord::new(h.jpeg("f.jpg", 32, 24, [1, 2, 3]), 1.0, "t");
+    let h = Harness::new();
+    let engine = Engine::launch(h.config().build().unwrap()).unwrap();
+    engine.describe(&frame(&h)).unwrap();
+    engine.shutdown().unwrap();
+    assert_eq!(cache_ram(&h.spawned_args()[0]), ["0"]);
+    h.assert_clean();
+
+    // The caller's own size stands alone.
+    let h = Harness::new();
+    let config = h.config().arg("-cram").arg("512");
+    let engine = Engine::launch(config.build().unwrap()).unwrap();
+    engine.describe(&frame(&h)).unwrap();
+    engine.shutdown().unwrap();
+    assert_eq!(cache_ram(&h.spawned_args()[0]), ["512"]);
+    h.assert_clean();
+
+    // A server whose --help does not list it (an older build) would refuse the flag: it is not
+    // passed, and the server starts and answers.
+    let h = Harness::new();
+    let old = h.dir.path().join("llama-server-old");
+    std::fs::write(
+        &old,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = --help ] && {{ echo 'usage: llama-server [options]'; exit 0; }}\nexec '{}' \"$@\"\n",
+            tests::fake_server().display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let engine = Engine::launch(h.config().server_bin(&old).build().unwrap()).unwrap();
+    engine.describe(&frame(&h)).unwrap();
+    engine.shutdown().unwrap();
+    assert!(cache_ram(&h.spawned_args()[0]).is_empty());
+    h.assert_clean();
+}
+
+#[test]
 fn a_pool_gives_each_server_its_share_of_the_cores() {
     let (h, other) = (Harness::new(), Harness::new());
     let start = |threads: Option<u32>| {
