@@ -13,8 +13,9 @@ WORK/results.jsonl and prints them:
              each with the engine's GBNF grammar, none, llguidance, or response_format
   small      all but 8 and 12 GiB of the GPU held by another process: auto's choice, 64 frames
   bare4      the engine against a bare client at 4 servers x 4 slots (no grammar)
-  sampling   no grammar, servers started by hand and a bare client: each slot sampled on the CPU
-             (llama-server's default) against on the GPU (`backend_sampling`), at 1x16 and 4x4
+  sampling   no grammar, servers started by hand and a bare client: the prompt cache on (the
+             server's default) against off (`--cache-ram 0`, as the engine starts it) at 1x16; and
+             each slot sampled on the CPU against on the GPU (`backend_sampling`) at 1x16 and 4x4
   cold       cold start split: spawn -> HTTP up -> "model loaded" -> /health 200 -> "listening";
              and the engine's own start (VRAM check, lock, spawn, ready) from --summary
   slots      frames/s, VRAM and tokens per answer at 1, 2, 4, 8, 16 slots on one server
@@ -438,8 +439,8 @@ def sampling():
     """No grammar, 128 tokens, 64 frames as the engine sends them, by a bare client to servers
     started by hand: llama-server's prompt cache on (its default, `--cache-ram 8192`) or off
     (`--cache-ram 0`, as the engine starts it), and each slot sampled on the CPU by the server's
-    one main loop or on the GPU inside the decode (`backend_sampling: true`, which the engine
-    sends without a grammar). What each costs, apart from the engine."""
+    one main loop or on the GPU inside the decode (`backend_sampling: true`, which the engine does
+    not send: it did not pay). What each costs, apart from the engine."""
     m = models()["7b"]
     recs = records(A.work / "f746", 64, "f746")
     for servers, cache_off, backend in [(1, False, False), (1, True, False), (1, True, True),
@@ -447,9 +448,11 @@ def sampling():
         threads = max(1, (os.cpu_count() or 1) // servers)
         ports = [18400 + i for i in range(servers)]
         flags = ["--cache-ram", "0"] if cache_off else []
+        children = []
         with VramPeak() as vram:
-            children = [start_server(m, 16 // servers, p, threads, flags) for p in ports]
             try:
+                for port in ports:
+                    children.append(start_server(m, 16 // servers, port, threads, flags))
                 rate, tokens = client_many(ports, recs, 16 // servers, grammar=False, max_tokens=128,
                                            backend_sampling=backend)
             finally:
@@ -462,8 +465,9 @@ def sampling():
              "tokens_per_answer": tokens, "busy_pct": busy_share(vram), "vram_peak_mib": vram.peak})
 
 
-def start_server(m, slots, port, threads=None, flags=()):
-    """llama-server on GPU 0 with the engine's arguments, run by hand; returns once /health is 200."""
+def start_server(m, slots, port, threads=None, flags=("--cache-ram", "0")):
+    """llama-server on GPU 0 with the engine's arguments (the prompt cache off, as the engine
+    starts it, unless `flags` say otherwise), run by hand; returns once /health is 200."""
     extra = (["-t", str(threads)] if threads else []) + list(flags)
     child = subprocess.Popen(
         [str(A.server), "-m", str(m["model"]), "--mmproj", str(m["mmproj"]), "--host", "127.0.0.1",

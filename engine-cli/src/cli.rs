@@ -154,9 +154,10 @@ pub struct ServerArgs {
     #[arg(long, default_value = "1", value_name = "N|auto")]
     pub slots: Count,
     /// llama-servers on each GPU, started as one unit under its lock, sharing its slots (one
-    /// server's single sampling thread cannot keep a large GPU busy); auto: as many as the host's
-    /// cores, the free VRAM (a copy of the weights each) and the slots (at least 4 each) make
-    /// worthwhile (the choice and why on stderr). Each takes a free port.
+    /// server's main loop applies the grammar to every slot on one thread, and cannot keep a large
+    /// GPU busy); auto: under a grammar, as many as the host's cores, the free VRAM (a copy of the
+    /// weights each) and the slots (at least 4 each) make worthwhile; with `--grammar off`, one
+    /// (the choice and why on stderr). Each takes a free port.
     #[arg(long, default_value = "1", value_name = "N|auto")]
     pub servers_per_gpu: Count,
     /// Context per slot in tokens (the server gets ctx-size × slots).

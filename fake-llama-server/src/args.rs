@@ -192,3 +192,16 @@ pub fn parse(argv: &[String]) -> Result<Parsed, String> {
     }
     Ok(Parsed::Run(args))
 }
+
+#[cfg(test)]
+mod tests {
+    /// The README shows the fake's whole `--help`, as it prints it.
+    #[test]
+    fn the_readme_shows_the_help_as_printed() {
+        let readme = include_str!("../README.md");
+        assert!(
+            readme.contains(super::USAGE),
+            "refresh the README's help block from --help"
+        );
+    }
+}

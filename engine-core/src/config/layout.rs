@@ -4,7 +4,7 @@
 //! Why several servers: llama-server's one main loop applies a request's grammar to every slot in
 //! turn on one CPU thread, so under the schema's grammar one server of 16 slots kept an H200 busy a
 //! third of the time; four servers of four slots kept it busy 88 % of the time and described 1.5×
-//! the frames (BENCHMARKS.md, "one H200"). Without a grammar one loop keeps up (the GPU 70 % busy),
+//! the frames (BENCHMARKS.md, "one H200"). Without a grammar one loop keeps up (the GPU 73 % busy),
 //! and a split only makes the GPU's batches smaller: one server of 16 slots answered 1.7× the
 //! requests of four of four. More servers is not always better either: each holds a copy of the
 //! weights, its own CUDA context and compute buffers, and a server with one or two slots decodes
@@ -31,7 +31,8 @@ pub const MARGIN_MIB: u64 = 1536;
 pub enum Count {
     /// This many.
     Fixed(u32),
-    /// The engine chooses, from the model, the GPU's free VRAM and the host's cores.
+    /// The engine chooses, from the model, the GPU's free VRAM, the host's cores and whether
+    /// requests carry a grammar.
     Auto,
 }
 
@@ -157,9 +158,10 @@ pub fn choose_layout(budget: &Budget, servers: Count, slots: Count) -> Layout {
     let fits = need_mib <= budget.free_mib;
     let why = match (servers, slots) {
         (Count::Fixed(_), Count::Fixed(_)) => String::new(),
-        (_, Count::Fixed(_)) => explain(budget, servers_n, slots_n, need_mib, fits, most),
+        (_, Count::Fixed(_)) => explain(budget, servers_n, slots_n, need_mib, fits, most, true),
         (_, Count::Auto) => {
-            let mut why = explain(budget, servers_n, slots_n, need_mib, fits, most);
+            let chosen = servers == Count::Auto;
+            let mut why = explain(budget, servers_n, slots_n, need_mib, fits, most, chosen);
             let room = budget.slots_beside(servers_n);
             if room > MAX_AUTO_SLOTS && room != u32::MAX {
                 why.push_str(&format!(
@@ -178,7 +180,16 @@ pub fn choose_layout(budget: &Budget, servers: Count, slots: Count) -> Layout {
     }
 }
 
-fn explain(budget: &Budget, servers: u32, slots: u32, need: u64, fits: bool, most: u32) -> String {
+/// The numbers behind a choice, for a person; `servers_chosen` where `auto` chose the servers.
+fn explain(
+    budget: &Budget,
+    servers: u32,
+    slots: u32,
+    need: u64,
+    fits: bool,
+    most: u32,
+    servers_chosen: bool,
+) -> String {
     let cache = budget
         .slot_mib
         .map_or("an unknown KV cache".to_string(), |s| {
@@ -189,20 +200,21 @@ fn explain(budget: &Budget, servers: u32, slots: u32, need: u64, fits: bool, mos
     } else {
         ", more than is free: not even this fits".to_string()
     };
-    let servers_why = if budget.grammar {
-        format!(
-            "{} run at most {} (each keeps at least {MIN_SLOTS_PER_SERVER} slots where it can)",
+    // Why this many servers, where the engine chose them.
+    let servers_why = match (servers_chosen, budget.grammar) {
+        (false, _) => String::new(),
+        (true, true) => format!(
+            "; {} run at most {} (each keeps at least {MIN_SLOTS_PER_SERVER} slots where it can)",
             counted(budget.cores, "core"),
             counted(most, "server"),
-        )
-    } else {
-        "without a grammar one server's loop keeps up, and more would only shrink the GPU's \
-         batches"
-            .to_string()
+        ),
+        (true, false) => "; without a grammar one server's loop keeps up, and more would only \
+                          shrink the GPU's batches"
+            .to_string(),
     };
     format!(
         "{} MiB free: {} × ({} MiB of weights + a {MARGIN_MIB} MiB margin) + {} × {cache} = \
-         {need} MiB{verdict}; {servers_why}",
+         {need} MiB{verdict}{servers_why}",
         budget.free_mib,
         counted(servers, "server"),
         budget.weights_mib,
@@ -279,9 +291,14 @@ mod tests {
         assert!(both.why.contains("without a grammar"), "{}", both.why);
         let servers = choose_layout(&budget, Count::Auto, Count::Fixed(32));
         assert_eq!((servers.servers, servers.slots), (1, 32));
-        // A fixed count stands.
+        // A fixed count stands, and the choice of slots does not argue with it.
         let fixed = choose_layout(&budget, Count::Fixed(4), Count::Auto);
         assert_eq!((fixed.servers, fixed.slots), (4, 16));
+        assert!(
+            !fixed.why.contains("grammar") && !fixed.why.contains("run at most"),
+            "{}",
+            fixed.why
+        );
     }
 
     #[test]

@@ -128,8 +128,9 @@ impl Launch {
         self
     }
 
-    /// Sets the servers on each GPU; `auto`: as many as the host's cores, the free VRAM and the
-    /// slots make worthwhile ([`crate::config::choose_layout`]).
+    /// Sets the servers on each GPU; `auto`: where requests carry a grammar, as many as the host's
+    /// cores, the free VRAM and the slots make worthwhile; otherwise one
+    /// ([`crate::config::choose_layout`]).
     pub fn servers_per_gpu(mut self, servers: Count) -> Launch {
         self.servers = servers;
         self

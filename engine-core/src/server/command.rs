@@ -79,13 +79,18 @@ impl ServerSpec {
         args
     }
 
-    /// Whether the extra arguments size the prompt cache themselves (`-cram`, `--cache-ram`).
+    /// Whether the caller sizes the prompt cache: an extra argument (`-cram`, `--cache-ram`, or
+    /// `--cache_ram`, which the server reads the same) or `LLAMA_ARG_CACHE_RAM` in the server's
+    /// environment (set for it, or inherited), which a `--cache-ram` on the command line would
+    /// override.
     pub(crate) fn sets_cache_ram(&self) -> bool {
-        self.extra_args.iter().any(|arg| {
+        const VAR: &str = "LLAMA_ARG_CACHE_RAM";
+        let flag_given = self.extra_args.iter().any(|arg| {
             let text = arg.to_string_lossy();
             let flag = text.split_once('=').map_or(&*text, |(flag, _)| flag);
-            matches!(flag, "-cram" | "--cache-ram")
-        })
+            flag == "-cram" || flag.replace('_', "-") == "--cache-ram"
+        });
+        flag_given || self.env.iter().any(|(key, _)| key == VAR) || std::env::var_os(VAR).is_some()
     }
 }
 

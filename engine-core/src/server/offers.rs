@@ -32,12 +32,20 @@ pub(crate) fn offers(program: &Path) -> Offers {
     if let Some(known) = unpoisoned(&ASKED).get(program) {
         return *known;
     }
-    let offers = ask(program)
-        .map(|help| Offers {
+    let offers = match ask(program) {
+        Some(help) => Offers {
             media_path: lists(&help, b"--media-path"),
             cache_ram: lists(&help, b"--cache-ram"),
-        })
-        .unwrap_or_default();
+        },
+        None => {
+            tracing::warn!(
+                program = %program.display(),
+                "could not read the server's --help: frames go inline and its prompt cache stays at \
+                 its default (pass --cache-ram 0 as a server argument to turn it off)"
+            );
+            Offers::default()
+        }
+    };
     unpoisoned(&ASKED).insert(program.to_path_buf(), offers);
     tracing::debug!(program = %program.display(), ?offers, "asked the server what it offers");
     offers

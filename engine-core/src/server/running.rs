@@ -85,11 +85,11 @@ impl Server {
         if reads_files {
             command.args(["--media-path", "/"]);
         }
-        // The prompt cache keeps an idle slot's KV in host memory for a later prompt that starts
-        // the same way. Every frame is a new image, so nothing is ever taken from it; but the
-        // server copies each slot's KV out of VRAM into it (half a gigabyte for a 7B frame) in its
-        // one main loop whenever a request starts, and evicts to stay under 8 GiB, while every
-        // other slot waits. Off unless the caller's arguments set it.
+        // The prompt cache keeps a slot's KV in host memory for a later prompt that starts the
+        // same way. Every frame is a new image, so nothing is taken back from it (a retry's slot
+        // still holds its own KV); but the server copies the KV of the slot a request takes out of
+        // VRAM into it (about 400 MiB for a 7B frame) in its one main loop, and evicts to stay
+        // under 8 GiB, while every other slot waits. Off unless the caller sizes it.
         if offered.cache_ram && !spec.sets_cache_ram() {
             command.args(["--cache-ram", "0"]);
         }

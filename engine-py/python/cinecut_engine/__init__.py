@@ -295,7 +295,8 @@ class LlavaEngine(_Server):
     - ``slots``: requests in flight on each GPU, split over its servers (a number, or ``"auto"``:
       as many as its free VRAM holds, from the model's own numbers);
     - ``servers_per_gpu``: llama-servers on each GPU, started as one unit under its lock (a number,
-      or ``"auto"``: as many as the host's cores, the free VRAM and the slots make worthwhile);
+      or ``"auto"``: under a grammar, as many as the host's cores, the free VRAM and the slots make
+      worthwhile; with ``grammar="off"``, one);
     - ``gpu`` (one GPU: an index or a UUID) or ``gpus`` (a list, or ``"all"``: the frames go to
       whichever server has a free slot), not both;
     - ``ctx_size``, ``gpu_layers``, ``threads``, ``server_args``: the server's ``-c`` per slot,

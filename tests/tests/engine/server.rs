@@ -87,6 +87,15 @@ fn the_prompt_cache_is_off_where_the_server_offers_it_and_the_caller_does_not_si
     assert_eq!(cache_ram(&h.spawned_args()[0]), ["512"]);
     h.assert_clean();
 
+    // So does one given the server's way, through its environment (a flag would override it).
+    let h = Harness::new();
+    let config = h.config().env("LLAMA_ARG_CACHE_RAM", "512");
+    let engine = Engine::launch(config.build().unwrap()).unwrap();
+    engine.describe(&frame(&h)).unwrap();
+    engine.shutdown().unwrap();
+    assert!(cache_ram(&h.spawned_args()[0]).is_empty());
+    h.assert_clean();
+
     // A server whose --help does not list it (an older build) would refuse the flag: it is not
     // passed, and the server starts and answers.
     let h = Harness::new();
