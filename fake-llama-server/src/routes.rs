@@ -1,4 +1,4 @@
-//! The HTTP endpoints: `/health`, `/v1/health`, `/props`, `/v1/models`, `/v1/chat/completions`,
+//! The HTTP endpoints: `/health`, `/v1/health`, `/props`, `/slots`, `/v1/models`, `/v1/chat/completions`,
 //! `/completion`, with the real server's bodies, status codes and API-key rules.
 
 use std::sync::atomic::Ordering;
@@ -46,6 +46,15 @@ pub fn handle(fake: &Fake, request: Request) -> Reply {
     } else {
         match (method.as_str(), path.as_str()) {
             ("GET", "/props") => json_reply(200, props(fake).to_string()),
+            ("GET", "/slots") => {
+                // Answered by the real server's task loop, as a completion is.
+                fake.looped.store(true, Ordering::Release);
+                event(fake, "slots", json!({}));
+                let slots: Vec<Value> = (0..fake.args.parallel)
+                    .map(|id| json!({"id": id, "n_ctx": slot_context(fake)}))
+                    .collect();
+                json_reply(200, Value::Array(slots).to_string())
+            }
             ("GET", "/v1/models") | ("GET", "/models") => json_reply(200, models(fake).to_string()),
             ("POST", "/v1/chat/completions") | ("POST", "/chat/completions") => {
                 completion(fake, &request, Kind::Chat)
@@ -302,6 +311,7 @@ fn hold(
 
 fn completion(fake: &Fake, request: &Request, kind: Kind) -> Reply {
     let started = Instant::now();
+    fake.looped.store(true, Ordering::Release);
     let number = fake.completions.fetch_add(1, Ordering::AcqRel);
     let raw = &request.body;
     // With a claim file, only the first server to create it crashes: one of a GPU's servers.

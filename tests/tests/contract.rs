@@ -172,8 +172,8 @@ fn stop(mut child: Spawned) -> Stopped {
     Stopped::Killed
 }
 
-/// A server whose task loop has run (it answered a completion) stops on one SIGTERM with exit code
-/// 0; never anything else, and never a hang.
+/// A server whose task loop has run (it answered a completion or `GET /slots`) stops on one
+/// SIGTERM with exit code 0; never anything else, and never a hang.
 fn assert_stopped_by_sigterm(stopped: Stopped) {
     assert!(
         matches!(&stopped, Stopped::ByFirstTerm(status) if status.code() == Some(0)),
@@ -448,6 +448,21 @@ fn sigterm_on_an_idle_server_exits_0() {
     let mut child = spawn(&t, port, &[]);
     wait_healthy(port, &mut child);
     complete_one_token(port);
+    assert_stopped_by_sigterm(stop(child));
+}
+
+/// What the engine's readiness waits for: `GET /slots` is answered by the task loop itself (and is
+/// on by default in both versions), so a SIGTERM after its answer is never the lost one.
+#[test]
+fn a_sigterm_after_slots_answered_exits_0() {
+    let h = Harness::new();
+    let t = target(&h);
+    let port = free_port();
+    let mut child = spawn(&t, port, &[]);
+    wait_healthy(port, &mut child);
+    let (status, slots) = request(port, "GET", "/slots", Some(KEY), None).unwrap();
+    assert_eq!(status, 200, "{slots}");
+    assert_eq!(slots.as_array().map(Vec::len), Some(1), "{slots}");
     assert_stopped_by_sigterm(stop(child));
 }
 

@@ -48,7 +48,8 @@ pub enum Escalation {
     Term,
     /// It needed a second SIGTERM (llama-server exits at once on the second, with exit code 1).
     /// The real server loses a SIGTERM sent after its handler is installed but before its task
-    /// loop starts, so a stop right after ready can land here too.
+    /// loop starts (the engine's readiness waits for the loop where `/slots` is on), and one
+    /// with a request in flight, rarely.
     SecondTerm,
     /// It ignored both SIGTERMs and was SIGKILLed at the grace deadline.
     Kill,

@@ -1,7 +1,8 @@
 //! Readiness: when a starting server is ready *and ours*. The server's log says so first: it writes
 //! a line ending in `: model loaded` right after it turns ready (11434's `srv  llama_server: model
 //! loaded`, 9093's `main: model loaded`), and the output drain wakes the wait on that line,
-//! which is then confirmed by one `/health` and the `/props` ownership check. For builds or logs that
+//! which is then confirmed by one `/health` and the `/props` ownership check, and one `GET /slots`
+//! shows the server's task loop running (before it, a SIGTERM is lost). For builds or logs that
 //! say nothing (`--log-disable`), `/health` is polled every `health_poll_interval` (5 ms by default)
 //! until it is 200 `{"status":"ok"}`. Either way the answer must be proven to come from our child,
 //! not from another server on the same port.
@@ -77,6 +78,7 @@ impl Starting<'_> {
             match self.client.health(poll_timeout) {
                 Health::Ready => match self.ownership(poll_timeout) {
                     Ok(Ownership::Ours) => {
+                        self.wait_for_the_task_loop(poll_timeout);
                         tracing::info!(pid = self.child.pid(), port = self.port, elapsed = ?started.elapsed(), "llama-server ready");
                         return Ok(());
                     }
@@ -99,6 +101,19 @@ impl Starting<'_> {
             } else {
                 line_acted_on = self.child.output().wait_said(poll.min(left)).ready;
             }
+        }
+    }
+
+    /// Waits, at most `timeout`, until the server's task loop runs. The real server turns healthy,
+    /// then installs its SIGTERM handler, then starts its loop, which begins by marking itself
+    /// running: a SIGTERM in between is undone, and only a second one ends the server (exit 1).
+    /// `GET /slots` is answered by the loop itself, so once it answers, one SIGTERM stops the
+    /// server. Any answer will do (a server started with `--no-slots` refuses at once, and keeps
+    /// the window; so does a build without the endpoint): this only narrows a race, and a stop
+    /// that loses its SIGTERM still sends a second one.
+    fn wait_for_the_task_loop(&self, timeout: Duration) {
+        if let Err(e) = self.client.get("/slots", timeout) {
+            tracing::debug!(port = self.port, error = %e, "GET /slots: no answer from the task loop");
         }
     }
 

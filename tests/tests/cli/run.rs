@@ -209,7 +209,8 @@ fn server_and_request_knobs_reach_the_server() {
     assert!(out.status.success(), "{}", stderr(&out));
     let args = spawned_args(&h).join(" ");
     assert!(args.contains("-ngl 12 -c 3072 -np 3"), "{args}");
-    assert!(args.ends_with("--jinja --seed 7"), "{args}");
+    // The extra arguments as given, then what the server's --help offers (the cache off).
+    assert!(args.ends_with("--jinja --seed 7 --cache-ram 0"), "{args}");
     let request = &requests(&h)[0];
     assert_eq!(request["max_tokens"], 64);
     assert_eq!(request["temperature"], 0.5);

@@ -48,7 +48,10 @@ fn happy_path_runs_every_step_and_cleans_up() {
         .iter()
         .map(|e| e["event"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(events, ["spawned", "listening", "ready", "sigterm", "exit"]);
+    assert_eq!(
+        events,
+        ["spawned", "listening", "ready", "slots", "sigterm", "exit"]
+    );
 }
 
 #[test]
@@ -247,6 +250,20 @@ fn a_swallowed_sigterm_is_followed_by_a_second() {
     // The real server's handler is spent by the lost SIGTERM: the second is a second interrupt.
     assert_eq!(report.status, Some(ChildExit::Code(1)));
     assert!(report.took < grace);
+    h.assert_clean();
+}
+
+/// The real server loses a SIGTERM that comes after it turns healthy and before its task loop
+/// starts. The engine is ready only once the loop has answered (`GET /slots`), so a stop right
+/// after the start needs one SIGTERM, and the server exits 0.
+#[test]
+fn a_stop_right_after_the_start_comes_after_the_task_loop_runs() {
+    let h = Harness::new();
+    let engine = start(h.config().env("FAKE_LLAMA_SIGTERM", "swallow-before-loop")).unwrap();
+    let report = engine.shutdown().unwrap();
+    assert_eq!(report.escalation, Escalation::Term);
+    assert_eq!(report.status, Some(ChildExit::Code(0)));
+    assert_eq!(h.events_named("slots").len(), 1);
     h.assert_clean();
 }
 
