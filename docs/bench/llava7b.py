@@ -308,16 +308,15 @@ def bare4():
         requests_per_s_steady=round(s["items"] / s["serving_s"], 2))
     # The engine gives each of its servers its share of the cores: so do the servers run by hand.
     threads = max(1, (os.cpu_count() or 1) // 4)
-    children = [start_server(m, 4, 18300 + i, threads) for i in range(4)]
+    children = []
     try:
+        for i in range(4):
+            children.append(start_server(m, 4, 18300 + i, threads))
         rate, tokens = client_many([18300 + i for i in range(4)], recs, 4, grammar=False, max_tokens=128)
         log({"phase": "bare4", "who": "bare client", "servers": 4, "slots": 16, "items": 64,
              "requests_per_s_steady": rate, "tokens_per_answer": tokens})
     finally:
-        for child in children:
-            child.terminate()
-        for child in children:
-            child.wait()
+        stop_servers(children)
 
 
 def cold():
@@ -356,8 +355,7 @@ def cold():
                 raise SystemExit("the server did not start")
             time.sleep(0.001)
         reader.join(timeout=5)
-        child.terminate()
-        child.wait()
+        stop_servers([child])
         log({"phase": "cold", "attempt": attempt, **{k: round(v, 3) for k, v in marks.items()}})
 
 
@@ -456,18 +454,31 @@ def sampling():
                 rate, tokens = client_many(ports, recs, 16 // servers, grammar=False, max_tokens=128,
                                            backend_sampling=backend)
             finally:
-                for child in children:
-                    child.terminate()
-                for child in children:
-                    child.wait()
+                stop_servers(children)
         log({"phase": "sampling", "servers": servers, "slots": 16, "prompt_cache": not cache_off,
              "backend_sampling": backend, "items": 64, "requests_per_s": rate,
              "tokens_per_answer": tokens, "busy_pct": busy_share(vram), "vram_peak_mib": vram.peak})
 
 
+def stop_servers(children):
+    """Stops servers started by hand as the engine does: SIGTERM, a second after 10 s (the real
+    server can lose the first), SIGKILL after 10 more; never waits forever."""
+    for child in children:
+        child.terminate()
+    for child in children:
+        for last in (False, True):
+            try:
+                child.wait(timeout=10)
+                break
+            except subprocess.TimeoutExpired:
+                child.kill() if last else child.terminate()
+        child.wait()
+
+
 def start_server(m, slots, port, threads=None, flags=("--cache-ram", "0")):
     """llama-server on GPU 0 with the engine's arguments (the prompt cache off, as the engine
-    starts it, unless `flags` say otherwise), run by hand; returns once /health is 200."""
+    starts it, unless `flags` say otherwise), run by hand; returns once /health is 200 and the task
+    loop has answered GET /slots (as the engine waits: a SIGTERM before it is lost)."""
     extra = (["-t", str(threads)] if threads else []) + list(flags)
     child = subprocess.Popen(
         [str(A.server), "-m", str(m["model"]), "--mmproj", str(m["mmproj"]), "--host", "127.0.0.1",
@@ -477,7 +488,11 @@ def start_server(m, slots, port, threads=None, flags=("--cache-ram", "0")):
         try:
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
             c.request("GET", "/health")
-            if c.getresponse().status == 200:
+            health = c.getresponse()
+            health.read()
+            if health.status == 200:
+                c.request("GET", "/slots")
+                c.getresponse().read()
                 return child
         except OSError:
             pass
@@ -545,8 +560,7 @@ def bare():
         log({"phase": "bare", "who": "bare client", "model": "tiny", "slots": 8, "items": 512,
              "frames_per_s_steady": rate, "tokens_per_answer": tokens})
     finally:
-        child.terminate()
-        child.wait()
+        stop_servers([child])
 
 
 def grammar():
@@ -562,8 +576,7 @@ def grammar():
                  "frames_per_s_steady": rate, "tokens_per_answer": tokens,
                  "tokens_per_s": round(rate * tokens, 1)})
     finally:
-        child.terminate()
-        child.wait()
+        stop_servers([child])
 
 
 def tinypool():

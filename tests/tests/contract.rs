@@ -511,6 +511,23 @@ fn the_whole_lifecycle_through_the_engine() {
     tests::assert_lock_free(h.gpu);
 }
 
+/// The engine's stop right after its start: its readiness waited for the task loop, so the first
+/// SIGTERM ends the server with 0, every time.
+#[test]
+fn the_engine_stops_a_server_it_just_started_with_one_sigterm() {
+    let h = Harness::new();
+    let t = target(&h);
+    for _ in 0..3 {
+        let engine = Engine::launch(engine_config(&h, &t).build().unwrap()).unwrap();
+        let pid = engine.pid();
+        let report = engine.shutdown().unwrap();
+        assert_eq!(report.escalation, Escalation::Term);
+        assert_eq!(report.status, Some(ChildExit::Code(0)));
+        assert!(!tests::alive(pid));
+    }
+    tests::assert_lock_free(h.gpu);
+}
+
 #[test]
 fn the_engine_reports_a_taken_port_and_a_missing_model() {
     let h = Harness::new();

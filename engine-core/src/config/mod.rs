@@ -536,6 +536,10 @@ mod tests {
             (base().arg("--port=9000"), "use `port`"),
             (base().arg("--api-key"), "random key"),
             (base().arg("-np"), "use `slots`"),
+            // The server reads a long flag's `_` as `-`.
+            (base().arg("--api_key").arg("k"), "random key"),
+            (base().arg("--ctx_size=4096"), "context per slot"),
+            (base().arg("--no-slots"), "task loop"),
         ] {
             let err = builder.build().unwrap_err().to_string();
             assert!(err.contains(needle), "{err}");

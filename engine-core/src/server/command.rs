@@ -85,11 +85,10 @@ impl ServerSpec {
     /// override.
     pub(crate) fn sets_cache_ram(&self) -> bool {
         const VAR: &str = "LLAMA_ARG_CACHE_RAM";
-        let flag_given = self.extra_args.iter().any(|arg| {
-            let text = arg.to_string_lossy();
-            let flag = text.split_once('=').map_or(&*text, |(flag, _)| flag);
-            flag == "-cram" || flag.replace('_', "-") == "--cache-ram"
-        });
+        let flag_given = self
+            .extra_args
+            .iter()
+            .any(|arg| matches!(flag_name(arg).as_deref(), Some("-cram" | "--cache-ram")));
         flag_given || self.env.iter().any(|(key, _)| key == VAR) || std::env::var_os(VAR).is_some()
     }
 }
@@ -140,14 +139,16 @@ const OWNED_FLAGS: &[(&[&str], &str)] = &[
         "the engine sets it when it sends frames as files: use `image_transport`",
     ),
     (&["-t", "--threads"], "use `threads`"),
+    (
+        &["--no-slots"],
+        "the engine's readiness asks `/slots` whether the task loop runs",
+    ),
 ];
 
 /// Refuses an extra argument that overrides a flag the engine owns, naming the setting to use.
 pub(crate) fn check_extra_args(args: &[OsString]) -> Result<(), ConfigError> {
-    for arg in args {
-        let Some(text) = arg.to_str() else { continue };
-        // `--port=9000` names the flag before the `=`.
-        let flag = text.split_once('=').map_or(text, |(flag, _)| flag);
+    for flag in args.iter().filter_map(flag_name) {
+        let flag = flag.as_str();
         if let Some((_, instead)) = OWNED_FLAGS.iter().find(|(flags, _)| flags.contains(&flag)) {
             return Err(ConfigError::new(
                 Setting::Args,
@@ -156,6 +157,18 @@ pub(crate) fn check_extra_args(args: &[OsString]) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// The flag an argument names, as llama-server reads it: the part before a `=` (`--port=9000`), and
+/// a long flag's `_` as `-` (the server takes `--api_key` for `--api-key`). `None` for an argument
+/// that is not UTF-8 (no flag of the server's is).
+fn flag_name(arg: &OsString) -> Option<String> {
+    let text = arg.to_str()?;
+    let flag = text.split_once('=').map_or(text, |(flag, _)| flag);
+    Some(match flag.strip_prefix("--") {
+        Some(long) => format!("--{}", long.replace('_', "-")),
+        None => flag.to_string(),
+    })
 }
 
 /// The server program, found as the spawn would find it (a path as given; a bare name on `PATH`),

@@ -37,6 +37,8 @@ pub(crate) fn offers(program: &Path) -> Offers {
             media_path: lists(&help, b"--media-path"),
             cache_ram: lists(&help, b"--cache-ram"),
         },
+        // A program that is not there is reported by the start itself.
+        None if !program.is_file() => Offers::default(),
         None => {
             tracing::warn!(
                 program = %program.display(),

@@ -16,6 +16,10 @@ use crate::process::{ChildExit, SupervisedChild};
 use crate::util::truncate;
 use crate::wait::Wait;
 
+/// How long readiness waits for the task loop to answer `GET /slots`: it answers in microseconds once
+/// it runs, and it starts right after the server turns ready; past this the start goes on.
+const LOOP_WAIT: Duration = Duration::from_millis(200);
+
 /// Why a start failed, before the server's output is added to make the error complete.
 pub(crate) enum StartFailure {
     Exited(ChildExit),
@@ -78,7 +82,7 @@ impl Starting<'_> {
             match self.client.health(poll_timeout) {
                 Health::Ready => match self.ownership(poll_timeout) {
                     Ok(Ownership::Ours) => {
-                        self.wait_for_the_task_loop(poll_timeout);
+                        self.wait_for_the_task_loop();
                         tracing::info!(pid = self.child.pid(), port = self.port, elapsed = ?started.elapsed(), "llama-server ready");
                         return Ok(());
                     }
@@ -104,16 +108,25 @@ impl Starting<'_> {
         }
     }
 
-    /// Waits, at most `timeout`, until the server's task loop runs. The real server turns healthy,
+    /// Waits, at most [`LOOP_WAIT`], until the server's task loop runs. The real server turns healthy,
     /// then installs its SIGTERM handler, then starts its loop, which begins by marking itself
     /// running: a SIGTERM in between is undone, and only a second one ends the server (exit 1).
     /// `GET /slots` is answered by the loop itself, so once it answers, one SIGTERM stops the
     /// server. Any answer will do (a server started with `--no-slots` refuses at once, and keeps
     /// the window; so does a build without the endpoint): this only narrows a race, and a stop
     /// that loses its SIGTERM still sends a second one.
-    fn wait_for_the_task_loop(&self, timeout: Duration) {
-        if let Err(e) = self.client.get("/slots", timeout) {
-            tracing::debug!(port = self.port, error = %e, "GET /slots: no answer from the task loop");
+    fn wait_for_the_task_loop(&self) {
+        match self.client.get("/slots", LOOP_WAIT) {
+            Ok(reply) if reply.status == 200 => {}
+            Ok(reply) => tracing::debug!(
+                port = self.port,
+                status = reply.status,
+                "GET /slots refused (--no-slots, or a build without it): a SIGTERM right after \
+                 the start may be lost, and the stop sends a second"
+            ),
+            Err(e) => {
+                tracing::debug!(port = self.port, error = %e, "GET /slots: no answer from the task loop")
+            }
         }
     }
 
