@@ -247,18 +247,24 @@ impl Harness {
         self.wrapper(&name, nvsmi_shim(), &all)
     }
 
-    /// Writes an executable wrapper that runs `program` with `knobs` set in its environment.
-    pub fn wrapper(&self, name: &str, program: &Path, knobs: &[(&str, &str)]) -> PathBuf {
+    /// Writes an executable `/bin/sh` script `name` in the harness folder: `body` after the
+    /// `#!/bin/sh` line.
+    pub fn script(&self, name: &str, body: &str) -> PathBuf {
         let path = self.dir.path().join(name);
-        let mut script = String::from("#!/bin/sh\n");
-        for (k, v) in knobs {
-            script.push_str(&format!("export {k}='{}'\n", v.replace('\'', "'\\''")));
-        }
-        script.push_str(&format!("exec '{}' \"$@\"\n", program.display()));
-        std::fs::write(&path, script).unwrap();
+        std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         path
+    }
+
+    /// Writes an executable wrapper that runs `program` with `knobs` set in its environment.
+    pub fn wrapper(&self, name: &str, program: &Path, knobs: &[(&str, &str)]) -> PathBuf {
+        let mut body = String::new();
+        for (k, v) in knobs {
+            body.push_str(&format!("export {k}='{}'\n", v.replace('\'', "'\\''")));
+        }
+        body.push_str(&format!("exec '{}' \"$@\"\n", program.display()));
+        self.script(name, &body)
     }
 
     /// `cinecut-infer describe` for this harness: the fake server, a healthy shim, this harness's GPU,
@@ -321,12 +327,8 @@ impl Harness {
     /// A `/bin/sh` wrapper that runs the fake server *without* `exec` (as package managers' and
     /// users' scripts often do): the server is then the shell's child, not ours.
     pub fn wrapper_without_exec(&self) -> PathBuf {
-        let path = self.dir.path().join("llama-server-wrapper");
-        let script = format!("#!/bin/sh\n'{}' \"$@\"\n", fake_server().display());
-        std::fs::write(&path, script).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        path
+        let body = format!("'{}' \"$@\"\n", fake_server().display());
+        self.script("llama-server-wrapper", &body)
     }
 
     /// The shim's call log (knob NVSMI_LOG) path.

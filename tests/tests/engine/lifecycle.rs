@@ -60,16 +60,13 @@ fn the_server_gets_the_seed_flags_and_a_private_api_key() {
     let argv_file = h.dir.path().join("argv");
     let env_file = h.dir.path().join("env");
     // A wrapper that records what the engine passed, then runs the fake.
-    let script = format!(
-        "#!/bin/sh\necho \"$@\" > '{}'\nenv > '{}'\nexec '{}' \"$@\"\n",
+    let body = format!(
+        "echo \"$@\" > '{}'\nenv > '{}'\nexec '{}' \"$@\"\n",
         argv_file.display(),
         env_file.display(),
         tests::fake_server().display()
     );
-    let wrapper = h.dir.path().join("llama-server");
-    std::fs::write(&wrapper, script).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let wrapper = h.script("llama-server", &body);
     let engine = start(h.config().server_bin(&wrapper).log_disable(true)).unwrap();
     let argv = std::fs::read_to_string(&argv_file).unwrap();
     let expected = format!(
@@ -341,18 +338,12 @@ fn the_fake_itself_refuses_a_missing_model_like_the_real_server() {
     let h = Harness::new();
     let gone = h.dir.path().join("gone.gguf");
     std::fs::copy(&h.model, &gone).unwrap();
-    let wrapper = h.dir.path().join("vanishing-model");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nrm -f '{}'\nexec '{}' \"$@\"\n",
-            gone.display(),
-            tests::fake_server().display()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let body = format!(
+        "rm -f '{}'\nexec '{}' \"$@\"\n",
+        gone.display(),
+        tests::fake_server().display()
+    );
+    let wrapper = h.script("vanishing-model", &body);
     let config = h.config().model(&gone).server_bin(&wrapper);
     let err = start(config).unwrap_err();
     match &err {

@@ -99,17 +99,11 @@ fn the_prompt_cache_is_off_where_the_server_offers_it_and_the_caller_does_not_si
     // A server whose --help does not list it (an older build) would refuse the flag: it is not
     // passed, and the server starts and answers.
     let h = Harness::new();
-    let old = h.dir.path().join("llama-server-old");
-    std::fs::write(
-        &old,
-        format!(
-            "#!/bin/sh\n[ \"$1\" = --help ] && {{ echo 'usage: llama-server [options]'; exit 0; }}\nexec '{}' \"$@\"\n",
-            tests::fake_server().display()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let body = format!(
+        "[ \"$1\" = --help ] && {{ echo 'usage: llama-server [options]'; exit 0; }}\nexec '{}' \"$@\"\n",
+        tests::fake_server().display()
+    );
+    let old = h.script("llama-server-old", &body);
     let engine = Engine::launch(h.config().server_bin(&old).build().unwrap()).unwrap();
     engine.describe(&frame(&h)).unwrap();
     engine.shutdown().unwrap();
