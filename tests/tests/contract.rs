@@ -94,6 +94,14 @@ fn spawn(t: &Target, port: u16, extra: &[&str]) -> Spawned {
     spawn_with(t, port, &mmproj, extra, &[])
 }
 
+/// A healthy server run by hand with the projector and no extra arguments, on a free port.
+fn serving(t: &Target) -> (u16, Spawned) {
+    let port = free_port();
+    let mut child = spawn(t, port, &[]);
+    wait_healthy(port, &mut child);
+    (port, child)
+}
+
 /// As [`spawn`], text-only: the model without its projector.
 fn spawn_text(t: &Target, port: u16) -> Spawned {
     spawn_with(t, port, &[], &[], &[])
@@ -313,9 +321,7 @@ fn the_log_says_model_loaded_once_ready_and_before_it_listens() {
 fn props_models_and_the_api_key_rules() {
     let h = Harness::new();
     let t = target(&h);
-    let port = free_port();
-    let mut child = spawn(&t, port, &[]);
-    wait_healthy(port, &mut child);
+    let (port, child) = serving(&t);
     let given = t.model.to_str().unwrap();
 
     let (status, props) = request(port, "GET", "/props", Some(KEY), None).unwrap();
@@ -367,9 +373,7 @@ fn props_models_and_the_api_key_rules() {
 fn chat_completion_has_the_shape_the_engine_parses() {
     let h = Harness::new();
     let t = target(&h);
-    let port = free_port();
-    let mut child = spawn(&t, port, &[]);
-    wait_healthy(port, &mut child);
+    let (port, child) = serving(&t);
     let frame = jpeg(&h, "a.jpg", [200, 10, 10]);
     let body = json!({
         "messages": [{"role": "user", "content": [{"type": "text", "text": "Describe."}, image_part(&frame)]}],
@@ -444,9 +448,7 @@ fn failed_starts_exit_1_fast() {
 fn sigterm_on_an_idle_server_exits_0() {
     let h = Harness::new();
     let t = target(&h);
-    let port = free_port();
-    let mut child = spawn(&t, port, &[]);
-    wait_healthy(port, &mut child);
+    let (port, child) = serving(&t);
     complete_one_token(port);
     assert_stopped_by_sigterm(stop(child));
 }
@@ -457,9 +459,7 @@ fn sigterm_on_an_idle_server_exits_0() {
 fn a_sigterm_after_slots_answered_exits_0() {
     let h = Harness::new();
     let t = target(&h);
-    let port = free_port();
-    let mut child = spawn(&t, port, &[]);
-    wait_healthy(port, &mut child);
+    let (port, child) = serving(&t);
     let (status, slots) = request(port, "GET", "/slots", Some(KEY), None).unwrap();
     assert_eq!(status, 200, "{slots}");
     assert_eq!(slots.as_array().map(Vec::len), Some(1), "{slots}");
@@ -470,9 +470,7 @@ fn a_sigterm_after_slots_answered_exits_0() {
 fn a_sigterm_right_after_ready_ends_the_server_or_a_second_one_does() {
     let h = Harness::new();
     let t = target(&h);
-    let port = free_port();
-    let mut child = spawn(&t, port, &[]);
-    wait_healthy(port, &mut child);
+    let (_, child) = serving(&t);
     assert_stopped_soon_after_ready(&t, stop(child));
     if !t.real {
         // The fake plays the swallowed SIGTERM on request: the second must end it with code 1.
